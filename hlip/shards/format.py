@@ -17,6 +17,7 @@ Coordinate conventions (documented in docs/shard-format.md):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,3 +78,96 @@ class Study:
     body_part: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
+
+
+# --- storage layout constants (docs/shard-format.md) ---------------------------------
+
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Sample keys: safe file names without dots (webdataset splits a member name at its
+first dot) and short enough for a plain ustar header (``<key>.zarr.zip`` <= 100 chars)."""
+
+SCAN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Scan names: zarr array names and ``<name>.nii.gz`` export file names."""
+
+DEFAULT_SLAB_DEPTH = 8
+"""Slices per zarr chunk; bench/shards.py measures the trade-off (docs/performance.md)."""
+
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 1
+BLOSC_SHUFFLE = "shuffle"
+ARRAY_DTYPE = np.dtype("int16")
+
+MANIFEST_FILE = "manifest.parquet"
+SCANS_FILE = "scans.parquet"
+
+
+class ShardFormatError(ValueError):
+    """A dataset, shard or sample that does not follow the shard format."""
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """``"1.0"`` -> ``(1, 0)``; a malformed version is a format error."""
+    major, sep, minor = str(version).partition(".")
+    if not (sep and major.isdigit() and minor.isdigit()):
+        raise ShardFormatError(f"malformed format version {version!r} (expected MAJOR.MINOR)")
+    return int(major), int(minor)
+
+
+def check_version(version: str, where: str = "") -> None:
+    """Accept any minor of the supported major; reject other majors with both versions named."""
+    found, supported = parse_version(version)[0], parse_version(FORMAT_VERSION)[0]
+    if found != supported:
+        at = f" in {where}" if where else ""
+        raise ShardFormatError(
+            f"unsupported {FORMAT_NAME} version {version}{at}: this reader supports "
+            f"major version {supported} ({supported}.x); found major version {found}"
+        )
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+        raise ValueError(
+            f"unsafe study key {key!r}: keys must match [A-Za-z0-9_-]{{1,64}} "
+            "(no dots: webdataset splits member names at the first dot)"
+        )
+    return key
+
+
+def validate_scan(scan: Scan, key: str) -> None:
+    """Raise ValueError naming the study and scan when a scan cannot be stored losslessly."""
+    where = f"study {key!r} scan {scan.name!r}"
+    if not isinstance(scan.name, str) or not SCAN_NAME_PATTERN.fullmatch(scan.name):
+        raise ValueError(
+            f"study {key!r}: unsafe scan name {scan.name!r} (must match {SCAN_NAME_PATTERN.pattern})"
+        )
+    array = scan.array
+    if not isinstance(array, np.ndarray) or array.dtype != ARRAY_DTYPE:
+        found = getattr(array, "dtype", type(array).__name__)
+        raise ValueError(f"{where}: array must be a numpy int16 array, got {found}")
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"{where}: array must be 3-D [d, h, w] and non-empty, got shape {array.shape}")
+    spacing = np.asarray(scan.spacing if scan.spacing is not None else [], dtype=float)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(
+            f"{where}: spacing must be three positive finite mm values (d, h, w), got {scan.spacing!r}"
+        )
+    affine = np.asarray(scan.affine, dtype=float) if scan.affine is not None else np.empty(0)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"{where}: affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    if not np.allclose(affine[3], [0, 0, 0, 1]):
+        raise ValueError(f"{where}: affine last row must be [0, 0, 0, 1], got {affine[3].tolist()}")
+
+
+def validate_study(study: Study) -> None:
+    """Raise ValueError with the reason when ``study`` cannot be written as format v1."""
+    key = check_key(study.key)
+    if not study.scans:
+        raise ValueError(f"study {key!r}: has no scans")
+    names = [scan.name for scan in study.scans]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"study {key!r}: duplicate scan names {duplicates}")
+    for scan in study.scans:
+        validate_scan(scan, key)
+    if not isinstance(study.report, str):
+        raise ValueError(f"study {key!r}: report must be a str, got {type(study.report).__name__}")

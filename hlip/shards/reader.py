@@ -1,0 +1,293 @@
+"""Read format-v1 datasets: random access by key and members-to-Study decoding.
+
+:class:`ShardDataset` opens any study with three byte-range reads located by the
+manifest (no shard scan). :func:`decode_study` turns a sample's members into a
+:class:`~hlip.shards.format.Study` whose scan arrays are lazy zarr arrays over the
+in-memory ``zarr.zip``: slicing ``array[a:b]`` decompresses only the slabs it overlaps.
+The streaming reader (:mod:`hlip.shards.stream`) uses the same decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import zipfile
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+
+from hlip.shards import format as fmt
+from hlip.shards.format import Scan, ShardFormatError, Study
+from hlip.shards.writer import MEMBER_COLUMNS
+
+
+class ZipBytesStore(Store):
+    """A read-only zarr store over a zip archive held in memory.
+
+    zarr's ZipStore wants a file path; samples arrive as bytes from a tar stream or a
+    byte-range read. ``key_reads`` counts the keys fetched, which shows (and lets tests
+    assert) that a slice selection reads only the chunks it overlaps.
+    """
+
+    supports_writes = False
+    supports_deletes = False
+    supports_listing = True
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(read_only=True)
+        self.data = bytes(data)
+        self.key_reads: Counter[str] = Counter()
+        self._open_zip()
+
+    def _open_zip(self) -> None:
+        self._zip = zipfile.ZipFile(io.BytesIO(self.data))
+        self._names = set(self._zip.namelist())
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data": self.data, "_read_only": True, "_is_open": False, "key_reads": Counter()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open_zip()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZipBytesStore) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def _read(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
+        if key not in self._names:
+            return None
+        with self._lock:
+            self.key_reads[key] += 1
+            value = self._zip.read(key)
+        if byte_range is None:
+            return value
+        if isinstance(byte_range, RangeByteRequest):
+            return value[byte_range.start : byte_range.end]
+        if isinstance(byte_range, OffsetByteRequest):
+            return value[byte_range.offset :]
+        if isinstance(byte_range, SuffixByteRequest):
+            return value[-byte_range.suffix :] if byte_range.suffix else b""
+        raise TypeError(f"unexpected byte range {byte_range!r}")
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        value = self._read(key, byte_range)
+        return None if value is None else prototype.buffer.from_bytes(value)
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def exists(self, key: str) -> bool:
+        return key in self._names
+
+    async def set(self, key: str, value: Buffer) -> None:
+        self._check_writable()
+
+    async def delete(self, key: str) -> None:
+        self._check_writable()
+
+    async def list(self) -> AsyncIterator[str]:
+        for key in sorted(self._names):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in sorted(self._names):
+            if key.startswith(prefix):
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        prefix = prefix.rstrip("/")
+        start = f"{prefix}/" if prefix else ""
+        children = {key[len(start) :].split("/")[0] for key in self._names if key.startswith(start)}
+        for child in sorted(children - {""}):
+            yield child
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def _require(record: Mapping[str, Any], field: str, key: str) -> Any:
+    if field not in record:
+        raise ShardFormatError(f"study {key!r}: sample JSON lacks field {field!r}")
+    return record[field]
+
+
+def parse_record(data: bytes, key: str) -> dict[str, Any]:
+    """The sample JSON, after checking the format name and major version."""
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShardFormatError(f"study {key!r}: sample JSON does not parse: {error}") from None
+    if not isinstance(record, dict):
+        raise ShardFormatError(f"study {key!r}: sample JSON is not an object")
+    name = _require(record, "format", key)
+    if name != fmt.FORMAT_NAME:
+        raise ShardFormatError(f"study {key!r}: format {name!r} is not {fmt.FORMAT_NAME!r}")
+    fmt.check_version(_require(record, "format_version", key), where=f"study {key!r}")
+    for field in ("key", "modality", "scans"):
+        _require(record, field, key)
+    if record["key"] != key:
+        raise ShardFormatError(f"study {key!r}: sample JSON names key {record['key']!r}")
+    return record
+
+
+def _scan_from_record(scan: Mapping[str, Any], array: Any) -> Scan:
+    return Scan(
+        name=scan["name"],
+        array=array,
+        spacing=tuple(float(s) for s in scan["spacing"]),
+        affine=np.asarray(scan["affine"], dtype=np.float64),
+        modality=scan["modality"],
+        series_number=scan["series_number"],
+        series_description=scan["series_description"],
+        intensity_unit=scan["intensity_unit"],
+        intensity_slope=float(scan["intensity_slope"]),
+        intensity_intercept=float(scan["intensity_intercept"]),
+        source_file_count=int(scan["source_file_count"]),
+        extra=scan["extra"],
+    )
+
+
+def open_arrays(data: bytes, key: str) -> zarr.Group:
+    """The sample's zarr group, opened lazily from the ``zarr.zip`` bytes."""
+    try:
+        return zarr.open_group(store=ZipBytesStore(data), mode="r", zarr_format=3)
+    except Exception as error:
+        raise ShardFormatError(f"study {key!r}: member zarr.zip does not open: {error}") from None
+
+
+def decode_study(key: str, members: Mapping[str, bytes]) -> Study:
+    """Build a Study from a sample's members; ShardFormatError names what is wrong."""
+    missing = [ext for ext in fmt.MEMBERS if ext not in members]
+    if missing:
+        raise ShardFormatError(f"study {key!r}: missing member(s) {', '.join(missing)}")
+    record = parse_record(members[fmt.JSON_MEMBER], key)
+    group = open_arrays(members[fmt.ARRAYS_MEMBER], key)
+    scans = []
+    for scan in record["scans"]:
+        try:
+            array = group[scan["name"]]
+        except KeyError:
+            raise ShardFormatError(
+                f"study {key!r}: zarr.zip has no array for scan {scan['name']!r}"
+            ) from None
+        if list(array.shape) != list(scan["shape"]) or array.dtype != fmt.ARRAY_DTYPE:
+            raise ShardFormatError(
+                f"study {key!r} scan {scan['name']!r}: array is {array.dtype}{list(array.shape)}, "
+                f"JSON says int16{scan['shape']}"
+            )
+        scans.append(_scan_from_record(scan, array))
+    try:
+        report = members[fmt.TEXT_MEMBER].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardFormatError(f"study {key!r}: report txt is not UTF-8") from None
+    return Study(
+        key=key,
+        modality=record["modality"],
+        scans=scans,
+        report=report,
+        labels=record.get("labels", {}),
+        body_part=record.get("body_part", ""),
+        meta=record.get("meta", {}),
+        config_hash=record.get("config_hash", ""),
+    )
+
+
+# --- random access ----------------------------------------------------------------------
+
+
+class ShardDataset:
+    """A dataset directory opened through its manifests.
+
+    ``manifest`` (one row per study) and ``scans`` (one row per scan) are pyarrow
+    tables; :meth:`filter` narrows the study set with a pyarrow expression; :meth:`open`
+    reads one study with byte-range reads and, by default, checks each member's sha256.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: pa.Table | None = None) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / fmt.MANIFEST_FILE
+        if manifest is None:
+            if not manifest_path.exists():
+                raise ShardFormatError(
+                    f"{self.path} is not a finished dataset: {fmt.MANIFEST_FILE} is missing"
+                )
+            manifest = pq.read_table(manifest_path)
+            for version in set(manifest.column("format_version").to_pylist()):
+                fmt.check_version(version, where=str(manifest_path))
+        self.manifest = manifest
+        self._rows = {key: i for i, key in enumerate(manifest.column("key").to_pylist())}
+
+    @property
+    def scans(self) -> pa.Table:
+        """Per-scan rows of the studies in this (possibly filtered) view."""
+        table = pq.read_table(self.path / fmt.SCANS_FILE)
+        return table.filter(pc.is_in(table["key"], value_set=self.manifest["key"]))
+
+    def keys(self) -> list[str]:
+        return list(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def __iter__(self) -> Iterator[Study]:
+        return (self.open(key) for key in self._rows)
+
+    def filter(self, expression: pc.Expression) -> ShardDataset:
+        """A view of the studies matching ``expression``, e.g. ``pc.field("n_scans") >= 2``."""
+        return ShardDataset(self.path, self.manifest.filter(expression))
+
+    def shard_paths(self) -> list[Path]:
+        """Shards holding this view's studies, in name order."""
+        return [self.path / name for name in sorted(set(self.manifest.column("shard").to_pylist()))]
+
+    def row(self, key: str) -> dict[str, Any]:
+        if key not in self._rows:
+            raise KeyError(f"no study {key!r} in {self.path}")
+        return self.manifest.slice(self._rows[key], 1).to_pylist()[0]
+
+    def read_members(self, key: str, verify: bool = True) -> dict[str, bytes]:
+        """The sample's raw members, read by offset (no shard scan)."""
+        row = self.row(key)
+        shard = self.path / row["shard"]
+        if not shard.exists():
+            raise ShardFormatError(f"study {key!r}: shard {row['shard']} is missing")
+        members = {}
+        with open(shard, "rb") as file:
+            for ext, column in MEMBER_COLUMNS.items():
+                file.seek(row[f"{column}_offset"])
+                data = file.read(row[f"{column}_size"])
+                if len(data) != row[f"{column}_size"]:
+                    raise ShardFormatError(f"study {key!r}: member {ext} is truncated in {row['shard']}")
+                if verify and hashlib.sha256(data).hexdigest() != row[f"{column}_sha256"]:
+                    raise ShardFormatError(
+                        f"study {key!r}: checksum mismatch in member {key}.{ext} ({row['shard']})"
+                    )
+                members[ext] = data
+        return members
+
+    def open(self, key: str, verify: bool = True) -> Study:
+        """The study ``key`` with lazy scan arrays; ``verify`` checks member sha256s."""
+        return decode_study(key, self.read_members(key, verify=verify))

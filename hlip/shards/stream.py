@@ -1,0 +1,249 @@
+"""Stream studies from shards with webdataset, split exactly across ranks and workers.
+
+Every (rank, DataLoader worker) pair is one *consumer*. The shard list is permuted with
+a generator seeded by ``(seed, epoch)`` (identical on every consumer), then split by
+rank and then by worker. Each split hands out whole shards while there are at least as
+many shards as consumers; otherwise the consumers that share a shard each take every
+k-th sample of it. Both rules partition the samples, so each study is read by exactly
+one consumer per epoch whatever the shard, rank and worker counts.
+
+webdataset's ``WebDataset`` class is not used directly: it shuffles shards after the
+node/worker split (so a consumer would see the same shards every epoch) and drops the
+per-shard information a sample-level split needs. The pipeline below is built from its
+stages instead (``url_opener`` for local paths and ``pipe:``/http URLs,
+``tar_file_expander``, ``group_by_keys``, ``shuffle``), with no empty check: a consumer
+with nothing to read yields nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from hlip.shards import format as fmt
+from hlip.shards.format import ShardFormatError
+from hlip.shards.reader import ShardDataset, decode_study
+
+log = logging.getLogger(__name__)
+
+UrlSource = str | os.PathLike | ShardDataset | Sequence[str | os.PathLike]
+
+
+def expand_urls(source: UrlSource) -> list[str]:
+    """Shard URLs from a dataset dir (via its manifest), a ShardDataset, a glob, brace
+    notation (``ds-{000000..000009}.tar``), ``::``-joined lists, or a list of these."""
+    if isinstance(source, ShardDataset):
+        return [str(path) for path in source.shard_paths()]
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        return [url for item in source for url in expand_urls(item)]
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        if os.path.exists(os.path.join(text, fmt.MANIFEST_FILE)):
+            return expand_urls(ShardDataset(text))
+        return sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
+    if (
+        not text.startswith("pipe:")
+        and "://" not in text
+        and glob.has_magic(text.replace("{", "").replace("}", ""))
+    ):
+        return sorted(glob.glob(text))
+    return wds.shardlists.expand_urls(text)
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """The samples of shard ``url`` whose index ``i`` satisfies ``i % stride == offset``."""
+
+    url: str
+    stride: int = 1
+    offset: int = 0
+
+
+def split_parts(parts: list[ShardPart], index: int, count: int) -> list[ShardPart]:
+    """Consumer ``index`` of ``count``: whole parts when there are enough, else a
+    sample-level share of one part. Over all indices the result partitions ``parts``."""
+    if count <= 1 or not parts:
+        return parts
+    if len(parts) >= count:
+        return parts[index::count]
+    which = index % len(parts)
+    part = parts[which]
+    sharing = len(range(which, count, len(parts)))
+    share = index // len(parts)
+    return [ShardPart(part.url, part.stride * sharing, part.offset + part.stride * share)]
+
+
+def iter_part(part: ShardPart, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__`` and member bytes) of one shard part."""
+    files = tar_file_expander(url_opener([{"url": part.url}], handler=handler), handler=handler)
+    for index, sample in enumerate(group_by_keys(files, handler=handler)):
+        if index % part.stride == part.offset:
+            yield sample
+
+
+class ErrorCounter:
+    """Counts samples skipped by a stream with ``skip_errors``, summed over DataLoader
+    workers (shared memory), and passes each ``(key or url, exception)`` to ``callback``."""
+
+    def __init__(self, callback: Callable[[str, Exception], None] | None = None) -> None:
+        self._count = multiprocessing.Value("q", 0)
+        self.callback = callback
+
+    @property
+    def count(self) -> int:
+        return int(self._count.value)
+
+    def record(self, where: str, error: Exception) -> None:
+        with self._count.get_lock():
+            self._count.value += 1
+        log.warning("skipped %s: %s", where, error)
+        if self.callback is not None:
+            self.callback(where, error)
+
+
+def _distributed_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StudyStream(IterableDataset):
+    """An IterableDataset of Study objects (or raw samples); see :func:`stream_studies`."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        shuffle_buffer: int = 0,
+        shardshuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode: bool = True,
+        skip_errors: bool = False,
+        keys: Collection[str] | None = None,
+        errors: ErrorCounter | None = None,
+    ) -> None:
+        super().__init__()
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.urls = list(urls)
+        self.shuffle_buffer = shuffle_buffer
+        self.shardshuffle = shardshuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.rank, self.world_size = rank, world_size
+        self.decode = decode
+        self.skip_errors = skip_errors
+        self.keys = None if keys is None else frozenset(keys)
+        self.errors = errors if errors is not None else ErrorCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for a new epoch (takes effect when DataLoader workers restart)."""
+        self.epoch = epoch
+
+    def consumer(self) -> tuple[int, int, int, int]:
+        """``(rank, world_size, worker, num_workers)`` of the current process."""
+        rank, world_size = (self.rank, self.world_size) if self.rank is not None else _distributed_rank()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank, world_size, worker, num_workers
+
+    def parts(self) -> list[ShardPart]:
+        """This consumer's share of the epoch's (shuffled) shard list."""
+        parts = [ShardPart(url) for url in self.urls]
+        if self.shardshuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(parts))
+            parts = [parts[i] for i in order]
+        rank, world_size, worker, num_workers = self.consumer()
+        return split_parts(split_parts(parts, rank, world_size), worker, num_workers)
+
+    def _handler(self, error: Exception) -> bool:
+        if not self.skip_errors:
+            raise error
+        self.errors.record(str(error.args[-1]) if error.args else "shard", error)
+        return True
+
+    def samples(self) -> Iterator[dict[str, Any]]:
+        """Raw samples of this consumer, after the key filter and the shuffle buffer."""
+        samples = (s for part in self.parts() for s in iter_part(part, self._handler))
+        if self.keys is not None:
+            samples = (s for s in samples if s["__key__"] in self.keys)
+        if self.shuffle_buffer > 0:
+            rank, _, worker, _ = self.consumer()
+            seed = int(np.random.default_rng([self.seed, self.epoch, rank, worker]).integers(2**63))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
+        return samples
+
+    def __iter__(self) -> Iterator[Any]:
+        for sample in self.samples():
+            if not self.decode:
+                yield sample
+                continue
+            key = sample["__key__"]
+            members = {ext: sample[ext] for ext in fmt.MEMBERS if ext in sample}
+            try:
+                yield decode_study(key, members)
+            except Exception as error:
+                if not self.skip_errors:
+                    raise ShardFormatError(f"study {key!r} in {sample.get('__url__')}: {error}") from error
+                self.errors.record(key, error)
+
+
+def stream_studies(
+    source: UrlSource,
+    *,
+    shuffle_buffer: int = 0,
+    shardshuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    decode: bool = True,
+    skip_errors: bool = False,
+    keys: Collection[str] | None = None,
+    on_error: Callable[[str, Exception], None] | None = None,
+) -> StudyStream:
+    """Stream the studies of ``source`` as an IterableDataset for a DataLoader.
+
+    ``source`` is a dataset directory, a (filtered) :class:`ShardDataset`, a glob, brace
+    notation, or a list of paths/URLs (anything webdataset opens, ``pipe:`` included).
+    ``rank``/``world_size`` default to torch.distributed when it is initialised.
+    ``shardshuffle`` permutes shards per ``(seed, epoch)``; ``shuffle_buffer`` > 0 adds a
+    sample shuffle. Use ``DataLoader(stream, batch_size=None)`` to receive Study objects.
+    With ``skip_errors`` bad samples are skipped and counted in ``stream.errors`` (and
+    passed to ``on_error``); otherwise the first one raises ShardFormatError naming it.
+    ``keys`` restricts the stream to those studies (a filtered ShardDataset does it too).
+    """
+    if isinstance(source, ShardDataset) and keys is None:
+        keys = source.keys()
+    urls = expand_urls(source)
+    if not urls:
+        raise FileNotFoundError(f"no shards found for {source!r}")
+    return StudyStream(
+        urls,
+        shuffle_buffer=shuffle_buffer,
+        shardshuffle=shardshuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        decode=decode,
+        skip_errors=skip_errors,
+        keys=keys,
+        errors=ErrorCounter(on_error),
+    )

@@ -1,0 +1,511 @@
+"""Write studies as format-v1 shards: deterministic bytes, atomic files, resumable staging.
+
+Writing happens in two phases so that an interrupted ingest keeps its finished work:
+
+1. :meth:`DatasetWriter.add` encodes one study (:func:`encode_study`, a pure function)
+   and spools it atomically to ``<out_dir>/_staging/<key>.sample`` (a one-sample tar).
+2. :meth:`DatasetWriter.finalize` packs every staged sample, in sorted key order, into
+   size-bounded shards ``<prefix>-NNNNNN.tar`` and writes ``scans.parquet`` and then
+   ``manifest.parquet`` (its presence marks a complete dataset), then drops the staging dir.
+
+Every byte is a function of the studies and the settings only: tar headers carry no
+time, owner or mode of the writing machine, zip entries carry a fixed timestamp, JSON
+keys are sorted, samples are packed in key order with a greedy size rule, and Parquet
+tables have a fixed row order and no timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import MemoryStore
+
+from hlip.shards import format as fmt
+from hlip.shards.format import Scan, Study
+
+STAGING_DIR = "_staging"
+STAGED_SUFFIX = ".sample"
+TAR_BLOCK = 512
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+"""The earliest time a zip entry can carry; any fixed value keeps bytes reproducible."""
+
+MEMBER_COLUMNS = {fmt.JSON_MEMBER: "json", fmt.TEXT_MEMBER: "txt", fmt.ARRAYS_MEMBER: "zarr_zip"}
+"""Manifest column prefix per member (``<prefix>_offset``, ``_size``, ``_sha256``)."""
+
+LABEL_COLUMN_PREFIX = "label_"
+
+
+# --- encoding one study -----------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    """Let numpy scalars and arrays from ingest code pass into JSON as plain values."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dump_json(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace variance, strict (no NaN), UTF-8."""
+    text = json.dumps(
+        value,
+        sort_keys=True,
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+        default=_json_default,
+    )
+    return text.encode("utf-8")
+
+
+def scan_record(scan: Scan) -> dict[str, Any]:
+    """The JSON description of one scan (everything but the voxels)."""
+    return {
+        "name": scan.name,
+        "modality": scan.modality,
+        "series_number": None if scan.series_number is None else int(scan.series_number),
+        "series_description": scan.series_description,
+        "shape": list(scan.shape),
+        "spacing": [float(s) for s in scan.spacing],
+        "affine": np.asarray(scan.affine, dtype=float).tolist(),
+        "intensity_unit": scan.intensity_unit,
+        "intensity_slope": float(scan.intensity_slope),
+        "intensity_intercept": float(scan.intensity_intercept),
+        "source_file_count": int(scan.source_file_count),
+        "extra": scan.extra,
+    }
+
+
+def study_record(study: Study) -> dict[str, Any]:
+    """The sample JSON (``<key>.json``): format identity, study fields and the scan list."""
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "key": study.key,
+        "modality": study.modality,
+        "body_part": study.body_part,
+        "scans": [scan_record(scan) for scan in study.scans],
+        "labels": study.labels,
+        "meta": study.meta,
+        "config_hash": study.config_hash,
+    }
+
+
+def _zip_bytes(entries: Mapping[str, bytes]) -> bytes:
+    """A zip of ``entries`` in sorted name order, stored (chunks are already compressed)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, entries[name])
+    return buffer.getvalue()
+
+
+def encode_arrays(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> bytes:
+    """The ``<key>.zarr.zip`` member: a zarr v3 group with one int16 array per scan.
+
+    Arrays are written to memory and zipped afterwards, so the zip holds each key exactly
+    once in sorted order (zarr's ZipStore appends duplicates when metadata is rewritten).
+    """
+    entries: dict[str, Any] = {}
+    store = MemoryStore(entries)
+    attributes = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "key": study.key}
+    group = zarr.create_group(store=store, zarr_format=3, attributes=attributes)
+    compressor = BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle=fmt.BLOSC_SHUFFLE)
+    for scan in study.scans:
+        depth, height, width = scan.shape
+        array = group.create_array(
+            scan.name,
+            shape=scan.shape,
+            chunks=(min(slab_depth, depth), height, width),
+            dtype=fmt.ARRAY_DTYPE,
+            compressors=compressor,
+            fill_value=0,
+            dimension_names=("d", "h", "w"),
+            attributes={
+                "spacing": [float(s) for s in scan.spacing],
+                "affine": np.asarray(scan.affine, dtype=float).tolist(),
+                "intensity_unit": scan.intensity_unit,
+            },
+        )
+        array[...] = scan.array
+    return _zip_bytes({key: buffer.to_bytes() for key, buffer in entries.items()})
+
+
+def encode_study(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> dict[str, bytes]:
+    """The members of one sample, ``{"json": ..., "txt": ..., "zarr.zip": ...}``.
+
+    Pure and deterministic: the same study gives the same bytes on any machine. Raises
+    ValueError (naming the study and scan) for input that the format cannot hold.
+    """
+    fmt.validate_study(study)
+    try:
+        record = dump_json(study_record(study))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"study {study.key!r}: labels/meta/extra are not JSON serialisable: {error}"
+        ) from None
+    return {
+        fmt.JSON_MEMBER: record,
+        fmt.TEXT_MEMBER: study.report.encode("utf-8"),
+        fmt.ARRAYS_MEMBER: encode_arrays(study, slab_depth),
+    }
+
+
+# --- tar and atomic files ---------------------------------------------------------------
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """A header that depends only on the member name and size."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def member_names(key: str, members: Mapping[str, bytes]) -> list[tuple[str, str]]:
+    """``(extension, file name)`` pairs in the fixed member order of the format."""
+    return [(ext, f"{key}.{ext}") for ext in fmt.MEMBERS if ext in members]
+
+
+def tar_sample_size(key: str, members: Mapping[str, bytes]) -> int:
+    """Bytes one sample occupies in a shard (headers plus padded data)."""
+    return sum(
+        TAR_BLOCK + -(-len(members[ext]) // TAR_BLOCK) * TAR_BLOCK for ext, _ in member_names(key, members)
+    )
+
+
+def _add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> dict[str, tuple[int, int]]:
+    """Append a sample; return ``{ext: (data offset, size)}`` within the tar."""
+    located = {}
+    for ext, name in member_names(key, members):
+        data = members[ext]
+        info = _tar_info(name, len(data))
+        header = info.tobuf(tarfile.USTAR_FORMAT, tar.encoding, tar.errors)
+        located[ext] = (tar.offset + len(header), len(data))
+        tar.addfile(info, io.BytesIO(data))
+    return located
+
+
+def _open_tar(fileobj: Any) -> tarfile.TarFile:
+    return tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT, encoding="utf-8")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """Write to ``<name>.tmp``, fsync, then rename: the target is complete or absent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+
+    def __enter__(self):
+        self.file = open(self.tmp, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with AtomicFile(path) as file:
+        file.write(data)
+
+
+# --- staged samples ---------------------------------------------------------------------
+
+
+def read_staged(path: Path) -> dict[str, bytes]:
+    """Members of a staged one-sample tar, keyed by extension."""
+    members = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            _, _, ext = info.name.partition(".")
+            members[ext] = tar.extractfile(info).read()
+    return members
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PackedSample:
+    """Where one sample landed: its shard and each member's offset, size and digest."""
+
+    key: str
+    shard: str
+    located: dict[str, tuple[int, int]]
+    digests: dict[str, str]
+    record: dict[str, Any]
+    report_length: int
+
+
+def pack_shards(staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int) -> list[PackedSample]:
+    """Greedy packing in the given (sorted) order; a shard closes before it would exceed
+    ``max_shard_bytes`` unless it is empty, so the assignment depends only on sizes."""
+    packed: list[PackedSample] = []
+    index, used, tar, sink = 0, 0, None, None
+    for path in staged:
+        key = path.name[: -len(STAGED_SUFFIX)]
+        members = read_staged(path)
+        size = tar_sample_size(key, members)
+        if tar is not None and used + size > max_shard_bytes:
+            tar.close()
+            sink.__exit__(None, None, None)
+            index, used, tar = index + 1, 0, None
+        if tar is None:
+            sink = AtomicFile(out_dir / shard_name(prefix, index))
+            tar = _open_tar(sink.__enter__())
+        located = _add_sample(tar, key, members)
+        used += size
+        record = json.loads(members[fmt.JSON_MEMBER])
+        digests = {ext: _sha256(data) for ext, data in members.items()}
+        report_length = len(members[fmt.TEXT_MEMBER].decode("utf-8"))
+        packed.append(PackedSample(key, shard_name(prefix, index), located, digests, record, report_length))
+    if tar is not None:
+        tar.close()
+        sink.__exit__(None, None, None)
+    return packed
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+# --- manifests --------------------------------------------------------------------------
+
+
+def _label_columns(records: list[dict[str, Any]]) -> dict[str, pa.Array]:
+    """One column per label name; a label whose values do not share one Arrow type is
+    stored as JSON text so the table can always be written."""
+    names = sorted({name for record in records for name in record["labels"]})
+    columns = {}
+    for name in names:
+        values = [record["labels"].get(name) for record in records]
+        try:
+            columns[LABEL_COLUMN_PREFIX + name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[LABEL_COLUMN_PREFIX + name] = pa.array(
+                [None if v is None else dump_json(v).decode() for v in values], pa.string()
+            )
+    return columns
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [("key", pa.string()), ("shard", pa.string())]
+    + [
+        (f"{column}_{field}", kind)
+        for column in MEMBER_COLUMNS.values()
+        for field, kind in (("offset", pa.int64()), ("size", pa.int64()), ("sha256", pa.string()))
+    ]
+    + [
+        ("format_version", pa.string()),
+        ("modality", pa.string()),
+        ("body_part", pa.string()),
+        ("n_scans", pa.int32()),
+        ("n_slices", pa.int64()),
+        ("report_length", pa.int64()),
+        ("config_hash", pa.string()),
+        ("labels", pa.string()),
+    ]
+)
+"""Fixed manifest columns; ``label_<name>`` columns follow (docs/shard-format.md)."""
+
+SCANS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("scan", pa.string()),
+        ("scan_index", pa.int32()),
+        ("series_number", pa.int64()),
+        ("series_description", pa.string()),
+        ("modality", pa.string()),
+        ("shape_d", pa.int64()),
+        ("shape_h", pa.int64()),
+        ("shape_w", pa.int64()),
+        ("spacing_d", pa.float64()),
+        ("spacing_h", pa.float64()),
+        ("spacing_w", pa.float64()),
+        ("dtype", pa.string()),
+        ("intensity_unit", pa.string()),
+        ("intensity_slope", pa.float64()),
+        ("intensity_intercept", pa.float64()),
+        ("source_file_count", pa.int64()),
+    ]
+)
+
+
+def _manifest_row(sample: PackedSample) -> dict[str, Any]:
+    record = sample.record
+    row = {"key": sample.key, "shard": sample.shard}
+    for ext, column in MEMBER_COLUMNS.items():
+        row[f"{column}_offset"], row[f"{column}_size"] = sample.located[ext]
+        row[f"{column}_sha256"] = sample.digests[ext]
+    row.update(
+        format_version=record["format_version"],
+        modality=record["modality"],
+        body_part=record["body_part"],
+        n_scans=len(record["scans"]),
+        n_slices=sum(scan["shape"][0] for scan in record["scans"]),
+        report_length=sample.report_length,
+        config_hash=record["config_hash"],
+        labels=dump_json(record["labels"]).decode(),
+    )
+    return row
+
+
+def manifest_table(packed: list[PackedSample]) -> pa.Table:
+    """One row per study, in key order, plus one ``label_<name>`` column per label."""
+    table = pa.Table.from_pylist([_manifest_row(sample) for sample in packed], schema=MANIFEST_SCHEMA)
+    for name, column in _label_columns([sample.record for sample in packed]).items():
+        table = table.append_column(name, column)
+    return table
+
+
+def _scan_row(key: str, index: int, scan: dict[str, Any]) -> dict[str, Any]:
+    row = {name: scan.get(name) for name in SCANS_SCHEMA.names if name in scan}
+    row.update(key=key, scan=scan["name"], scan_index=index, dtype=fmt.ARRAY_DTYPE.name)
+    for axis, name in enumerate("dhw"):
+        row[f"shape_{name}"] = scan["shape"][axis]
+        row[f"spacing_{name}"] = scan["spacing"][axis]
+    return row
+
+
+def scans_table(packed: list[PackedSample]) -> pa.Table:
+    """One row per scan, in (study key, scan order) order."""
+    rows = [_scan_row(s.key, i, scan) for s in packed for i, scan in enumerate(s.record["scans"])]
+    return pa.Table.from_pylist(rows, schema=SCANS_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Parquet with a fixed writer configuration (no timestamps are ever written)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=True, write_statistics=True)
+    return buffer.getvalue()
+
+
+# --- the writer -------------------------------------------------------------------------
+
+
+class DatasetWriter:
+    """Stage studies one by one, then pack them into a dataset directory.
+
+    ``add`` is safe to resume: staged samples survive a killed run and ``has(key)`` tells
+    a caller which studies are already done. Different processes may stage different
+    keys into the same directory concurrently; ``finalize`` runs once, at the end.
+    A directory that already holds a finished dataset is refused unless ``overwrite``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = fmt.SHARD_PREFIX,
+        max_shard_bytes: int = fmt.DEFAULT_MAX_SHARD_BYTES,
+        slab_depth: int = fmt.DEFAULT_SLAB_DEPTH,
+        overwrite: bool = False,
+    ) -> None:
+        if not fmt.KEY_PATTERN.fullmatch(prefix):
+            raise ValueError(f"unsafe shard prefix {prefix!r}")
+        if max_shard_bytes <= 0 or slab_depth <= 0:
+            raise ValueError("max_shard_bytes and slab_depth must be positive")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.slab_depth = slab_depth
+        self.staging = self.out_dir / STAGING_DIR
+        if (self.out_dir / fmt.MANIFEST_FILE).exists() and not self.staging.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.out_dir} already holds a finished dataset (pass overwrite=True to replace it)"
+            )
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def _staged_path(self, key: str) -> Path:
+        return self.staging / f"{fmt.check_key(key)}{STAGED_SUFFIX}"
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is already staged (a resumed run can skip it)."""
+        return self._staged_path(key).exists()
+
+    def staged_keys(self) -> list[str]:
+        return sorted(path.name[: -len(STAGED_SUFFIX)] for path in self.staging.glob(f"*{STAGED_SUFFIX}"))
+
+    def add(self, study: Study) -> None:
+        """Encode and stage one study; ValueError for invalid input or a duplicate key."""
+        members = encode_study(study, self.slab_depth)
+        self.add_encoded(study.key, members)
+
+    def add_encoded(self, key: str, members: Mapping[str, bytes]) -> None:
+        """Stage members produced by :func:`encode_study` (e.g. in another process)."""
+        path = self._staged_path(key)
+        missing = [ext for ext in fmt.MEMBERS if ext not in members]
+        if missing:
+            raise ValueError(f"study {key!r}: missing members {missing}")
+        if path.exists():
+            raise ValueError(f"duplicate study key {key!r}: already staged in {self.staging}")
+        with AtomicFile(path) as file, _open_tar(file) as tar:
+            _add_sample(tar, key, members)
+
+    def finalize(self) -> pa.Table:
+        """Pack staged samples into shards and manifests; return the manifest table.
+
+        The old manifest goes first and the new one is written last, so a directory with
+        ``manifest.parquet`` always describes complete shards. Re-running after a crash
+        rebuilds the same bytes from the staging directory.
+        """
+        (self.out_dir / fmt.MANIFEST_FILE).unlink(missing_ok=True)
+        staged = sorted(self.staging.glob(f"*{STAGED_SUFFIX}"))
+        packed = pack_shards(staged, self.out_dir, self.prefix, self.max_shard_bytes)
+        manifest = manifest_table(packed)
+        write_bytes_atomic(self.out_dir / fmt.SCANS_FILE, parquet_bytes(scans_table(packed)))
+        write_bytes_atomic(self.out_dir / fmt.MANIFEST_FILE, parquet_bytes(manifest))
+        written = {sample.shard for sample in packed}
+        for stale in self.out_dir.glob(f"{self.prefix}-*.tar"):
+            if stale.name not in written:
+                stale.unlink()
+        shutil.rmtree(self.staging)
+        return manifest
+
+
+def write_dataset(out_dir: str | os.PathLike, studies: Iterable[Study], **kw: Any) -> pa.Table:
+    """Write ``studies`` as a complete dataset in ``out_dir``; return the manifest table."""
+    writer = DatasetWriter(out_dir, **kw)
+    for study in studies:
+        writer.add(study)
+    return writer.finalize()
