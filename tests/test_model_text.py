@@ -1,0 +1,165 @@
+"""Text tower and tokenizer: built-in MiniLM (offline), pooling, locking, checkpointing, local model dirs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM
+
+from hlip.model.text import TextTower, Tokenizer, default_text_model_dir, load_text_config
+
+TINY_BERT = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextTower:
+    torch.manual_seed(0)
+    return TextTower.from_pretrained(None, embed_dim=16, pooling="mean").eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(None, context_length=24)
+
+
+def tiny_tower(pooling: str = "cls") -> TextTower:
+    torch.manual_seed(0)
+    return TextTower.from_config(BertConfig(**TINY_BERT), embed_dim=8, pooling=pooling)
+
+
+def test_default_model_dir_is_the_packaged_minilm():
+    path = default_text_model_dir()
+    assert (path / "model.safetensors").is_file()
+    assert json.loads((path / "config.json").read_text())["hidden_size"] == 384
+
+
+def test_tokenizer_pads_and_truncates_to_context_length(tokenizer):
+    tokens = tokenizer(["small nodule", "word " * 100])
+    assert set(tokens) == {"input_ids", "attention_mask"}
+    for value in tokens.values():
+        assert value.dtype == torch.long and value.shape == (2, 24)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    n_real = len(tokenizer.tokenizer.tokenize("small nodule")) + 2  # [CLS] ... [SEP]
+    assert mask[0].tolist() == [1] * n_real + [0] * (24 - n_real)
+    assert (ids[0, n_real:] == tokenizer.pad_token_id).all()
+    assert mask[1].all() and ids[1, -1] == tokenizer.tokenizer.sep_token_id
+    assert tokenizer("one text")["input_ids"].shape == (1, 24)
+
+
+def test_mean_pooling_ignores_padding(minilm):
+    """The same sentence padded to 12 or 40 tokens must give the same embedding."""
+    text = ["no acute intracranial abnormality"]
+    with torch.no_grad():
+        short = minilm(**Tokenizer(None, context_length=12)(text))
+        long = minilm(**Tokenizer(None, context_length=40)(text))
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_minilm_weights_are_loaded(minilm, tokenizer):
+    """Pretrained sentence embeddings rank a paraphrase far above an unrelated sentence."""
+    tokens = tokenizer(["chest CT shows pneumonia", "pneumonia on the chest CT", "the cat sat on the mat"])
+    with torch.no_grad():
+        hidden = minilm.transformer(**tokens).last_hidden_state
+        emb = F.normalize(minilm.pool(hidden, tokens["attention_mask"]), dim=-1)
+    sims = emb @ emb.T
+    assert sims[0, 1] > 0.8 and sims[0, 2] < 0.3
+
+
+def test_cls_pooling_projects_the_first_hidden_state(tokenizer):
+    tower = tiny_tower("cls").eval()
+    tokens = tokenizer(["mild emphysema", "normal study"])
+    with torch.no_grad():
+        hidden = tower.transformer(**tokens).last_hidden_state
+        torch.testing.assert_close(tower(**tokens), hidden[:, 0] @ tower.proj.weight.T)
+        # Without an explicit mask the tower masks the pad id itself.
+        torch.testing.assert_close(tower(tokens["input_ids"]), tower(**tokens))
+
+
+def test_config_only_tower_has_no_pooler_and_bias_free_projection():
+    tower = tiny_tower()
+    keys = set(tower.state_dict())
+    assert not any(k.startswith("transformer.pooler") for k in keys)
+    assert "proj.weight" in keys and "proj.bias" not in keys
+    assert tower.proj.weight.shape == (8, 32)
+
+
+def _trainable(tower: TextTower) -> set[str]:
+    return {name for name, p in tower.named_parameters() if p.requires_grad}
+
+
+def test_lock_freezes_all_but_the_last_layers():
+    tower = tiny_tower()
+    tower.lock(unlocked_layers=0, freeze_layer_norm=True)
+    assert _trainable(tower) == {"proj.weight"}
+
+    tower = tiny_tower()
+    tower.lock(unlocked_layers=0, freeze_layer_norm=False)
+    assert _trainable(tower) - {"proj.weight"} and all(
+        "LayerNorm" in n for n in _trainable(tower) - {"proj.weight"}
+    )
+
+    tower = tiny_tower()
+    tower.lock(unlocked_layers=1)
+    trainable = _trainable(tower)
+    assert "proj.weight" in trainable
+    assert all(n.startswith(("transformer.encoder.layer.2.", "proj.")) for n in trainable)
+    assert any(n.startswith("transformer.encoder.layer.2.") for n in trainable)
+    with pytest.raises(ValueError, match="unlocked_layers"):
+        tiny_tower().lock(unlocked_layers=4)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tokenizer):
+    tokens = tokenizer(["right lower lobe consolidation", "unremarkable"])
+    grads = []
+    for checkpointing in (False, True):
+        tower = tiny_tower().train()
+        tower.set_grad_checkpointing(checkpointing)
+        tower(**tokens).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_missing_model_dir_is_reported_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        TextTower.from_pretrained(tmp_path / "BiomedBERT", embed_dim=8)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Tokenizer("microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract-fulltext")
+
+
+def test_remote_code_cxr_bert_directory_loads_as_bert(tmp_path):
+    """A CXR-BERT export (model_type cxr-bert, custom classes) loads without trust_remote_code."""
+    torch.manual_seed(1)
+    masked_lm = BertForMaskedLM(BertConfig(**TINY_BERT))
+    masked_lm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="cxr-bert", architectures=["CXRBertModel"], projection_size=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for name in ("vocab.txt", "special_tokens_map.json"):
+        shutil.copy(default_text_model_dir() / name, tmp_path / name)
+    tokenizer_config = json.loads((default_text_model_dir() / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "CXRBertTokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    assert load_text_config(tmp_path).hidden_size == 32
+    tower = TextTower.from_pretrained(tmp_path, embed_dim=8)
+    expected = {k: v for k, v in masked_lm.bert.state_dict().items() if not k.startswith("pooler")}
+    loaded = tower.transformer.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, msg=key)
+    assert Tokenizer(tmp_path, context_length=8)(["effusion"])["input_ids"][0, :3].tolist()[0] == 101
