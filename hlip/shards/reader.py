@@ -216,7 +216,7 @@ def decode_study(key: str, members: Mapping[str, bytes]) -> Study:
 
 
 class ShardDataset:
-    """A dataset directory opened through its manifests.
+    """A dataset directory opened through its manifests; a mapping of key -> Study.
 
     ``manifest`` (one row per study) and ``scans`` (one row per scan) are pyarrow
     tables; :meth:`filter` narrows the study set with a pyarrow expression; :meth:`open`
@@ -252,8 +252,11 @@ class ShardDataset:
     def __contains__(self, key: object) -> bool:
         return key in self._rows
 
-    def __iter__(self) -> Iterator[Study]:
-        return (self.open(key) for key in self._rows)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __getitem__(self, key: str) -> Study:
+        return self.open(key)
 
     def filter(self, expression: pc.Expression) -> ShardDataset:
         """A view of the studies matching ``expression``, e.g. ``pc.field("n_scans") >= 2``."""
