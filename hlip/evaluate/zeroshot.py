@@ -1,0 +1,154 @@
+"""Zero-shot classification: score study embeddings against embedded prompt sentences.
+
+For a binary label with negative prompts the score is HLIP's two-prompt softmax,
+``p(positive) = softmax(logit_scale * [cos(image, negative), cos(image, positive)])[1]``,
+and ``p >= threshold`` (0.5 by default) is a positive prediction. Without negative
+prompts (HLIP's RSNA and CQ500 protocol) the score is the cosine similarity to the
+positive class embedding, only the AUC is reported, and no threshold applies. A
+multi-class task is a softmax over its class embeddings; the prediction is the arg-max.
+How several templates and phrases combine is described in :mod:`hlip.evaluate.prompts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hlip.evaluate import metrics
+from hlip.evaluate.labels import binary_targets, class_targets
+from hlip.evaluate.prompts import PLACEHOLDER, BinaryLabel, PromptSet
+
+TextEncoder = Callable[[Sequence[str]], np.ndarray]
+"""Maps sentences to L2-normalised embeddings ``[n, E]`` (the model's text tower)."""
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+class SentenceBank:
+    """Embeds every distinct prompt sentence once and serves them by text."""
+
+    def __init__(self, encode: TextEncoder, sentences: Sequence[str]) -> None:
+        unique = list(dict.fromkeys(sentences))
+        vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
+        self._vectors = dict(zip(unique, vectors, strict=True))
+
+    def __getitem__(self, sentence: str) -> np.ndarray:
+        return self._vectors[sentence]
+
+    def class_embeddings(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> np.ndarray:
+        """``[K, T, E]``: per class and template, the mean of the phrases' normalised embeddings."""
+        return np.stack(
+            [
+                np.stack([np.mean([self[fill(t, p)] for p in class_phrases], axis=0) for t in templates])
+                for class_phrases in phrases
+            ]
+        )
+
+
+def fill(template: str, phrase: str) -> str:
+    """The sentence for one template and one phrase."""
+    return template.replace(PLACEHOLDER, phrase, 1)
+
+
+def prompt_sentences(prompts: PromptSet) -> list[str]:
+    """Every sentence a prompt set needs, so they can be embedded in one batch."""
+    groups = [(b.positive + b.negative, b.templates) for b in prompts.binary]
+    groups += [(sum(m.phrases, ()), m.templates) for m in prompts.multiclass]
+    return [fill(t, p) for phrases, templates in groups for t in templates for p in phrases]
+
+
+def class_probabilities(
+    image: np.ndarray, classes: np.ndarray, logit_scale: float, ensemble: str
+) -> np.ndarray:
+    """``[N, K]`` softmax probabilities of normalised images ``[N, E]`` over classes ``[K, T, E]``."""
+    if ensemble == "embedding":
+        logits = logit_scale * image @ l2_normalize(classes.mean(axis=1)).T
+        return _softmax(logits)
+    per_template = logit_scale * np.einsum("ne,kte->ntk", image, l2_normalize(classes))
+    return _softmax(per_template).mean(axis=1)
+
+
+def class_similarity(image: np.ndarray, classes: np.ndarray, ensemble: str) -> np.ndarray:
+    """``[N, K]`` cosine similarities, for classes scored without a softmax."""
+    if ensemble == "embedding":
+        return image @ l2_normalize(classes.mean(axis=1)).T
+    return np.einsum("ne,kte->nk", image, l2_normalize(classes)) / classes.shape[1]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def binary_scores(
+    image: np.ndarray, label: BinaryLabel, bank: SentenceBank, logit_scale: float, ensemble: str
+) -> np.ndarray:
+    """p(positive) per study, or the positive similarity when the label has no negatives."""
+    if label.has_negative:
+        classes = bank.class_embeddings([label.negative, label.positive], label.templates)
+        return class_probabilities(image, classes, logit_scale, ensemble)[:, 1]
+    classes = bank.class_embeddings([label.positive], label.templates)
+    return class_similarity(image, classes, ensemble)[:, 0]
+
+
+@dataclass
+class ZeroShotResult:
+    """JSON-ready metrics plus the per-study scores behind them (for plots and tables)."""
+
+    metrics: dict
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run_zeroshot(
+    image_embeddings: np.ndarray,
+    labels: Sequence[dict],
+    prompts: PromptSet,
+    encode: TextEncoder,
+    logit_scale: float,
+    *,
+    n_boot: int = metrics.DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> ZeroShotResult:
+    """Score every label and task of ``prompts`` against the studies' labels.
+
+    ``scores[name]`` is ``[N]`` for a binary label and ``[N, K]`` class probabilities for a
+    multi-class task; ``targets`` holds the matching 0/1/NaN or class-index (-1 = none) arrays.
+    """
+    image = l2_normalize(image_embeddings)
+    bank = SentenceBank(encode, prompt_sentences(prompts))
+    result = ZeroShotResult(metrics={"binary": {}, "multiclass": {}})
+    for label in prompts.binary:
+        y = binary_targets(labels, label.column)
+        s = binary_scores(image, label, bank, logit_scale, prompts.ensemble)
+        result.targets[label.name], result.scores[label.name] = y, s
+        threshold = prompts.threshold if label.has_negative else None
+        result.metrics["binary"][label.name] = metrics.binary_metrics(
+            y, s, threshold=threshold, name=label.name, n_boot=n_boot, seed=seed
+        )
+    if prompts.binary:
+        result.metrics["macro"] = _macro(prompts, result, n_boot=n_boot, seed=seed)
+    for task in prompts.multiclass:
+        classes = bank.class_embeddings(task.phrases, task.templates)
+        y = class_targets(labels, task)
+        p = class_probabilities(image, classes, logit_scale, prompts.ensemble)
+        result.targets[task.name], result.scores[task.name] = y, p
+        result.metrics["multiclass"][task.name] = metrics.multiclass_metrics(
+            y[y >= 0], p[y >= 0], list(task.classes), name=task.name, n_boot=n_boot, seed=seed
+        )
+    return result
+
+
+def _macro(prompts: PromptSet, result: ZeroShotResult, *, n_boot: int, seed: int) -> dict:
+    names = [label.name for label in prompts.binary]
+    thresholds = [prompts.threshold if label.has_negative else None for label in prompts.binary]
+    y = np.stack([result.targets[n] for n in names], axis=1)
+    s = np.stack([result.scores[n] for n in names], axis=1)
+    return metrics.macro_metrics(y, s, thresholds, n_boot=n_boot, seed=seed)
