@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -170,3 +171,30 @@ def test_probe_runs_every_task_of_a_prompt_set():
     assert set(out["binary"]) == {"nodule", "effusion", "bleed"}
     assert out["multiclass"]["dx"]["balanced_accuracy"]["mean"] > 0.9
     assert out["macro_auc"] > 0.9
+
+
+def test_report_writes_json_markdown_and_plots(tmp_path):
+    from hlip.evaluate.report import summary_rows, write_report
+
+    tower = FakeTextTower()
+    images, labels = _planted(tower)
+    labels[0]["bleed"] = None
+    for study in labels:  # a label with one class only: NaN metrics, no ROC plot
+        study["effusion"] = 1
+    with pytest.warns(MetricWarning, match="only positive"):
+        zs = run_zeroshot(images, labels, PROMPTS, tower, 100.0, n_boot=20)
+    retrieval, ranks = run_retrieval(images, images)
+    metrics = {"run": {"prompts_name": "planted"}, "zeroshot": zs.metrics, "retrieval": retrieval}
+    files = write_report(tmp_path, metrics, zeroshot=zs, ranks=ranks)
+    saved = json.loads(files.metrics.read_text())
+    assert saved["zeroshot"]["binary"]["effusion"]["auc"]["value"] is None  # NaN -> null
+    names = sorted(p.name for p in files.plots)
+    assert names == ["confusion-dx.png", "retrieval-ranks.png", "roc-bleed.png", "roc-nodule.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in files.plots)
+    text = files.report.read_text()
+    assert (
+        "| **macro** |" in text and "plots/roc-nodule.png" in text and "| effusion | 60 (60) | n/a |" in text
+    )
+    rows = summary_rows(metrics)
+    assert ("zero-shot", "dx: balanced accuracy", "1.000 [1.000, 1.000]") in rows
+    assert ("retrieval", "image to report R@1/5/10", "1.000 / 1.000 / 1.000") in rows

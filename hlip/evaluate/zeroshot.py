@@ -124,7 +124,9 @@ def run_zeroshot(
     """
     image = l2_normalize(image_embeddings)
     bank = SentenceBank(encode, prompt_sentences(prompts))
-    result = ZeroShotResult(metrics={"binary": {}, "multiclass": {}})
+    result = ZeroShotResult(
+        metrics={"ensemble": prompts.ensemble, "threshold": prompts.threshold, "binary": {}, "multiclass": {}}
+    )
     for label in prompts.binary:
         y = binary_targets(labels, label.column)
         s = binary_scores(image, label, bank, logit_scale, prompts.ensemble)
