@@ -1,0 +1,248 @@
+"""Radiology reports: report tables (CSV, Parquet, JSONL), DICOM SR text, text cleaning.
+
+A report table has one row per study: a key column (StudyInstanceUID or AccessionNumber),
+one or more text columns (joined into one report with section headings), and any other
+columns, which become the study's labels. DICOM Structured Reports in a study are the
+other source of report text (:func:`sr_text`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+TABLE_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+
+
+class ReportTableError(ValueError):
+    """A report table that cannot be used as asked (missing column, duplicate or empty keys)."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """A study's report text (cleaned) and its labels (column -> value; absent when missing)."""
+
+    text: str
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path, string_columns: Sequence[str] = ()) -> pa.Table:
+    """Read a CSV/TSV, Parquet or JSON-lines table; ``string_columns`` are read as text.
+
+    Reading identifiers as text keeps what type inference would lose (leading zeros of
+    accession numbers, long numeric IDs). CSV values may span lines (quoted reports).
+    """
+    path = Path(path)
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ReportTableError(
+            f"{path}: unknown table type {path.suffix!r}; use one of {sorted(TABLE_SUFFIXES)}"
+        )
+    if kind == "parquet":
+        table = pq.read_table(path)
+    elif kind == "jsonl":
+        table = pa_json.read_json(path)
+    else:
+        parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+        convert = pa_csv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+        table = pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
+    return table
+
+
+def load_report_table(
+    path: str | Path,
+    key_column: str = "StudyInstanceUID",
+    text_columns: Sequence[str] | Mapping[str, str] = ("report",),
+    label_columns: Sequence[str] | None = None,
+) -> dict[str, Report]:
+    """Reports by key (the stripped text of ``key_column``).
+
+    Several ``text_columns`` are joined into sections headed by the column name
+    (``Findings_EN`` -> "Findings:"); a mapping column -> heading sets the headings.
+    ``label_columns`` default to every other column; label values keep their type
+    (numbers stay numbers) and a missing value (null, empty, NaN) leaves the label absent.
+    """
+    headings = _headings(text_columns)
+    table = read_table(path, string_columns=[key_column, *headings])
+    labels = _label_columns(table, key_column, headings, label_columns)
+    _require_columns(path, table, [key_column, *headings, *labels])
+    rows = table.select([key_column, *headings, *labels]).to_pylist()
+    keys = [_key(row[key_column]) for row in rows]
+    _check_keys(path, key_column, keys)
+    return {
+        key: Report(
+            text=join_sections([(headings[c], row[c]) for c in headings]),
+            labels={c: row[c] for c in labels if not _missing(row[c])},
+        )
+        for key, row in zip(keys, rows, strict=True)
+    }
+
+
+def _headings(text_columns: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(text_columns, str):
+        text_columns = (text_columns,)
+    if isinstance(text_columns, Mapping):
+        return dict(text_columns)
+    if len(text_columns) == 1:
+        return {text_columns[0]: ""}
+    return {column: section_heading(column) for column in text_columns}
+
+
+def section_heading(column: str) -> str:
+    """``Findings_EN`` -> ``Findings``; ``clinical_information`` -> ``Clinical information``."""
+    name = re.sub(r"_[A-Z]{2}$", "", column).replace("_", " ").strip()
+    return name[:1].upper() + name[1:]
+
+
+def _label_columns(
+    table: pa.Table, key_column: str, headings: Mapping[str, str], label_columns: Sequence[str] | None
+) -> list[str]:
+    if label_columns is not None:
+        return list(label_columns)
+    return [c for c in table.column_names if c != key_column and c not in headings]
+
+
+def _require_columns(path: str | Path, table: pa.Table, columns: Sequence[str]) -> None:
+    missing = [c for c in dict.fromkeys(columns) if c not in table.column_names]
+    if missing:
+        raise ReportTableError(f"{path}: missing column(s) {missing}; the table has {table.column_names}")
+
+
+def _key(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _check_keys(path: str | Path, key_column: str, keys: Sequence[str]) -> None:
+    empty = [i for i, key in enumerate(keys) if not key]
+    if empty:
+        raise ReportTableError(f"{path}: empty {key_column} in data row(s) {_some(empty)}")
+    duplicates = [key for key, count in Counter(keys).items() if count > 1]
+    if duplicates:
+        raise ReportTableError(f"{path}: duplicate {key_column} value(s) {_some(duplicates)}")
+
+
+def _some(items: Sequence[Any], limit: int = 5) -> str:
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def join_sections(sections: Sequence[tuple[str, Any]]) -> str:
+    """Cleaned sections joined by blank lines, each under ``Heading:``; empty ones skipped."""
+    parts = []
+    for heading, body in sections:
+        text = "" if _missing(body) else clean_text(str(body))
+        if text:
+            parts.append(f"{heading}:\n{text}" if heading else text)
+    return "\n\n".join(parts)
+
+
+# --- text cleaning -----------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+
+
+def clean_text(text: str) -> str:
+    """Unicode NFC, no control or zero-width characters, ``\\n`` line ends, single spaces,
+    no trailing spaces, at most one blank line in a row, no surrounding whitespace."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub(" ", text.replace("\t", " "))
+    lines = [re.sub(r" {2,}", " ", line).strip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# --- DICOM structured reports -----------------------------------------------------------
+
+_CONTENT_RELATIONSHIPS = {"CONTAINS", "INFERRED FROM", "HAS PROPERTIES", None}
+"""Followed when walking an SR tree. Not followed: HAS OBS CONTEXT and HAS ACQ CONTEXT
+(observer names, organisations, dates: context, often PHI), HAS CONCEPT MOD, SELECTED FROM."""
+
+
+def sr_text(dataset: Any) -> str:
+    """The report text of a DICOM SR document (cleaned).
+
+    Walks the content tree from the document root: a CONTAINER gives a section headed by
+    its concept name (``Findings:``) holding its children; TEXT gives its value; CODE and
+    NUM give ``Name: value`` (``Diameter: 3 cm``). Children of a container whose
+    ContinuityOfContent is CONTINUOUS are joined into one sentence run. PNAME, DATE, TIME,
+    DATETIME, UIDREF and references to images are left out.
+    """
+    blocks = _children(dataset)
+    return clean_text("\n\n".join(b for b in blocks if b))
+
+
+def _children(item: Any) -> list[str]:
+    continuous = item.get("ContinuityOfContent") == "CONTINUOUS"
+    parts = []
+    for child in item.get("ContentSequence", []) or []:
+        if child.get("RelationshipType") in _CONTENT_RELATIONSHIPS:
+            parts.append(_render(child, named=not continuous))
+    parts = [p for p in parts if p]
+    if continuous:
+        return [" ".join(parts)] if parts else []
+    return parts
+
+
+def _render(item: Any, named: bool) -> str:
+    """One content item; ``named`` prefixes CODE and NUM values with their concept name
+    (not inside a CONTINUOUS run, where the values are words of a sentence)."""
+    value_type = item.get("ValueType")
+    name = _concept_name(item)
+    if value_type == "CONTAINER":
+        body = "\n".join(_children(item))
+        return f"{name}:\n{body}" if name and body else body
+    if value_type == "TEXT":
+        value = str(item.get("TextValue", "") or "").strip()
+    elif value_type in ("CODE", "NUM"):
+        value = _code_meaning(item.get("ConceptCodeSequence")) if value_type == "CODE" else _numeric(item)
+        value = f"{name}: {value}" if named and name and value else value
+    else:
+        return ""
+    return "\n".join(p for p in [value, *_children(item)] if p)
+
+
+def _concept_name(item: Any) -> str:
+    return _code_meaning(item.get("ConceptNameCodeSequence"))
+
+
+def _code_meaning(sequence: Any) -> str:
+    return str(sequence[0].get("CodeMeaning", "") or "").strip() if sequence else ""
+
+
+def _numeric(item: Any) -> str:
+    measured = item.get("MeasuredValueSequence")
+    if not measured:
+        return ""
+    value = str(measured[0].get("NumericValue", "") or "").strip()
+    units = measured[0].get("MeasurementUnitsCodeSequence")
+    unit = str(units[0].get("CodeValue", "") or "").strip() if units else ""
+    return f"{value} {unit}".strip() if unit not in ("", "1") else value
