@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -45,9 +46,10 @@ class ZipBytesStore(Store):
     supports_deletes = False
     supports_listing = True
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, name: str = "zarr.zip") -> None:
         super().__init__(read_only=True)
         self.data = bytes(data)
+        self.name = name
         self.key_reads: Counter[str] = Counter()
         self._open_zip()
 
@@ -57,7 +59,13 @@ class ZipBytesStore(Store):
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self.data, "_read_only": True, "_is_open": False, "key_reads": Counter()}
+        return {
+            "data": self.data,
+            "name": self.name,
+            "_read_only": True,
+            "_is_open": False,
+            "key_reads": Counter(),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -74,7 +82,10 @@ class ZipBytesStore(Store):
             return None
         with self._lock:
             self.key_reads[key] += 1
-            value = self._zip.read(key)
+            try:
+                value = self._zip.read(key)
+            except (zipfile.BadZipFile, zlib.error) as error:
+                raise ShardFormatError(f"{self.name}: entry {key} is damaged: {error}") from None
         if byte_range is None:
             return value
         if isinstance(byte_range, RangeByteRequest):
@@ -170,7 +181,9 @@ def _scan_from_record(scan: Mapping[str, Any], array: Any) -> Scan:
 def open_arrays(data: bytes, key: str) -> zarr.Group:
     """The sample's zarr group, opened lazily from the ``zarr.zip`` bytes."""
     try:
-        return zarr.open_group(store=ZipBytesStore(data), mode="r", zarr_format=3)
+        return zarr.open_group(store=ZipBytesStore(data, f"study {key!r} zarr.zip"), mode="r", zarr_format=3)
+    except ShardFormatError:
+        raise
     except Exception as error:
         raise ShardFormatError(f"study {key!r}: member zarr.zip does not open: {error}") from None
 
