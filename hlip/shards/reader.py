@@ -9,6 +9,7 @@ The streaming reader (:mod:`hlip.shards.stream`) uses the same decoding.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -250,7 +251,7 @@ class ShardDataset:
         self.manifest = manifest
         self._rows = {key: i for i, key in enumerate(manifest.column("key").to_pylist())}
 
-    @property
+    @functools.cached_property
     def scans(self) -> pa.Table:
         """Per-scan rows of the studies in this (possibly filtered) view."""
         table = pq.read_table(self.path / fmt.SCANS_FILE)

@@ -496,7 +496,7 @@ class DatasetWriter:
         write_bytes_atomic(self.out_dir / fmt.SCANS_FILE, parquet_bytes(scans_table(packed)))
         write_bytes_atomic(self.out_dir / fmt.MANIFEST_FILE, parquet_bytes(manifest))
         written = {sample.shard for sample in packed}
-        for stale in self.out_dir.glob(f"{self.prefix}-*.tar"):
+        for stale in self.out_dir.glob(f"{self.prefix}-*.tar*"):
             if stale.name not in written:
                 stale.unlink()
         shutil.rmtree(self.staging)
