@@ -1,0 +1,182 @@
+"""``hlip-eval``: zero-shot classification, retrieval and linear probe of a trained model.
+
+Only argument parsing and printing live here; the work is :func:`hlip.evaluate.run.run_evaluation`
+and :func:`hlip.evaluate.embed.embed_dataset`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Evaluate an HLIP model: zero-shot classification, report retrieval, linear probe.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+CHECKPOINT = typer.Option(
+    ..., "--checkpoint", "-c", help="hlip-train checkpoint, or a published HLIP file with --preset."
+)
+DATA = typer.Option(..., "--data", "-d", help="Shard dataset directory (with manifest.parquet).")
+PRESET = typer.Option(None, "--preset", help="Model preset of a published (open_clip layout) checkpoint.")
+TEXT_MODEL = typer.Option(None, "--text-model", help="Local directory of the text encoder a preset needs.")
+BATCH = typer.Option(
+    8, "--batch-size", "-b", min=1, help="Studies per forward pass (results do not depend on it)."
+)
+WORKERS = typer.Option(0, "--workers", min=0, help="DataLoader worker processes decoding studies.")
+DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
+SETTINGS = typer.Option([], "--set", help="Transform setting key=value (e.g. max_scans=4); repeatable.")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]embedding studies"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _fail(error: Exception) -> None:
+    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from hlip.evaluate.embed import EvalInputError
+    from hlip.evaluate.labels import LabelError
+    from hlip.evaluate.prompts import PromptsError
+
+    return EvalInputError, LabelError, PromptsError, FileNotFoundError
+
+
+@app.command()
+def run(
+    checkpoint: str = CHECKPOINT,
+    data: str = DATA,
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (metrics.json, report.md, plots/)."),
+    prompts: str = typer.Option(
+        None, "--prompts", "-p", help="Prompts or benchmark TOML (configs/benchmarks/)."
+    ),
+    tasks: str = typer.Option(
+        "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
+    ),
+    labels: str = typer.Option(None, "--labels", help="Label table (CSV/Parquet) keyed by study key."),
+    label_key: str = typer.Option("key", "--label-key", help="Key column of the label table."),
+    preset: str = PRESET,
+    text_model: str = TEXT_MODEL,
+    template_set: str = typer.Option(None, "--template-set", help="Use this template set for every label."),
+    batch_size: int = BATCH,
+    workers: int = WORKERS,
+    device: str = DEVICE,
+    settings: list[str] = SETTINGS,
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds of the linear probe."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and probe splits."),
+) -> None:
+    """Embed the studies, run the tasks and write metrics.json, report.md and plots."""
+    from hlip.evaluate.run import EvalOptions, run_evaluation
+
+    options = EvalOptions(
+        checkpoint=checkpoint,
+        data=data,
+        out=str(out),
+        prompts=prompts,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        labels=labels,
+        label_key=label_key,
+        preset=preset,
+        text_model=text_model,
+        template_set=template_set,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        settings=settings,
+        bootstrap=bootstrap,
+        folds=folds,
+        seed=seed,
+    )
+    try:
+        with _progress() as bar:
+            task = bar.add_task("embed", total=None)
+            outcome = run_evaluation(
+                options, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    except _user_errors() as error:
+        _fail(error)
+    _print_summary(outcome)
+
+
+def _print_summary(outcome) -> None:
+    from hlip.evaluate.report import summary_rows
+
+    table = Table(title="hlip-eval", show_lines=False)
+    for column in ("task", "measure", "value"):
+        table.add_column(column)
+    for row in summary_rows(outcome.metrics):
+        table.add_row(*row)
+    console.print(table)
+    for warning in outcome.metrics.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"report:     {outcome.files.report}")
+    console.print(f"metrics:    {outcome.files.metrics}")
+    console.print(f"embeddings: {outcome.embeddings}")
+    for path in outcome.extra:
+        console.print(f"scores:     {path}")
+    for path in outcome.files.plots:
+        console.print(f"plot:       {path}")
+
+
+@app.command()
+def embed(
+    checkpoint: str = CHECKPOINT,
+    data: str = DATA,
+    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet file (embeddings.parquet)."),
+    preset: str = PRESET,
+    text_model: str = TEXT_MODEL,
+    batch_size: int = BATCH,
+    workers: int = WORKERS,
+    device: str = DEVICE,
+    settings: list[str] = SETTINGS,
+) -> None:
+    """Write one row per study: key, labels, image and report embeddings (L2-normalised)."""
+    from hlip.evaluate.embed import embed_dataset, load_model
+
+    try:
+        loaded = load_model(
+            checkpoint, preset=preset, text_path=text_model, overrides=settings, device=device
+        )
+        with _progress() as bar:
+            task = bar.add_task("embed", total=None)
+            embeddings = embed_dataset(
+                loaded,
+                data,
+                batch_size=batch_size,
+                num_workers=workers,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except _user_errors() as error:
+        _fail(error)
+    path = embeddings.save(out)
+    console.print(f"{len(embeddings)} studies, {embeddings.image.shape[1]}-d embeddings -> {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,200 @@
+"""One evaluation run, start to finish: checks, embedding, tasks, report.
+
+Everything ``hlip-eval run`` does is :func:`run_evaluation`; the CLI only parses options.
+Inputs are checked before the model runs (prompts file, labels the tasks need, the
+checkpoint against its preset), so a mistake costs seconds, not an embedding pass.
+Metric warnings (labels with one class, probes skipped for lack of studies) are collected
+into ``metrics.json`` under ``warnings``, where the CLI prints them from.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hlip.evaluate import labels as labels_mod
+from hlip.evaluate.embed import Embeddings, EvalInputError, embed_dataset, load_model, text_encoder
+from hlip.evaluate.metrics import DEFAULT_BOOTSTRAP, MetricWarning
+from hlip.evaluate.probe import DEFAULT_FOLDS, run_probe
+from hlip.evaluate.prompts import PromptSet, load_prompts
+from hlip.evaluate.report import ReportFiles, write_report
+from hlip.evaluate.retrieval import run_retrieval
+from hlip.evaluate.zeroshot import run_zeroshot
+
+TASKS = ("zeroshot", "retrieval", "probe")
+EMBEDDINGS_FILE = "embeddings.parquet"
+SCORES_FILE = "zeroshot_scores.csv"
+
+
+@dataclass
+class EvalOptions:
+    """Everything one evaluation needs (the CLI options, one to one)."""
+
+    checkpoint: str
+    data: str
+    out: str
+    prompts: str | None = None
+    tasks: Sequence[str] = ("zeroshot", "retrieval")
+    labels: str | None = None
+    label_key: str = labels_mod.DEFAULT_KEY_COLUMN
+    preset: str | None = None
+    text_model: str | None = None
+    template_set: str | None = None
+    batch_size: int = 8
+    workers: int = 0
+    device: str = "cpu"
+    settings: Sequence[str] = ()
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    folds: int = DEFAULT_FOLDS
+    seed: int = 0
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, Any]
+    files: ReportFiles
+    embeddings: Path
+    extra: list[Path] = field(default_factory=list)
+
+
+def check_tasks(tasks: Sequence[str], prompts: str | None) -> list[str]:
+    """Known task names, in canonical order; zero-shot and probe need a prompts file."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise EvalInputError(f"unknown task(s) {unknown or tasks}; choose from {', '.join(TASKS)}")
+    needs_prompts = [t for t in ("zeroshot", "probe") if t in tasks]
+    if needs_prompts and not prompts:
+        raise EvalInputError(
+            f"--tasks {','.join(needs_prompts)} needs --prompts: the prompts (or benchmark) file defines "
+            "the labels to score (see configs/benchmarks/)"
+        )
+    return [t for t in TASKS if t in tasks]
+
+
+def manifest_labels(data: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Study keys and their labels from the dataset's manifest (no shard is read)."""
+    from hlip.shards.format import ShardFormatError
+    from hlip.shards.reader import ShardDataset
+
+    try:
+        manifest = ShardDataset(data).manifest
+    except ShardFormatError as error:
+        raise EvalInputError(f"cannot read shards at {data}: {error}") from None
+    rows = manifest.select(["key", "labels"]).to_pylist()
+    return [r["key"] for r in rows], [json.loads(r["labels"] or "{}") for r in rows]
+
+
+def study_labels(keys: Sequence[str], shard_labels: Sequence[dict], options: EvalOptions) -> list[dict]:
+    table = labels_mod.load_label_table(options.labels, options.label_key) if options.labels else None
+    if table is not None and not set(table) & set(keys):
+        raise EvalInputError(
+            f"no key of label table {options.labels} (column {options.label_key!r}) matches a study in "
+            f"{options.data}; keys there look like {keys[0]!r}"
+        )
+    return labels_mod.merge_labels(keys, shard_labels, table)
+
+
+def check_labels(prompts: PromptSet, labels: list[dict], options: EvalOptions) -> None:
+    """The labels every task needs exist and read as binary / known classes."""
+    where = options.data + (f" (with labels from {options.labels})" if options.labels else "")
+    labels_mod.check_columns(prompts, labels, where)
+    for label in prompts.binary:
+        labels_mod.binary_targets(labels, label.column)
+    for task in prompts.multiclass:
+        labels_mod.class_targets(labels, task)
+
+
+def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | None = None) -> EvalOutcome:
+    """Check inputs, embed the studies, run the tasks and write the report into ``options.out``."""
+    tasks = check_tasks(options.tasks, options.prompts)
+    prompts = load_prompts(options.prompts, template_set=options.template_set) if options.prompts else None
+    keys, shard_labels = manifest_labels(options.data)
+    if prompts is not None:
+        check_labels(prompts, study_labels(keys, shard_labels, options), options)
+    loaded = load_model(
+        options.checkpoint,
+        preset=options.preset,
+        text_path=options.text_model,
+        overrides=options.settings,
+        device=options.device,
+    )
+    embeddings = embed_dataset(
+        loaded, options.data, batch_size=options.batch_size, num_workers=options.workers, progress=progress
+    )
+    out = Path(options.out)
+    embeddings_path = embeddings.save(out / EMBEDDINGS_FILE)
+    labels = study_labels(embeddings.keys, embeddings.labels, options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricWarning)
+        metrics, zeroshot, ranks = _run_tasks(
+            tasks, embeddings, labels, prompts, text_encoder(loaded), options
+        )
+    metrics["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, MetricWarning)})
+    metrics = {"run": _run_info(options, prompts, embeddings, tasks), **metrics}
+    files = write_report(out, metrics, zeroshot=zeroshot, ranks=ranks)
+    extra = [_write_scores(out / SCORES_FILE, embeddings.keys, zeroshot, prompts)] if zeroshot else []
+    return EvalOutcome(metrics, files, embeddings_path, extra)
+
+
+def _run_tasks(tasks, embeddings: Embeddings, labels, prompts, encode, options: EvalOptions):
+    metrics: dict[str, Any] = {}
+    zeroshot = ranks = None
+    if "zeroshot" in tasks:
+        scale = embeddings.meta["logit_scale"]
+        zeroshot = run_zeroshot(
+            embeddings.image, labels, prompts, encode, scale, n_boot=options.bootstrap, seed=options.seed
+        )
+        metrics["zeroshot"] = zeroshot.metrics
+    if "retrieval" in tasks:
+        metrics["retrieval"], ranks = run_retrieval(
+            embeddings.image, embeddings.report, embeddings.has_report
+        )
+    if "probe" in tasks:
+        metrics["probe"] = run_probe(
+            embeddings.image, labels, prompts, folds=options.folds, seed=options.seed
+        )
+    return metrics, zeroshot, ranks
+
+
+def _run_info(
+    options: EvalOptions, prompts: PromptSet | None, embeddings: Embeddings, tasks
+) -> dict[str, Any]:
+    info = {
+        "checkpoint": options.checkpoint,
+        "data": options.data,
+        "studies": len(embeddings),
+        "tasks": ",".join(tasks),
+        "logit_scale": round(float(embeddings.meta["logit_scale"]), 4),
+        "bootstrap": options.bootstrap,
+        "seed": options.seed,
+    }
+    if options.preset:
+        info["preset"] = options.preset
+    if options.labels:
+        info["labels"] = options.labels
+    if prompts is not None:
+        info.update(prompts=prompts.source, prompts_name=prompts.name, ensemble=prompts.ensemble)
+        if options.template_set:
+            info["template_set"] = options.template_set
+    return info
+
+
+def _write_scores(path: Path, keys: Sequence[str], zeroshot, prompts: PromptSet) -> Path:
+    """Per-study zero-shot scores as CSV: p(positive) (or similarity) per label, then
+    one ``task:class`` probability column per class of each multi-class task."""
+    import csv
+
+    columns: dict[str, Any] = {label.name: zeroshot.scores[label.name] for label in prompts.binary}
+    for task in prompts.multiclass:
+        for j, name in enumerate(task.classes):
+            columns[f"{task.name}:{name}"] = zeroshot.scores[task.name][:, j]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", *columns])
+        for i, key in enumerate(keys):
+            writer.writerow([key, *(f"{column[i]:.6f}" for column in columns.values())])
+    return path
