@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import BertConfig
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
 
+from hlip.model.checkpoint import vision_kwargs
 from hlip.model.clip import HLIPCLIP, CheckpointMismatchError, load_openclip_checkpoint
+from hlip.model.packing import PackedStudies, pack_studies
+from hlip.model.presets import create_vision
 from hlip.model.text import TextTower, Tokenizer
+from hlip.model.vision import HierarchicalViT
 
 TINY_BERT = BertConfig(
     vocab_size=30522,
@@ -24,40 +30,19 @@ TINY_BERT = BertConfig(
 )
 
 
-class StandInPacked:
-    def __init__(self, studies):
-        self.studies = studies
-
-    def to(self, device):
-        return self
-
-
-class StandInTrunk(nn.Module):
-    embed_dim = 12
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(2, 12)
-        self.grad_checkpointing = False
-
-    def forward_packed(self, packed):
-        stats = [torch.stack([torch.cat(study).mean(), torch.cat(study).std()]) for study in packed.studies]
-        return self.proj(torch.stack(stats))
-
-    def set_grad_checkpointing(self, enable=True):
-        self.grad_checkpointing = enable
-
-
-def make_trunk() -> nn.Module:
+def make_trunk() -> HierarchicalViT:
     torch.manual_seed(0)
-    return StandInTrunk()
+    return create_vision("vit_nano_multiscan_h3")
 
 
-def make_packed(n_studies: int = 3) -> StandInPacked:
+def make_packed(n_studies: int = 3) -> PackedStudies:
+    """Studies of 1-2 scans with different depths and in-plane sizes."""
     gen = torch.Generator().manual_seed(5)
-    return StandInPacked(
-        [[torch.randn(4 + i, 8, 8, generator=gen) for i in range(1 + s % 2)] for s in range(n_studies)]
-    )
+    studies = [
+        [torch.randn(8 + 4 * i, 16, 16 + 8 * s, generator=gen) for i in range(1 + s % 2)]
+        for s in range(n_studies)
+    ]
+    return pack_studies(studies, make_trunk().patch_size)
 
 
 def make_model(siglip: bool = False, **kwargs) -> HLIPCLIP:
@@ -84,7 +69,7 @@ def test_state_dict_follows_the_open_clip_layout():
         )
         assert not any(k.startswith("text.transformer.pooler") for k in keys)
     model = make_model()
-    assert model.visual.head.proj.weight.shape == (16, StandInTrunk.embed_dim)
+    assert model.visual.head.proj.weight.shape == (16, model.visual.trunk.embed_dim)
     assert model.state_dict()["logit_scale"].shape == ()
 
 
@@ -125,8 +110,9 @@ def test_logit_scale_is_clamped_at_100(tokens):
 
 def test_lock_text_keeps_projection_and_vision_trainable():
     model = make_model()
+    fixed = {n for n, p in model.named_parameters() if not p.requires_grad}  # position tables
     model.lock_text(unlocked_layers=0)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad} - fixed
     assert frozen == {n for n, _ in model.named_parameters() if n.startswith("text.transformer.")}
     model = make_model()
     model.lock_text(unlocked_layers=1)
@@ -167,7 +153,7 @@ def test_load_training_file_with_module_prefix_and_position_ids(tmp_path, tokens
         source, tmp_path / "epoch_3.pt", {"module.text.transformer.embeddings.position_ids": position_ids}
     )
     torch.manual_seed(123)
-    target = HLIPCLIP(StandInTrunk(), TextTower.from_config(TINY_BERT, 16)).eval()
+    target = HLIPCLIP(make_trunk(), TextTower.from_config(TINY_BERT, 16)).eval()
     load_openclip_checkpoint(target, tmp_path / "epoch_3.pt")
     with torch.no_grad():
         for key, value in source(make_packed(), tokens).items():
@@ -179,10 +165,63 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
     state["text.transformer.base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"] = (
         torch.zeros(8, 32)
     )
-    state["visual.head.proj.weight"] = torch.zeros(512, 12)
+    state["visual.head.proj.weight"] = torch.zeros(512, 48)
     with pytest.raises(CheckpointMismatchError) as error:
         load_openclip_checkpoint(make_model(), state)
     message = str(error.value)
     assert "1 missing from checkpoint: text.proj.weight" in message
     assert "lora_A" in message and "LoRA" in message
-    assert "visual.head.proj.weight (512, 12) vs model (16, 12)" in message
+    assert "visual.head.proj.weight (512, 48) vs model (16, 48)" in message
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
+
+
+def _reference_fixture():
+    if not (REFERENCE / "fixture_a" / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"reference fixtures missing under {REFERENCE.resolve()}")
+    config = json.loads((REFERENCE / "fixture_a" / "config.json").read_text())
+    return (
+        config["constructor_kwargs"],
+        load_file(REFERENCE / "fixture_a" / "weights.safetensors"),
+        load_file(REFERENCE / "fixture_a" / "expected.safetensors"),
+        load_file(REFERENCE / "inputs.safetensors"),
+    )
+
+
+def test_published_layout_checkpoint_reproduces_reference_and_bert(tmp_path, tokens):
+    """A training file assembled key by key in the released layout (reference trunk weights,
+    pooler-free BertModel, position_ids as older transformers saved them, DDP prefixes) loads
+    with no missing/unexpected keys, and the features equal the reference's pooled output and
+    BERT's CLS state through the stored projections."""
+    kwargs, trunk_weights, expected, inputs = _reference_fixture()
+    gen = torch.Generator().manual_seed(7)
+    bert = BertModel(TINY_BERT, add_pooling_layer=False).eval()
+    visual_proj, text_proj = torch.randn(16, 96, generator=gen), torch.randn(16, 32, generator=gen)
+    state = {f"visual.trunk.{k}": v for k, v in trunk_weights.items()}
+    state |= {f"text.transformer.{k}": v for k, v in bert.state_dict().items()}
+    state["text.transformer.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+    state |= {
+        "visual.head.proj.weight": visual_proj,
+        "text.proj.weight": text_proj,
+        "logit_scale": torch.tensor(4.6),
+    }
+    torch.save(
+        {"epoch": 10, "name": "hlip", "state_dict": {f"module.{k}": v for k, v in state.items()}},
+        tmp_path / "f.pt",
+    )
+
+    trunk = HierarchicalViT(**vision_kwargs(kwargs))  # fresh random weights: the file must supply all
+    model = HLIPCLIP(trunk, TextTower.from_config(TINY_BERT, embed_dim=16)).eval()
+    load_openclip_checkpoint(model, tmp_path / "f.pt")
+
+    cases = ("n1", "n3", "n2_interp")
+    studies = [[scan[0] for scan in inputs[case][0]] for case in cases]
+    with torch.no_grad():
+        image = model.encode_image(pack_studies(studies, trunk.patch_size))
+        text = model.encode_text(tokens)
+        cls = bert(**tokens).last_hidden_state[:, 0]
+    pooled = torch.cat([expected[f"{case}.pooled"] for case in cases])
+    torch.testing.assert_close(image, pooled @ visual_proj.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(text, cls @ text_proj.T)
+    assert model.logit_scale.item() == pytest.approx(4.6)
