@@ -121,3 +121,28 @@ def test_check_columns_names_unknown_labels_and_suggests():
     with pytest.raises(LabelError, match="carries no labels.*--labels"):
         check_columns(prompts, [{}, {"Nodule": None}], "shards/")
     check_columns(prompts, [{"Nodule": 1, "effusion": 0, "dx": "Normal"}], "shards/")
+
+
+def test_one_hot_multiclass_columns():
+    spec = {
+        **BASE,
+        "multiclass": {"Dx": {"one_hot": True, "classes": {"Normal": "normal", "Stroke": "stroke"}}},
+    }
+    task = parse_prompts(spec).multiclass[0]
+    assert task.columns == ("Normal", "Stroke")
+    y = class_targets([{"Normal": 1, "Stroke": 0}, {"Normal": "0", "Stroke": "1"}, {}], task)
+    assert y.tolist() == [0, 1, -1]
+    with pytest.raises(LabelError, match="2 of the one-hot class columns"):
+        class_targets([{"Normal": 1, "Stroke": 1}], task)
+    with pytest.raises(PromptsError, match="either `column` or `one_hot"):
+        parse_prompts(
+            {**BASE, "multiclass": {"Dx": {"one_hot": True, "column": "dx", "classes": {"a": "a", "b": "b"}}}}
+        )
+
+
+def test_select_restricts_to_named_labels():
+    prompts = parse_prompts(BASE)
+    subset = prompts.select(["Nodule", "Dx"])
+    assert [b.name for b in subset.binary] == ["Nodule"] and [m.name for m in subset.multiclass] == ["Dx"]
+    with pytest.raises(PromptsError, match="no label or task named \\['Nodul'\\]"):
+        prompts.select(["Nodul"])

@@ -83,6 +83,9 @@ def run(
     preset: str = PRESET,
     text_model: str = TEXT_MODEL,
     template_set: str = typer.Option(None, "--template-set", help="Use this template set for every label."),
+    only: str = typer.Option(
+        None, "--only", help="Comma-separated labels/tasks of the prompts file to score."
+    ),
     batch_size: int = BATCH,
     workers: int = WORKERS,
     device: str = DEVICE,
@@ -105,6 +108,7 @@ def run(
         preset=preset,
         text_model=text_model,
         template_set=template_set,
+        only=[n.strip() for n in only.split(",") if n.strip()] if only else (),
         batch_size=batch_size,
         workers=workers,
         device=device,
@@ -176,6 +180,23 @@ def embed(
         _fail(error)
     path = embeddings.save(out)
     console.print(f"{len(embeddings)} studies, {embeddings.image.shape[1]}-d embeddings -> {path}")
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets that --preset accepts (for published open_clip-layout checkpoints)."""
+    from hlip.model.factory import MODEL_PRESETS
+
+    table = Table(title="model presets")
+    for column in ("preset", "vision", "embed dim", "text encoder", "context"):
+        table.add_column(column, overflow="fold")
+    for name, config in MODEL_PRESETS.items():
+        text = config["text"]
+        encoder = text.get("requires") or text.get("path") or "built-in MiniLM"
+        table.add_row(
+            name, config["vision"]["name"], str(config["embed_dim"]), encoder, str(text["context_length"])
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def binary_targets(labels: Sequence[Mapping[str, Any]], column: str) -> np.ndarr
 
 def class_targets(labels: Sequence[Mapping[str, Any]], task: MulticlassTask) -> np.ndarray:
     """Class index per study (-1 when not annotated); class names match case-insensitively."""
+    if task.one_hot:
+        return _one_hot_targets(labels, task)
     lookup = {name.strip().lower(): i for i, name in enumerate(task.classes)}
     out = np.full(len(labels), -1, dtype=np.int64)
     for i, study in enumerate(labels):
@@ -80,6 +82,22 @@ def class_targets(labels: Sequence[Mapping[str, Any]], task: MulticlassTask) -> 
                 f"which is none of the classes {list(task.classes)}"
             )
         out[i] = index
+    return out
+
+
+def _one_hot_targets(labels: Sequence[Mapping[str, Any]], task: MulticlassTask) -> np.ndarray:
+    """Class index from one 0/1 column per class; exactly one must be 1 unless all are missing."""
+    hot = np.stack([binary_targets(labels, name) for name in task.classes], axis=1)
+    out = np.full(len(labels), -1, dtype=np.int64)
+    for i, row in enumerate(hot):
+        if np.isnan(row).all():
+            continue
+        if np.nansum(row) != 1:
+            raise LabelError(
+                f"task {task.name!r}: study {i} has {int(np.nansum(row))} of the one-hot class columns "
+                f"{list(task.classes)} set; exactly one must be 1"
+            )
+        out[i] = int(np.nanargmax(row))
     return out
 
 
@@ -125,9 +143,10 @@ def check_columns(prompts: PromptSet, labels: Sequence[Mapping[str, Any]], where
             "score against; pass a label table with --labels (CSV or Parquet with a 'key' column), "
             "or run only --tasks retrieval"
         )
-    missing = [task for task in (*prompts.binary, *prompts.multiclass) if task.column not in present]
+    needed = [(b, b.column) for b in prompts.binary] + [(m, c) for m in prompts.multiclass for c in m.columns]
+    missing = [(task, column) for task, column in needed if column not in present]
     if missing:
-        lines = [f"  - {_describe(task)}{_hint(task.column, present)}" for task in missing]
+        lines = [f"  - {_describe(task, column)}{_hint(column, present)}" for task, column in missing]
         raise LabelError(
             f"{prompts.source} names labels that no study in {where} carries:\n"
             + "\n".join(lines)
@@ -135,8 +154,8 @@ def check_columns(prompts: PromptSet, labels: Sequence[Mapping[str, Any]], where
         )
 
 
-def _describe(task: BinaryLabel | MulticlassTask) -> str:
-    return repr(task.name) if task.column == task.name else f"{task.name!r} (column {task.column!r})"
+def _describe(task: BinaryLabel | MulticlassTask, column: str) -> str:
+    return repr(task.name) if column == task.name else f"{task.name!r} (column {column!r})"
 
 
 def _hint(column: str, present: list[str]) -> str:

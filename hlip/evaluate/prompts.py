@@ -20,7 +20,7 @@ schema, plus a free-form ``[benchmark]`` table for people)::
     column = "Lung nodule"        # the study label it is checked against (default: the name)
 
     [multiclass."Pub-Brain-5"]    # one label column holding a class name
-    column = "diagnosis"
+    column = "diagnosis"          # or `one_hot = true`: one 0/1 column per class, named as the class
     templates = ["This MRI study shows: {}."]
     classes = { Normal = ["No significant abnormalities"], Glioma = ["Glioma"] }
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ _TOP_KEYS = {
     "benchmark",
 }
 _LABEL_KEYS = {"positive", "negative", "templates", "column"}
-_MULTICLASS_KEYS = {"column", "templates", "classes"}
+_MULTICLASS_KEYS = {"column", "one_hot", "templates", "classes"}
 
 
 class PromptsError(ValueError):
@@ -84,13 +84,19 @@ class BinaryLabel:
 
 @dataclass(frozen=True)
 class MulticlassTask:
-    """Mutually exclusive classes read from one label column (e.g. a diagnosis)."""
+    """Mutually exclusive classes read from one label column (e.g. a diagnosis), or from
+    one 0/1 column per class (``one_hot``, columns named as the classes)."""
 
     name: str
     column: str
     classes: tuple[str, ...]
     phrases: tuple[tuple[str, ...], ...]
     templates: tuple[str, ...]
+    one_hot: bool = False
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.classes if self.one_hot else (self.column,)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,19 @@ class PromptSet:
     @property
     def columns(self) -> list[str]:
         """Every label column the file needs, in file order."""
-        return [b.column for b in self.binary] + [m.column for m in self.multiclass]
+        return [b.column for b in self.binary] + [c for m in self.multiclass for c in m.columns]
+
+    def select(self, names: list[str]) -> PromptSet:
+        """The same file restricted to the named labels/tasks (e.g. a paper's subset)."""
+        known = [b.name for b in self.binary] + [m.name for m in self.multiclass]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise PromptsError(f"{self.source}: no label or task named {unknown}; it defines {known}")
+        return replace(
+            self,
+            binary=tuple(b for b in self.binary if b.name in names),
+            multiclass=tuple(m for m in self.multiclass if m.name in names),
+        )
 
 
 def load_prompts(path: str | Path, *, template_set: str | None = None) -> PromptSet:
@@ -215,12 +233,16 @@ def _multiclass(name: str, spec: Any, resolve: _TemplateResolver, source: str) -
     classes = _table(spec.get("classes"), f"{source}: {where}.classes")
     if len(classes) < 2:
         raise PromptsError(f"{source}: {where}.classes needs at least two classes, got {len(classes)}")
+    one_hot = spec.get("one_hot", False)
+    if not isinstance(one_hot, bool) or (one_hot and "column" in spec):
+        raise PromptsError(f"{source}: {where}: set either `column` or `one_hot = true`, not both")
     return MulticlassTask(
         name=name,
         column=str(spec.get("column", name)),
         classes=tuple(classes),
         phrases=tuple(_phrases(v, f"{source}: {where}.classes.{k}") for k, v in classes.items()),
         templates=resolve(spec.get("templates"), where),
+        one_hot=one_hot,
     )
 
 

@@ -44,6 +44,8 @@ class EvalOptions:
     preset: str | None = None
     text_model: str | None = None
     template_set: str | None = None
+    only: Sequence[str] = ()
+    """Restrict the prompts file to these labels/tasks (e.g. the subset a paper reports)."""
     batch_size: int = 8
     workers: int = 0
     device: str = "cpu"
@@ -112,6 +114,8 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     """Check inputs, embed the studies, run the tasks and write the report into ``options.out``."""
     tasks = check_tasks(options.tasks, options.prompts)
     prompts = load_prompts(options.prompts, template_set=options.template_set) if options.prompts else None
+    if prompts is not None and options.only:
+        prompts = prompts.select(list(options.only))
     keys, shard_labels = manifest_labels(options.data)
     if prompts is not None:
         check_labels(prompts, study_labels(keys, shard_labels, options), options)
@@ -180,6 +184,8 @@ def _run_info(
         info.update(prompts=prompts.source, prompts_name=prompts.name, ensemble=prompts.ensemble)
         if options.template_set:
             info["template_set"] = options.template_set
+        if options.only:
+            info["only"] = ",".join(options.only)
     return info
 
 
