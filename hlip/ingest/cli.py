@@ -1,0 +1,179 @@
+"""``hlip-ingest``: DICOM archives (+ report tables) or NIfTI collections -> study shards.
+
+This module only parses arguments and prints; the work is in :mod:`hlip.ingest.pipeline`
+and the stage modules, so every command can be called from Python as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hlip.ingest import pipeline
+from hlip.ingest.config import IngestConfig, Spacing, default_target_spacing
+from hlip.shards.format import DEFAULT_MAX_SHARD_BYTES
+
+app = typer.Typer(
+    help="Turn DICOM archives (+ report tables) or NIfTI collections into study shards.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
+WORKERS = typer.Option(
+    None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
+)
+MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+
+
+def parse_spacing(values: list[str]) -> dict[str, Spacing]:
+    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults."""
+    spacing = default_target_spacing()
+    for value in values:
+        modality, sep, setting = value.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{value!r}: expected MODALITY=d,h,w or MODALITY=native")
+        if setting == "native":
+            spacing[modality.upper()] = "native"
+            continue
+        try:
+            spacing[modality.upper()] = tuple(float(v) for v in setting.split(","))
+        except ValueError:
+            raise typer.BadParameter(f"{value!r}: spacing must be three numbers in mm (d,h,w)") from None
+    return spacing
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:>6}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def print_summary(summary: pipeline.IngestSummary) -> None:
+    """Outcome counts, then reject reasons with their meaning."""
+    outcomes = Table(title=f"Ingest of {summary.out_dir}", show_footer=True)
+    outcomes.add_column("outcome", footer="files")
+    outcomes.add_column("files", justify="right", footer=str(summary.files))
+    for outcome, count in summary.outcomes.items():
+        outcomes.add_row(outcome, str(count))
+    console.print(outcomes)
+    console.print(f"studies: {summary.studies_staged} written, {summary.studies_rejected} rejected")
+    if summary.reasons:
+        reasons = Table(title="Rejected files by reason")
+        for column in ("reason", "files", "meaning"):
+            reasons.add_column(column, justify="right" if column == "files" else "left")
+        for reason, count in summary.reasons.items():
+            reasons.add_row(reason, str(count), pipeline.REASONS.get(reason, ""))
+        console.print(reasons)
+    console.print(f"per-file outcomes: {summary.out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE}")
+
+
+@app.command()
+def run(
+    sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
+    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    reports: Path | None = typer.Option(
+        None, "--reports", exists=True, help="Report table (CSV or Parquet)."
+    ),
+    report_key: str = typer.Option(
+        "StudyInstanceUID", help="Report table column: StudyInstanceUID|AccessionNumber."
+    ),
+    report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
+    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native."),
+    min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
+    max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
+    scheduler: str | None = SCHEDULER,
+    workers: int | None = WORKERS,
+    memory_limit: str = MEMORY_LIMIT,
+) -> None:
+    """Index, plan, build and write shards; print what happened to every file."""
+    config = IngestConfig(
+        target_spacing=parse_spacing(spacing),
+        min_slices=min_slices,
+        report_table=str(reports) if reports else None,
+        report_key_column=report_key,
+        report_text_columns=tuple(report_column),
+        allow_missing_report=allow_missing_report,
+        max_shard_bytes=max_shard_bytes,
+        secret=secret,
+    )
+    with _progress() as progress:
+        summary = pipeline.run_ingest(
+            sources, out, config, scheduler, workers=workers, memory_limit=memory_limit, progress=progress
+        )
+    print_summary(summary)
+
+
+@app.command()
+def index(
+    sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to index."),
+    out: Path = typer.Option(..., "--out", help="Parquet file to write (contains PHI)."),
+    scheduler: str | None = SCHEDULER,
+    workers: int | None = WORKERS,
+    memory_limit: str = MEMORY_LIMIT,
+) -> None:
+    """Parse the header of every file into a Parquet index (no pixels are read)."""
+    with _progress() as progress, pipeline.connect(scheduler, workers, memory_limit) as client:
+        table = pipeline.index_stage(sources, out, client, (progress, progress.add_task("index")))
+    console.print(f"{table.num_rows} files indexed into {out}")
+
+
+@app.command()
+def plan(
+    index_file: Path = typer.Argument(..., exists=True, metavar="INDEX.parquet"),
+    min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
+) -> None:
+    """Show the studies, scans and rejected files that an index plans into."""
+    import pyarrow.parquet as pq
+
+    from hlip.ingest.plan import plan as plan_index
+
+    result = plan_index(pq.read_table(index_file), pipeline.plan_config(IngestConfig(min_slices=min_slices)))
+    studies = Table(title=f"{len(result.studies)} studies")
+    for column in ("study", "modality", "scan", "files", "series", "description"):
+        studies.add_column(column)
+    for study in result.studies:
+        for scan in study.scans:
+            studies.add_row(
+                study.study_uid, study.modality, scan.name, str(len(scan.files)),
+                str(scan.series_number), scan.series_description,
+            )  # fmt: skip
+    console.print(studies)
+    rejects = Table(title=f"{len(result.rejects)} rejected files")
+    for column in ("reason", "files", "example"):
+        rejects.add_column(column)
+    by_reason: dict[str, list] = {}
+    for reject in result.rejects:
+        by_reason.setdefault(reject.reason, []).append(reject)
+    for reason, items in sorted(by_reason.items()):
+        rejects.add_row(reason, str(len(items)), f"{items[0].file_id}: {items[0].message}")
+    console.print(rejects)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Directory for the archive and reports.csv."),
+    studies: int = typer.Option(24, "--studies", help="Number of studies."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+) -> None:
+    """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
+    from hlip.ingest.synth import make_archive
+
+    make_archive(out, studies, seed)
+    console.print(f"wrote a synthetic archive of {studies} studies to {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,83 @@
+"""Ingest configuration: every knob that decides what a study's sample contains.
+
+One :class:`IngestConfig` drives a whole run. Its :meth:`~IngestConfig.config_hash` is
+stored in every study's JSON, so a dataset records how it was made, and it is written to
+``_ingest/config.json`` so that a resumed run refuses to mix samples made two ways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from hlip.ingest.volume import DEFAULT_TARGET_SPACING, NATIVE
+from hlip.shards.format import DEFAULT_MAX_SHARD_BYTES
+
+Spacing = tuple[float | None, float | None, float | None] | Literal["native"]
+"""Target voxel spacing ``(d, h, w)`` in mm (None keeps that axis), or ``"native"``."""
+
+REPORT_KEY_COLUMNS = ("StudyInstanceUID", "AccessionNumber")
+
+
+def default_target_spacing() -> dict[str, Spacing]:
+    """CT is resampled to 3 mm slices and 1 mm in-plane (the HLIP CT recipe); other
+    modalities keep their native grid (:data:`hlip.ingest.volume.DEFAULT_TARGET_SPACING`)."""
+    return dict(DEFAULT_TARGET_SPACING)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Settings of one ingest run.
+
+    ``secret`` (the key of the pseudonymous study ids) is resolved by
+    :func:`hlip.ingest.deid.resolve_secret` and never hashed or recorded. The report
+    table's path is not hashed either: where a file lives does not change a sample.
+    """
+
+    target_spacing: Mapping[str, Spacing] = field(default_factory=default_target_spacing)
+    min_slices: int = 8
+    report_table: str | None = None
+    report_key_column: str = "StudyInstanceUID"
+    report_text_columns: tuple[str, ...] = ("report",)
+    allow_missing_report: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    secret: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.report_key_column not in REPORT_KEY_COLUMNS:
+            raise ValueError(
+                f"report_key_column must be one of {REPORT_KEY_COLUMNS}, not {self.report_key_column!r}"
+            )
+        for modality, spacing in self.target_spacing.items():
+            if spacing != NATIVE and (len(spacing) != 3 or any(v is not None and v <= 0 for v in spacing)):
+                raise ValueError(f"target spacing of {modality} must be 'native' or three positive mm values")
+
+    def hashed_fields(self) -> dict:
+        """The settings that change a sample's content, in canonical JSON-able form."""
+        spacing = {
+            modality: s if s == NATIVE else [None if v is None else float(v) for v in s]
+            for modality, s in sorted(self.target_spacing.items())
+        }
+        return {
+            "target_spacing": spacing,
+            "min_slices": self.min_slices,
+            "report_key_column": self.report_key_column,
+            "report_text_columns": list(self.report_text_columns),
+            "allow_missing_report": self.allow_missing_report,
+        }
+
+    def config_hash(self) -> str:
+        """First 16 hex digits of the sha256 of :meth:`hashed_fields`."""
+        canonical = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def resume_fields(self) -> dict:
+        """What must match for a run to resume in an existing output directory."""
+        recorded = asdict(self)
+        del recorded["secret"], recorded["report_table"]
+        recorded["target_spacing"] = self.hashed_fields()["target_spacing"]
+        recorded["report_text_columns"] = list(self.report_text_columns)
+        return recorded

@@ -1,0 +1,546 @@
+"""The ingest pipeline: index -> plan -> build per study -> finalize, on Dask.
+
+Each stage is a library function usable alone:
+
+* :func:`index_stage` parses the header of every source file (batches of files per task)
+  into ``_ingest/index.parquet``, reusing the rows of files a previous run indexed;
+* :func:`hlip.ingest.plan.plan` turns the index into studies, scans and rejects;
+* :func:`build_study` builds one study in memory (decode, resample, report, de-identify);
+  :func:`stage_study` does that on a worker and stages the encoded sample with
+  :class:`~hlip.shards.writer.DatasetWriter`, returning a small :class:`StudyOutcome`;
+* :func:`account` gives every indexed file exactly one outcome (``_ingest/files.parquet``).
+
+:func:`run_ingest` chains them. Tasks are per study so a worker holds one study at a
+time, however large the archive; voxels never travel back to the client. A re-run on
+the same output directory resumes: studies with an outcome record (and, when staged, a
+staged sample) are skipped, and the shards are written only at the end, atomically and
+in key order, so the bytes do not depend on worker count, scheduling or interruptions.
+
+Everything under ``<out>/_ingest/`` may contain PHI (header index, file paths, the
+secret); nothing else does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+
+from hlip.ingest import deid, index, reports
+from hlip.ingest.config import REPORT_KEY_COLUMNS, IngestConfig
+from hlip.ingest.plan import REASONS as PLAN_REASONS
+from hlip.ingest.plan import PlanConfig, StudyPlan, plan
+from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
+from hlip.shards import format as fmt
+from hlip.shards.format import Scan, Study
+from hlip.shards.writer import STAGING_DIR, DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
+
+INGEST_DIR = "_ingest"
+INDEX_FILE = "index.parquet"
+FILES_FILE = "files.parquet"
+CONFIG_FILE = "config.json"
+OUTCOMES_DIR = "outcomes"
+
+SCAN, REPORT, REJECTED = "scan", "report", "rejected"
+OUTCOMES = (SCAN, REPORT, REJECTED)
+
+PIPELINE_REASONS = {
+    "no_report": "the study has no report (neither in the report table nor as a DICOM SR object)",
+    "no_usable_scan": "no scan of the study could be built",
+    "report_from_table": "an SR report object of a study whose report came from the report table",
+    "unreadable_report": "an SR object whose text could not be read",
+    "invalid_study": "the built study does not satisfy the shard format",
+    "build_error": "building the scan failed with an unexpected error",
+    "not_planned": "an indexed file the plan neither used nor rejected",
+}
+REASONS = {**PLAN_REASONS, **PIPELINE_REASONS}
+"""Every reason code a file can be rejected with, and what it means."""
+
+FILES_SCHEMA = pa.schema(
+    [
+        ("file_id", pa.string()),
+        ("outcome", pa.string()),
+        ("study_key", pa.string()),
+        ("scan", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+INDEX_BATCH_FILES = 256
+"""Files per index task: enough to hide task overhead, few enough to balance workers."""
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """The one outcome of one input file (a row of ``files.parquet``)."""
+
+    file_id: str
+    outcome: str
+    study_key: str = ""
+    scan: str = ""
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass
+class StudyOutcome:
+    """What a build task reports back: whether the study was staged, and its files' outcomes."""
+
+    key: str
+    staged: bool
+    files: list[FileOutcome]
+
+
+@dataclass
+class StudyTask:
+    """Everything a worker needs to build one study; small enough to ship per task."""
+
+    key: str
+    plan: StudyPlan
+    index_rows: pa.Table
+    report: reports.Report | None = None
+
+
+@dataclass
+class IngestSummary:
+    """Counts of a finished run, from ``files.parquet``."""
+
+    out_dir: Path
+    files: int
+    studies_staged: int
+    studies_rejected: int
+    outcomes: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+# --- executing tasks: serially in-process, or on a Dask cluster ---------------------------
+
+
+def default_workers(memory_per_worker: int = 2 << 30) -> int:
+    """One worker per usable core, fewer when memory would drop below ``memory_per_worker``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(cores, pages * page_size // memory_per_worker))
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None, memory_limit: str = "auto"):
+    """Yield a Dask client: of the cluster at ``scheduler``, else of a new ``LocalCluster``
+    (``workers`` processes of one thread each; default :func:`default_workers`).
+
+    ``workers=0`` yields ``None``: tasks then run serially in this process, without Dask.
+    Call this from code guarded by ``if __name__ == "__main__"`` (the CLI is): worker
+    processes re-import the main module.
+    """
+    if workers == 0 and scheduler is None:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    cluster = LocalCluster(
+        n_workers=workers or default_workers(),
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=None,
+    )
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def map_unordered(client, function: Callable, items: Sequence, *args: Any, progress=None) -> Iterator:
+    """``function(item, *args)`` for every item, yielded as they finish.
+
+    ``progress`` is a ``(rich.progress.Progress, task_id)`` pair advanced per item. On a
+    Dask client each item is one task; results are released as soon as they are read.
+    """
+    bar, task_id = progress if progress else (None, None)
+
+    def advance() -> None:
+        if bar is not None:
+            bar.advance(task_id)
+
+    if client is None:
+        for item in items:
+            yield function(item, *args)
+            advance()
+        return
+    from distributed import as_completed
+
+    futures = [client.submit(function, item, *args, pure=False) for item in items]
+    for future in as_completed(futures):
+        yield future.result()
+        future.release()
+        advance()
+
+
+# --- index -----------------------------------------------------------------------------
+
+
+def _index_batch(files: list[index.SourceFile]) -> list[dict]:
+    return [index.index_file(source_file) for source_file in files]
+
+
+def _reusable_rows(path: Path) -> dict[tuple[str, int], dict]:
+    """Rows of an earlier index, by (file_id, size), for files that can skip re-parsing."""
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    if table.schema != index.INDEX_SCHEMA:
+        return {}
+    return {(row["file_id"], row["size"]): row for row in table.to_pylist()}
+
+
+def index_stage(sources: Iterable[str | os.PathLike], path: Path, client=None, progress=None) -> pa.Table:
+    """Index every file under ``sources`` (headers only) into the Parquet file ``path``.
+
+    Rows of files already in an existing ``path`` with the same size are reused, so a
+    re-run only parses new files. Rows are sorted by ``file_id``: the table depends only
+    on the files, not on the order tasks finished.
+    """
+    previous = _reusable_rows(path)
+    listed = list(index.iter_source_files([str(Path(source).resolve()) for source in sources]))
+    rows, todo = [], []
+    for source_file in listed:
+        row = previous.get((source_file.file_id, source_file.size))
+        (rows.append(row) if row is not None else todo.append(source_file))
+    batches = [todo[i : i + INDEX_BATCH_FILES] for i in range(0, len(todo), INDEX_BATCH_FILES)]
+    if progress:
+        progress[0].update(progress[1], total=len(listed), completed=len(rows))
+    for batch_rows in map_unordered(client, _index_batch, batches):
+        rows.extend(batch_rows)
+        if progress:
+            progress[0].advance(progress[1], len(batch_rows))
+    table = index.rows_to_table(sorted(rows, key=lambda row: row["file_id"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, parquet_bytes(table))
+    return table
+
+
+# --- build one study ---------------------------------------------------------------------
+
+
+def plan_config(config: IngestConfig) -> PlanConfig:
+    return PlanConfig(min_slices=config.min_slices)
+
+
+def volume_config(config: IngestConfig) -> VolumeConfig:
+    return VolumeConfig(target_spacing=dict(config.target_spacing))
+
+
+def _rejected(file_ids: Iterable[str], key: str, reason: str, message: str) -> list[FileOutcome]:
+    return [FileOutcome(file_id, REJECTED, key, "", reason, message) for file_id in file_ids]
+
+
+def _study_files(study_plan: StudyPlan) -> list[str]:
+    """Every file of a study once (a multi-frame file may feed several scans)."""
+    scan_files = (file_id for scan in study_plan.scans for file_id in scan.files)
+    return list(dict.fromkeys([*scan_files, *study_plan.report_files]))
+
+
+_IDENTIFYING_COLUMNS = frozenset(REPORT_KEY_COLUMNS) | frozenset(deid.PHI_KEYWORDS) | {"SeriesInstanceUID"}
+"""Report-table columns never used as labels: identifiers and header PHI fields."""
+
+
+def _read_dataset(file_id: str) -> pydicom.Dataset:
+    with index.open_source(*index.split_file_id(file_id)) as source:
+        return pydicom.dcmread(source, force=True)
+
+
+def _report_text(task: StudyTask) -> tuple[str, dict, list[FileOutcome]]:
+    """The study's report text and labels, and the outcomes of its SR files.
+
+    Labels come from the report table. Its text wins over SR objects in the study (a
+    table is what a site exports on purpose); the SR files then are accounted as
+    ``report_from_table``. An empty table cell falls back to the SR objects.
+    """
+    table = task.report or reports.Report("")
+    labels = {name: value for name, value in table.labels.items() if name not in _IDENTIFYING_COLUMNS}
+    if table.text.strip():
+        message = "the report table holds this study's report"
+        return table.text, labels, _rejected(task.plan.report_files, task.key, "report_from_table", message)
+    texts, outcomes = [], []
+    for file_id in task.plan.report_files:
+        try:
+            texts.append(reports.sr_text(_read_dataset(file_id)).strip())
+        except Exception as error:  # noqa: BLE001 - one unreadable SR must not stop the study
+            outcomes += _rejected(
+                [file_id], task.key, "unreadable_report", f"{type(error).__name__}: {error}"
+            )
+            continue
+        outcomes.append(FileOutcome(file_id, REPORT, task.key))
+    return "\n\n".join(text for text in texts if text), labels, outcomes
+
+
+def _build_scans(
+    task: StudyTask, rows: dict[str, dict], config: IngestConfig
+) -> tuple[list[Scan], list[FileOutcome]]:
+    """Build every planned scan; a refused scan's files are rejected with its reason.
+
+    A file can feed several scans (an enhanced multi-frame object holding two echoes): it
+    is a ``scan`` file, naming every built scan it feeds, if any of them was built.
+    """
+    scans, used, refused = [], {}, {}
+    volume = volume_config(config)
+    for scan_plan in task.plan.scans:
+        try:
+            scans.append(build_scan(scan_plan, rows, volume))
+        except ScanRejected as rejected:
+            reason = (rejected.reason, rejected.message)
+        except Exception as error:  # noqa: BLE001 - an uncurated archive must not stop the run
+            reason = ("build_error", f"{type(error).__name__}: {error}")
+        else:
+            for file_id in scan_plan.files:
+                used.setdefault(file_id, []).append(scan_plan.name)
+            continue
+        for file_id in scan_plan.files:
+            refused.setdefault(file_id, reason)
+    outcomes = [FileOutcome(file_id, SCAN, task.key, ",".join(names)) for file_id, names in used.items()]
+    outcomes += [
+        FileOutcome(file_id, REJECTED, task.key, "", *reason)
+        for file_id, reason in refused.items()
+        if file_id not in used
+    ]
+    return scans, outcomes
+
+
+def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, list[FileOutcome]]:
+    """Build one study in memory; ``None`` when it is rejected. Every file of the study
+    gets its outcome. The report is scrubbed of the study's header PHI values and only
+    allow-listed header fields reach ``Study.meta``."""
+    text, labels, report_outcomes = _report_text(task)
+    if not text and not config.allow_missing_report:
+        message = "no report in the report table and no SR text in the study"
+        return None, _rejected(_study_files(task.plan), task.key, "no_report", message)
+    rows = {row["file_id"]: row for row in task.index_rows.to_pylist()}
+    scans, scan_outcomes = _build_scans(task, rows, config)
+    if not scans:
+        message = "every scan of the study was rejected"
+        return None, scan_outcomes + _rejected(task.plan.report_files, task.key, "no_usable_scan", message)
+    header = rows[task.plan.scans[0].files[0]]
+    meta = deid.allowed_meta(header)
+    study = Study(
+        key=task.key,
+        modality=task.plan.modality,
+        scans=scans,
+        report=deid.scrub_report(text, deid.phi_values(rows.values())),
+        labels=labels,
+        body_part=meta.get("BodyPartExamined", ""),
+        meta=meta,
+        config_hash=config.config_hash(),
+    )
+    return study, scan_outcomes + report_outcomes
+
+
+def _outcome_path(out_dir: Path, key: str) -> Path:
+    return out_dir / INGEST_DIR / OUTCOMES_DIR / f"{key}.json"
+
+
+def _write_outcome(out_dir: Path, outcome: StudyOutcome) -> None:
+    record = {"key": outcome.key, "staged": outcome.staged, "files": [asdict(f) for f in outcome.files]}
+    path = _outcome_path(out_dir, outcome.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(record, sort_keys=True).encode())
+
+
+def read_outcome(out_dir: Path, key: str) -> StudyOutcome | None:
+    """The recorded outcome of a study, or None when it has not finished."""
+    path = _outcome_path(out_dir, key)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_bytes())
+    return StudyOutcome(record["key"], record["staged"], [FileOutcome(**f) for f in record["files"]])
+
+
+def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfig) -> StudyOutcome:
+    """Build a study and stage its sample in ``out_dir``; return the small outcome record.
+
+    The outcome record is written before the sample is staged, so a study counts as done
+    only once both exist (:func:`pending_tasks`); a run killed in between rebuilds it.
+    """
+    out_dir = Path(out_dir)
+    study, files = build_study(task, config)
+    members = None
+    if study is not None:
+        try:
+            members = encode_study(study)
+        except ValueError as error:
+            members, files = None, _rejected(_study_files(task.plan), task.key, "invalid_study", str(error))
+    outcome = StudyOutcome(task.key, members is not None, files)
+    _write_outcome(out_dir, outcome)
+    if members is not None:
+        writer = DatasetWriter(out_dir, max_shard_bytes=config.max_shard_bytes)
+        if not writer.has(task.key):
+            writer.add_encoded(task.key, members)
+    return outcome
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+def study_tasks(
+    study_plans: Sequence[StudyPlan],
+    index_table: pa.Table,
+    report_table: dict,
+    config: IngestConfig,
+    secret: bytes,
+) -> list[StudyTask]:
+    """One task per planned study, with only its own index rows and its table report."""
+    position = {file_id: i for i, file_id in enumerate(index_table.column("file_id").to_pylist())}
+    key_attribute = "study_uid" if config.report_key_column == "StudyInstanceUID" else "accession_number"
+    tasks = []
+    for study_plan in study_plans:
+        rows = index_table.take(sorted(position[file_id] for file_id in _study_files(study_plan)))
+        report = report_table.get(getattr(study_plan, key_attribute))
+        tasks.append(StudyTask(deid.study_key(study_plan.study_uid, secret), study_plan, rows, report))
+    return tasks
+
+
+def _is_finalized(out_dir: Path) -> bool:
+    return (out_dir / fmt.MANIFEST_FILE).exists() and not (out_dir / STAGING_DIR).exists()
+
+
+def pending_tasks(tasks: list[StudyTask], out_dir: Path) -> tuple[list[StudyTask], list[StudyOutcome]]:
+    """Split tasks into those still to build and the outcomes of those already done.
+
+    A study is done when its outcome is recorded and, if it was staged, its sample is in
+    the staging area (or the dataset was already finalized with it).
+    """
+    finalized = _is_finalized(out_dir)
+    writer = None if finalized else DatasetWriter(out_dir)
+    todo, done = [], []
+    for task in tasks:
+        outcome = read_outcome(out_dir, task.key)
+        if outcome is not None and (finalized or not outcome.staged or writer.has(task.key)):
+            done.append(outcome)
+        else:
+            todo.append(task)
+    if finalized and todo:
+        raise FileExistsError(
+            f"{out_dir} holds a finished dataset without {len(todo)} of the planned studies; "
+            "ingest these sources into a new --out directory"
+        )
+    return todo, done
+
+
+def account(index_table: pa.Table, rejects: Iterable, outcomes: Iterable[StudyOutcome]) -> pa.Table:
+    """``files.parquet``: exactly one outcome per indexed file, sorted by ``file_id``.
+
+    Raises ValueError when a file would get two outcomes or an outcome names a file that
+    is not indexed (both are bugs); indexed files nobody claimed are ``not_planned``.
+    """
+    by_file: dict[str, FileOutcome] = {}
+
+    def claim(outcome: FileOutcome) -> None:
+        if outcome.file_id in by_file:
+            raise ValueError(
+                f"file {outcome.file_id!r} has two outcomes: {by_file[outcome.file_id]} and {outcome}"
+            )
+        by_file[outcome.file_id] = outcome
+
+    for reject in rejects:
+        claim(FileOutcome(reject.file_id, REJECTED, "", "", reject.reason, reject.message))
+    for study_outcome in outcomes:
+        for file_outcome in study_outcome.files:
+            claim(file_outcome)
+    indexed = set(index_table.column("file_id").to_pylist())
+    unknown = sorted(set(by_file) - indexed)
+    if unknown:
+        raise ValueError(f"{len(unknown)} outcomes name files that are not indexed, e.g. {unknown[0]!r}")
+    for file_id in sorted(indexed - set(by_file)):
+        claim(FileOutcome(file_id, REJECTED, "", "", "not_planned", "no scan, report or reject of the plan"))
+    rows = [asdict(by_file[file_id]) for file_id in sorted(by_file)]
+    return pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
+
+
+def summarize(files: pa.Table, out_dir: Path) -> IngestSummary:
+    """Counts by outcome and by reject reason, and studies staged vs. wholly rejected."""
+    rows = files.select(["outcome", "study_key", "reason"]).to_pylist()
+    staged = {row["study_key"] for row in rows if row["outcome"] != REJECTED}
+    seen = {row["study_key"] for row in rows if row["study_key"]}
+    return IngestSummary(
+        out_dir=out_dir,
+        files=len(rows),
+        studies_staged=len(staged),
+        studies_rejected=len(seen - staged),
+        outcomes=dict(sorted(Counter(row["outcome"] for row in rows).items())),
+        reasons=dict(Counter(row["reason"] for row in rows if row["reason"]).most_common()),
+    )
+
+
+def _check_config(ingest_dir: Path, config: IngestConfig) -> None:
+    """Record the config, or refuse to resume with a different one."""
+    path = ingest_dir / CONFIG_FILE
+    fields = config.resume_fields()
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != json.loads(json.dumps(fields)):
+            raise ValueError(
+                f"{ingest_dir.parent} was ingested with another config ({recorded}); use a new --out"
+            )
+        return
+    write_bytes_atomic(path, json.dumps(fields, sort_keys=True, indent=1).encode())
+
+
+def run_ingest(
+    sources: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: IngestConfig | None = None,
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    memory_limit: str = "auto",
+    client=None,
+    progress=None,
+) -> IngestSummary:
+    """Ingest DICOM ``sources`` into a shard dataset at ``out_dir``; resume if it exists.
+
+    ``client`` (a Dask client) wins over ``scheduler`` (address of a running cluster),
+    which wins over a new ``LocalCluster`` of ``workers`` processes; ``workers=0`` runs
+    everything in this process. ``progress`` is a ``rich.progress.Progress`` to report on.
+    """
+    config = config or IngestConfig()
+    out = Path(out_dir)
+    ingest_dir = out / INGEST_DIR
+    ingest_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(ingest_dir, config)
+    secret = deid.resolve_secret(config.secret, out)
+    report_table = {}
+    if config.report_table:
+        report_table = reports.load_report_table(
+            config.report_table, config.report_key_column, config.report_text_columns
+        )
+    context = (
+        contextlib.nullcontext(client) if client is not None else connect(scheduler, workers, memory_limit)
+    )
+    with context as client:
+        index_table = index_stage(sources, ingest_dir / INDEX_FILE, client, _bar(progress, "index"))
+        study_plan = plan(index_table, plan_config(config))
+        tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
+        todo, outcomes = pending_tasks(tasks, out)
+        outcomes += map_unordered(
+            client, stage_study, todo, out, config, progress=_bar(progress, "build", len(todo))
+        )
+    if not _is_finalized(out):
+        DatasetWriter(out, max_shard_bytes=config.max_shard_bytes).finalize()
+    files = account(index_table, study_plan.rejects, outcomes)
+    write_bytes_atomic(ingest_dir / FILES_FILE, parquet_bytes(files))
+    return summarize(files, out)
+
+
+def _bar(progress, description: str, total: int | None = None):
+    return None if progress is None else (progress, progress.add_task(description, total=total))
