@@ -1,0 +1,591 @@
+"""Index stage: a header-only parse of every file under the sources, one table row per file.
+
+The index is the only stage that opens every input file, so it is cheap (no pixel data is
+decoded), never raises (a file that cannot be read gets a row with ``error`` set) and its
+output is a plain :mod:`pyarrow` table (:data:`INDEX_SCHEMA`) from which the plan is a pure
+function. The index keeps identifying header fields (PatientName, AccessionNumber, ...)
+because de-identification needs them; it lives in ``_ingest/`` and is never shipped.
+
+Sources are folders (walked recursively; files with or without extension), zip archives
+(members are indexed as ``archive.zip::member/path``), text files listing one source per
+line (``.txt``, ``.lst``, ``.list``; relative lines are relative to the list file), or a
+Python list of any of these.
+
+Enhanced multi-frame objects carry their geometry per frame in functional groups, which
+precede the pixel data; the index flattens them into ``Frame*`` list columns (one entry per
+frame). Siemens mosaics get ``NumberOfImagesInMosaic`` and ``SliceNormalVector`` from the
+CSA image header (private element (0029,1010)) or from (0019,100A).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from hlip.ingest.mosaic import csa_mosaic_info
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+ZIP_SEPARATOR = "::"
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_DATA_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+_ITEM_TAG = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_PIXEL_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"UN"}
+_DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+_PLAUSIBLE_FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
+"""A DICOM stream without the 128-byte preamble starts with one of these groups."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: a path on disk, or a member of the zip archive at ``path``."""
+
+    path: str
+    member: str = ""
+    size: int = 0
+
+    @property
+    def file_id(self) -> str:
+        return f"{self.path}{ZIP_SEPARATOR}{self.member}" if self.member else self.path
+
+
+def _list_type(kind: pa.DataType) -> pa.DataType:
+    return pa.list_(kind)
+
+
+_STR, _INT, _FLOAT, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+_FLOATS, _STRS, _INTS = _list_type(_FLOAT), _list_type(_STR), _list_type(_INT)
+_FLOAT_ROWS = _list_type(_FLOATS)
+
+# (keyword, arrow type, value kind) for plain top-level attributes.
+_HEADER_FIELDS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("SOPClassUID", _STR, "str"),
+    ("SOPInstanceUID", _STR, "str"),
+    ("StudyInstanceUID", _STR, "str"),
+    ("SeriesInstanceUID", _STR, "str"),
+    ("FrameOfReferenceUID", _STR, "str"),
+    ("Modality", _STR, "str"),
+    ("Manufacturer", _STR, "str"),
+    ("ManufacturerModelName", _STR, "str"),
+    ("ImageType", _STRS, "strs"),
+    ("SeriesNumber", _INT, "int"),
+    ("InstanceNumber", _INT, "int"),
+    ("AcquisitionNumber", _INT, "int"),
+    ("SeriesDescription", _STR, "str"),
+    ("ProtocolName", _STR, "str"),
+    ("StudyDescription", _STR, "str"),
+    ("BodyPartExamined", _STR, "str"),
+    ("AccessionNumber", _STR, "str"),
+    ("StudyID", _STR, "str"),
+    ("StudyDate", _STR, "str"),
+    ("StudyTime", _STR, "str"),
+    ("SeriesDate", _STR, "str"),
+    ("SeriesTime", _STR, "str"),
+    ("AcquisitionTime", _STR, "str"),
+    ("ContentTime", _STR, "str"),
+    ("PatientName", _STR, "str"),
+    ("PatientID", _STR, "str"),
+    ("OtherPatientIDs", _STR, "str"),
+    ("PatientBirthDate", _STR, "str"),
+    ("PatientSex", _STR, "str"),
+    ("PatientAge", _STR, "str"),
+    ("InstitutionName", _STR, "str"),
+    ("ReferringPhysicianName", _STR, "str"),
+    ("PatientPosition", _STR, "str"),
+    ("Rows", _INT, "int"),
+    ("Columns", _INT, "int"),
+    ("SamplesPerPixel", _INT, "int"),
+    ("PhotometricInterpretation", _STR, "str"),
+    ("BitsAllocated", _INT, "int"),
+    ("BitsStored", _INT, "int"),
+    ("PixelRepresentation", _INT, "int"),
+    ("NumberOfFrames", _INT, "int"),
+    ("ImagePositionPatient", _FLOATS, "floats"),
+    ("ImageOrientationPatient", _FLOATS, "floats"),
+    ("PixelSpacing", _FLOATS, "floats"),
+    ("SliceThickness", _FLOAT, "float"),
+    ("SpacingBetweenSlices", _FLOAT, "float"),
+    ("SliceLocation", _FLOAT, "float"),
+    ("GantryDetectorTilt", _FLOAT, "float"),
+    ("RescaleSlope", _FLOAT, "float"),
+    ("RescaleIntercept", _FLOAT, "float"),
+    ("RescaleType", _STR, "str"),
+    ("EchoNumbers", _INT, "int"),
+    ("EchoTime", _FLOAT, "float"),
+    ("TemporalPositionIdentifier", _INT, "int"),
+    ("NumberOfTemporalPositions", _INT, "int"),
+    ("TriggerTime", _FLOAT, "float"),
+    ("DiffusionBValue", _FLOAT, "float"),
+    ("BurnedInAnnotation", _STR, "str"),
+    ("ConversionType", _STR, "str"),
+)
+
+# Per-frame columns of enhanced multi-frame objects: one list entry per frame.
+_FRAME_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("FramePositions", _FLOAT_ROWS),
+    ("FrameOrientations", _FLOAT_ROWS),
+    ("FramePixelSpacing", _FLOAT_ROWS),
+    ("FrameRescaleSlope", _FLOATS),
+    ("FrameRescaleIntercept", _FLOATS),
+    ("FrameStackID", _STRS),
+    ("FrameInStackPosition", _INTS),
+    ("FrameTemporalPosition", _INTS),
+    ("FrameAcquisitionNumber", _INTS),
+    ("FrameEchoTime", _FLOATS),
+    ("FrameBValue", _FLOATS),
+    ("FrameComplexComponent", _STRS),
+    ("FrameType", _STRS),
+    ("FrameDimensionIndex", _list_type(_INTS)),
+)
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("file_id", _STR, nullable=False),
+        pa.field("path", _STR, nullable=False),
+        pa.field("member", _STR, nullable=False),
+        pa.field("size", _INT, nullable=False),
+        pa.field("error", _STR),
+        pa.field("TransferSyntaxUID", _STR),
+        *(pa.field(name, kind) for name, kind, _ in _HEADER_FIELDS),
+        pa.field("HasPixelData", _BOOL),
+        pa.field("IsDICOMDIR", _BOOL),
+        pa.field("IsEnhanced", _BOOL),
+        pa.field("IsMosaic", _BOOL),
+        pa.field("NumberOfImagesInMosaic", _INT),
+        pa.field("SliceNormalVector", _FLOATS),
+        pa.field("MosaicSliceSpacing", _FLOAT),
+        pa.field("ReferencedSOPInstanceUIDs", _STRS),
+        *(pa.field(name, kind) for name, kind in _FRAME_FIELDS),
+    ]
+)
+"""One row per input file. ``error`` is ``"<code>: <message>"`` with code one of
+``empty``, ``not_dicom``, ``truncated``, ``unreadable``; other columns are null then."""
+
+ERROR_CODES = ("empty", "not_dicom", "truncated", "unreadable")
+
+
+class IndexError_(Exception):
+    """A file that cannot be indexed; ``code`` is one of :data:`ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def iter_source_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[SourceFile]:
+    """Yield every file under ``sources`` in a deterministic order (sorted within a folder)."""
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    for source in sources:
+        yield from _iter_one_source(Path(source), top_level=True)
+
+
+def _iter_one_source(path: Path, *, top_level: bool) -> Iterator[SourceFile]:
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                yield from _iter_one_source(Path(root) / name, top_level=False)
+    elif top_level and path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        yield from _iter_list_file(path)
+    elif _is_zip(path):
+        yield from _iter_zip(path)
+    elif path.is_file():
+        yield SourceFile(os.path.abspath(path), "", path.stat().st_size)
+    elif top_level:
+        # A missing source still gets a row, so that it is accounted for.
+        yield SourceFile(os.path.abspath(path), "", 0)
+
+
+def _iter_list_file(path: Path) -> Iterator[SourceFile]:
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entry = Path(line)
+            yield from _iter_one_source(entry if entry.is_absolute() else path.parent / entry, top_level=True)
+
+
+def _is_zip(path: Path) -> bool:
+    """A zip archive starts with a local file header; a DICOM file starts with a preamble."""
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def _iter_zip(path: Path) -> Iterator[SourceFile]:
+    archive = os.path.abspath(path)
+    with zipfile.ZipFile(path) as zf:
+        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+            if not info.is_dir():
+                yield SourceFile(archive, info.filename, info.file_size)
+
+
+def open_source(path: str, member: str = "") -> BinaryIO:
+    """A seekable binary file object over one source file (zip members are read into memory)."""
+    if member:
+        with zipfile.ZipFile(path) as zf:
+            return io.BytesIO(zf.read(member))
+    return open(path, "rb")
+
+
+def split_file_id(file_id: str) -> tuple[str, str]:
+    """Inverse of :attr:`SourceFile.file_id`: ``(path, member)``."""
+    path, _, member = file_id.partition(ZIP_SEPARATOR)
+    return path, member
+
+
+# --------------------------------------------------------------------------- one file
+
+
+def index_file(source_file: SourceFile) -> dict[str, Any]:
+    """Header-only parse of one file into one :data:`INDEX_SCHEMA` row. Never raises."""
+    row: dict[str, Any] = {
+        "file_id": source_file.file_id,
+        "path": source_file.path,
+        "member": source_file.member,
+        "size": int(source_file.size),
+        "error": None,
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_source(source_file.path, source_file.member) as fp:
+                row["size"] = _stream_size(fp)
+                row.update(_read_header(fp, row["size"]))
+    except IndexError_ as exc:
+        row["error"] = str(exc)
+    except Exception as exc:  # a broken file must never stop the index
+        row["error"] = f"unreadable: {type(exc).__name__}: {exc}"
+    return row
+
+
+def _stream_size(fp: BinaryIO) -> int:
+    fp.seek(0, os.SEEK_END)
+    size = fp.tell()
+    fp.seek(0)
+    return size
+
+
+def _read_header(fp: BinaryIO, size: int) -> dict[str, Any]:
+    if size == 0:
+        raise IndexError_("empty", "zero-byte file")
+    _sniff_dicom(fp)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except EOFError as exc:
+        raise IndexError_("truncated", f"header ends early: {exc}") from exc
+    if not _looks_like_dicom(ds):
+        raise IndexError_("not_dicom", "no DICOM attributes found")
+    row = _header_fields(ds)
+    row["HasPixelData"] = _check_pixel_data(fp, ds, size)
+    row.update(_frame_fields(ds))
+    row.update(_mosaic_fields(ds, row))
+    return row
+
+
+def _sniff_dicom(fp: BinaryIO) -> None:
+    """Refuse non-DICOM bytes before pydicom's forced parse turns them into nonsense."""
+    head = fp.read(132)
+    fp.seek(0)
+    if head[128:132] == b"DICM":
+        return
+    if len(head) >= 4:
+        little, big = struct.unpack("<H", head[:2])[0], struct.unpack(">H", head[:2])[0]
+        if little in _PLAUSIBLE_FIRST_GROUPS or big in _PLAUSIBLE_FIRST_GROUPS:
+            return
+    raise IndexError_("not_dicom", "no DICM prefix and no DICOM element at the start")
+
+
+def _looks_like_dicom(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    has_meta_class = meta is not None and "MediaStorageSOPClassUID" in meta
+    return has_meta_class or any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID"))
+
+
+def _header_fields(ds: Dataset) -> dict[str, Any]:
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    row = {name: _value(ds, name, kind) for name, _, kind in _HEADER_FIELDS}
+    row["TransferSyntaxUID"] = _text(meta.get("TransferSyntaxUID")) or _implied_transfer_syntax(ds)
+    row["SOPClassUID"] = row["SOPClassUID"] or _text(meta.get("MediaStorageSOPClassUID"))
+    row["SOPInstanceUID"] = row["SOPInstanceUID"] or _text(meta.get("MediaStorageSOPInstanceUID"))
+    row["IsDICOMDIR"] = row["SOPClassUID"] == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds
+    row["ReferencedSOPInstanceUIDs"] = _source_references(ds)
+    return row
+
+
+def _implied_transfer_syntax(ds: Dataset) -> str | None:
+    """Transfer syntax of a file without file meta, from the encoding pydicom detected."""
+    encoding = getattr(ds, "original_encoding", None)
+    if not encoding or encoding[0] is None:
+        return None
+    implicit, little = encoding
+    if implicit:
+        return pydicom.uid.ImplicitVRLittleEndian
+    return pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+
+
+def _value(ds: Dataset, keyword: str, kind: str) -> Any:
+    """Attribute ``keyword`` converted to ``kind``; None when absent or malformed."""
+    try:
+        element = ds.get(keyword)
+        if element is None:
+            return None
+        return _convert(element, kind)
+    except Exception:
+        return None
+
+
+def _convert(value: Any, kind: str) -> Any:
+    if kind == "str":
+        return _text(value)
+    if kind == "strs":
+        return [_text(v) or "" for v in _as_list(value)]
+    if kind == "int":
+        return None if value == "" else int(value)
+    if kind == "float":
+        return None if value == "" else float(value)
+    if kind == "floats":
+        values = [float(v) for v in _as_list(value)]
+        return values or None
+    raise ValueError(kind)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        return [value]
+    return list(value)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1", errors="replace")
+    text = str(value).strip().strip("\x00")
+    return text or None
+
+
+def _source_references(ds: Dataset) -> list[str] | None:
+    """SOP instances an enhanced object was derived or converted from (classic copies)."""
+    refs: list[str] = []
+    for item in _functional_group_items(ds):
+        for deriv in item.get("DerivationImageSequence", None) or []:
+            refs.extend(_referenced_uids(deriv.get("SourceImageSequence", None)))
+    refs.extend(_referenced_uids(ds.get("SourceImageSequence", None)))
+    return sorted(set(refs)) or None
+
+
+def _referenced_uids(sequence: Any) -> list[str]:
+    return [uid for item in sequence or [] if (uid := _text(item.get("ReferencedSOPInstanceUID")))]
+
+
+# --------------------------------------------------------------------------- pixel data
+
+
+def _check_pixel_data(fp: BinaryIO, ds: Dataset, size: int) -> bool:
+    """Whether the file has pixel data; raise ``truncated`` when the file ends inside it.
+
+    ``dcmread(stop_before_pixels=True)`` leaves the stream at the pixel data element, so
+    its header gives the declared length (native) or the fragment items (encapsulated).
+    """
+    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) == _DEFLATED:
+        return True  # the stream is deflated; pydicom reads (and checks) it whole when decoding
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    endian = "<" if little else ">"
+    start = fp.tell()
+    header = fp.read(12)
+    if len(header) < 8:
+        if "Rows" in ds and "Columns" in ds:
+            raise IndexError_("truncated", "image header without pixel data: the file ends early")
+        return False
+    group, element = struct.unpack(endian + "HH", header[:4])
+    if Tag(group, element) not in PIXEL_DATA_TAGS:
+        return False
+    # Decide explicit/implicit at the element itself: some files switch encoding mid-stream.
+    if header[4:6] in _PIXEL_VRS and header[6:8] == b"\0\0":
+        if len(header) < 12:
+            raise IndexError_("truncated", "file ends inside the pixel data element header")
+        (length,) = struct.unpack(endian + "I", header[8:12])
+        value_start = start + 12
+    else:
+        (length,) = struct.unpack(endian + "I", header[4:8])
+        value_start = start + 8
+    if length == 0xFFFFFFFF:
+        _check_fragments(fp, value_start, size, endian)
+        return True
+    if value_start + length > size:
+        raise IndexError_("truncated", f"pixel data declares {length} bytes, file has {size - value_start}")
+    expected = _native_pixel_bytes(ds)
+    if expected and length < expected:
+        raise IndexError_("truncated", f"pixel data has {length} bytes, the image needs {expected}")
+    return True
+
+
+def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str) -> None:
+    """Walk the items of encapsulated pixel data up to the sequence delimiter."""
+    while True:
+        fp.seek(position)
+        header = fp.read(8)
+        if len(header) < 8:
+            raise IndexError_("truncated", "file ends inside encapsulated pixel data")
+        group, element, length = struct.unpack(endian + "HHI", header)
+        tag = (group << 16) | element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM_TAG:
+            raise IndexError_("truncated", f"unexpected tag {tag:08X} inside encapsulated pixel data")
+        position += 8 + length
+        if position > size:
+            raise IndexError_("truncated", "file ends inside a pixel data fragment")
+
+
+def _native_pixel_bytes(ds: Dataset) -> int:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            samples = 2  # chroma subsampled horizontally: 2 samples per pixel on average
+        pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
+    except Exception:
+        return 0
+    return (pixels * bits + 7) // 8
+
+
+# --------------------------------------------------------------------------- enhanced frames
+
+
+def _functional_group_items(ds: Dataset) -> list[Dataset]:
+    shared = ds.get("SharedFunctionalGroupsSequence", None)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
+    return list(shared or []) + list(per_frame or [])
+
+
+def _frame_fields(ds: Dataset) -> dict[str, Any]:
+    """Flatten the shared and per-frame functional groups into one list per attribute."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
+    shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
+    if not per_frame and not shared_seq:
+        return {"IsEnhanced": False}
+    shared = shared_seq[0] if shared_seq else Dataset()
+    n_frames = int(ds.get("NumberOfFrames", None) or len(per_frame or []) or 1)
+    frames = [per_frame[i] if per_frame and i < len(per_frame) else Dataset() for i in range(n_frames)]
+    columns = {name: [_frame_value(name, frame, shared) for frame in frames] for name, _ in _FRAME_FIELDS}
+    return {
+        "IsEnhanced": True,
+        **{k: (v if any(x is not None for x in v) else None) for k, v in columns.items()},
+    }
+
+
+# (sequence keyword, attribute keyword, kind) per frame column; per-frame wins over shared.
+_FRAME_SOURCES: dict[str, tuple[str, str, str]] = {
+    "FramePositions": ("PlanePositionSequence", "ImagePositionPatient", "floats"),
+    "FrameOrientations": ("PlaneOrientationSequence", "ImageOrientationPatient", "floats"),
+    "FramePixelSpacing": ("PixelMeasuresSequence", "PixelSpacing", "floats"),
+    "FrameRescaleSlope": ("PixelValueTransformationSequence", "RescaleSlope", "float"),
+    "FrameRescaleIntercept": ("PixelValueTransformationSequence", "RescaleIntercept", "float"),
+    "FrameStackID": ("FrameContentSequence", "StackID", "str"),
+    "FrameInStackPosition": ("FrameContentSequence", "InStackPositionNumber", "int"),
+    "FrameTemporalPosition": ("FrameContentSequence", "TemporalPositionIndex", "int"),
+    "FrameAcquisitionNumber": ("FrameContentSequence", "FrameAcquisitionNumber", "int"),
+    "FrameEchoTime": ("MREchoSequence", "EffectiveEchoTime", "float"),
+    "FrameBValue": ("MRDiffusionSequence", "DiffusionBValue", "float"),
+    "FrameDimensionIndex": ("FrameContentSequence", "DimensionIndexValues", "ints"),
+}
+_FRAME_TYPE_SEQUENCES = ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence")
+
+
+def _frame_value(name: str, frame: Dataset, shared: Dataset) -> Any:
+    if name in ("FrameComplexComponent", "FrameType"):
+        attribute = "ComplexImageComponent" if name == "FrameComplexComponent" else "FrameType"
+        for sequence in _FRAME_TYPE_SEQUENCES:
+            value = _macro_value(frame, shared, sequence, attribute, "strs")
+            if value is not None:
+                return "\\".join(value) if value else None
+        return None
+    sequence, attribute, kind = _FRAME_SOURCES[name]
+    if kind == "ints":
+        values = _macro_value(frame, shared, sequence, attribute, "floats")
+        return [int(v) for v in values] if values else None
+    return _macro_value(frame, shared, sequence, attribute, kind)
+
+
+def _macro_value(frame: Dataset, shared: Dataset, sequence: str, attribute: str, kind: str) -> Any:
+    for group in (frame, shared):
+        items = group.get(sequence, None)
+        if items:
+            value = _value(items[0], attribute, kind)
+            if value is not None:
+                return value
+    return None
+
+
+# --------------------------------------------------------------------------- mosaics
+
+
+def _mosaic_fields(ds: Dataset, row: dict[str, Any]) -> dict[str, Any]:
+    is_mosaic = "MOSAIC" in [v.upper() for v in row.get("ImageType") or []]
+    if not is_mosaic:
+        return {"IsMosaic": False}
+    info = csa_mosaic_info(ds)
+    return {
+        "IsMosaic": True,
+        "NumberOfImagesInMosaic": info.n_images,
+        "SliceNormalVector": info.slice_normal,
+        "MosaicSliceSpacing": info.slice_spacing,
+    }
+
+
+# --------------------------------------------------------------------------- many files
+
+
+def _index_batch(batch: Sequence[SourceFile]) -> list[dict[str, Any]]:
+    return [index_file(sf) for sf in batch]
+
+
+def index_sources(
+    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    client: Any = None,
+    batch_size: int = 256,
+) -> pa.Table:
+    """Index every file under ``sources`` into one table sorted by ``file_id``.
+
+    With a ``dask.distributed`` client the files are indexed in batches on its workers;
+    otherwise in this process.
+    """
+    files = list(iter_source_files(sources))
+    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    if client is not None and batches:
+        results = client.gather(client.map(_index_batch, batches))
+    else:
+        results = [_index_batch(batch) for batch in batches]
+    rows = sorted((row for batch in results for row in batch), key=lambda r: r["file_id"])
+    return rows_to_table(rows)
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts, missing keys = null) as an :data:`INDEX_SCHEMA` table."""
+    names = INDEX_SCHEMA.names
+    return pa.Table.from_pylist(
+        [{name: row.get(name) for name in names} for row in rows], schema=INDEX_SCHEMA
+    )

@@ -1,0 +1,338 @@
+"""Build stage: decode the slices of one planned scan into an int16 volume with an exact affine.
+
+Steps, in order (documented in docs/ingest.md, "Volumes and geometry"):
+
+1. decode every file of the scan once (pydicom with the pylibjpeg / gdcm plugins: JPEG
+   lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, big endian, deflate), cut mosaics into tiles
+   and pick the planned frames;
+2. store intensities as int16 with the scale recorded (:func:`encode_intensity`): CT in
+   Hounsfield units, other modalities losslessly whenever the stored values allow it;
+3. build the voxel -> patient (LPS) affine from ImagePositionPatient,
+   ImageOrientationPatient and PixelSpacing of the slices sorted along the normal; a
+   gantry-tilted stack is first shifted onto the orthogonal grid of its image planes;
+4. resample to the target spacing of the modality (trilinear, same field of view), unless
+   the configuration keeps the native grid;
+5. reorder and flip axes to the canonical orientation
+   (:func:`hlip.ingest.geometry.canonical_transform`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from hlip.ingest import geometry
+from hlip.ingest.index import open_source
+from hlip.ingest.mosaic import untile
+from hlip.ingest.plan import ScanPlan
+from hlip.shards.format import Scan
+
+INT16_MIN, INT16_MAX = -32768, 32767
+NATIVE = "native"
+DEFAULT_TARGET_SPACING: dict[str, tuple[float | None, float | None, float | None]] = {"CT": (3.0, 1.0, 1.0)}
+"""Per-modality (d, h, w) spacing in mm: CT as in the HLIP paper (3 x 1 x 1 mm). Other
+modalities keep their native grid by default (MR slice thickness varies by design)."""
+
+
+class ScanRejected(Exception):
+    """A planned scan that cannot be built; ``reason`` is a code of ``plan.REASONS``."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.message = message
+
+
+SpacingSpec = tuple[float | None, float | None, float | None] | str
+
+
+@dataclass
+class VolumeConfig:
+    """Output grid per modality: a (d, h, w) spacing in mm (None keeps that axis) or "native"."""
+
+    target_spacing: dict[str, SpacingSpec] = field(default_factory=lambda: dict(DEFAULT_TARGET_SPACING))
+    default_spacing: SpacingSpec = NATIVE
+    canonical_orientation: bool = True
+    max_voxels: int = 1 << 30
+
+    @classmethod
+    def native(cls, **kwargs: Any) -> VolumeConfig:
+        """Keep every scan on its source grid (no resampling): what the reference tests use."""
+        return cls(target_spacing={}, default_spacing=NATIVE, **kwargs)
+
+    def spacing_for(self, modality: str) -> tuple[float | None, float | None, float | None] | None:
+        spec = self.target_spacing.get(modality, self.default_spacing)
+        if spec == NATIVE or spec is None:
+            return None
+        return tuple(None if v is None else float(v) for v in spec)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_scan(
+    scan_plan: ScanPlan,
+    index_rows: Mapping[str, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    config: VolumeConfig | None = None,
+) -> Scan:
+    """Decode, scale, place and resample one planned scan. Raises only :class:`ScanRejected`.
+
+    ``index_rows`` are the index rows of the scan's files (a sequence, or a mapping by
+    ``file_id``).
+    """
+    config = config or VolumeConfig()
+    rows = index_rows if isinstance(index_rows, Mapping) else {r["file_id"]: r for r in index_rows}
+    n_voxels = len(scan_plan.slices) * scan_plan.rows * scan_plan.columns
+    if n_voxels > config.max_voxels:
+        raise ScanRejected("too_large", f"{n_voxels} voxels > max_voxels={config.max_voxels}")
+    stored, slopes, intercepts = read_slices(scan_plan, rows)
+    encoded = encode_intensity(stored, slopes, intercepts, scan_plan.modality)
+    array, affine, offsets = _place(encoded.array, scan_plan)
+    target = config.spacing_for(scan_plan.modality)
+    if offsets is not None and target is None:
+        raise ScanRejected("uneven_spacing", f"slice steps {np.round(np.diff(offsets), 3).tolist()} mm")
+    perm, flips = (
+        geometry.canonical_transform(affine) if config.canonical_orientation else ((0, 1, 2), (False,) * 3)
+    )
+    if target is not None or offsets is not None:
+        array, affine = _resample(array, affine, target, perm, offsets, config)
+    array, affine = geometry.reorient(array, affine, perm, flips)
+    return Scan(
+        name=scan_plan.name,
+        array=array,
+        spacing=geometry.affine_spacing(affine),
+        affine=affine,
+        modality=scan_plan.modality,
+        series_number=scan_plan.series_number,
+        series_description=scan_plan.series_description,
+        intensity_unit=encoded.unit,
+        intensity_slope=encoded.slope,
+        intensity_intercept=encoded.intercept,
+        source_file_count=len(scan_plan.files),
+        extra=_extra(scan_plan, encoded, resampled=target is not None or offsets is not None),
+    )
+
+
+def _extra(scan_plan: ScanPlan, encoded: EncodedIntensity, *, resampled: bool) -> dict[str, Any]:
+    """Technical provenance only (no UIDs or other identifiers)."""
+    return {
+        "kind": scan_plan.kind,
+        "image_type": list(scan_plan.image_type),
+        "complex_component": scan_plan.complex_component,
+        "echo_number": scan_plan.echo_number,
+        "volume_index": scan_plan.volume_index,
+        "volume_count": scan_plan.volume_count,
+        "tilt_corrected": scan_plan.tilted,
+        "uneven_spacing": scan_plan.uneven_spacing,
+        "resampled": resampled,
+        "lossless_intensity": encoded.lossless,
+    }
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def read_slices(
+    scan_plan: ScanPlan, rows: Mapping[str, Mapping[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stored pixel values ``[n, rows, cols]`` of the planned slices (in plan order) and the
+    RescaleSlope / RescaleIntercept of each slice."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for i, ref in enumerate(scan_plan.slices):
+        by_file[ref.file_id].append(i)
+    stored: list[np.ndarray | None] = [None] * len(scan_plan.slices)
+    slopes = np.ones(len(scan_plan.slices))
+    intercepts = np.zeros(len(scan_plan.slices))
+    for file_id, positions in by_file.items():
+        row = rows.get(file_id)
+        if row is None:
+            raise ScanRejected("decode_error", f"{file_id}: not in the index rows given")
+        frames = _decode_file(row)
+        for i in positions:
+            ref = scan_plan.slices[i]
+            image = _pick(frames, row, ref.frame, ref.tile)
+            if image.shape != (scan_plan.rows, scan_plan.columns):
+                raise ScanRejected(
+                    "decode_error",
+                    f"{file_id}: image {image.shape} in a {scan_plan.rows}x{scan_plan.columns} stack",
+                )
+            stored[i] = image
+            slopes[i], intercepts[i] = _rescale(row, ref.frame)
+    return np.stack(stored), slopes, intercepts
+
+
+def _decode_file(row: Mapping[str, Any]) -> np.ndarray:
+    """All frames of one file as ``[frames, rows, cols]`` stored values."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_source(row["path"], row.get("member") or "") as fp:
+                ds = pydicom.dcmread(fp, force=True)
+            meta = ds.file_meta
+            if "TransferSyntaxUID" not in meta and row.get("TransferSyntaxUID"):
+                meta.TransferSyntaxUID = row["TransferSyntaxUID"]
+            pixels = np.asarray(ds.pixel_array)
+    except MemoryError as exc:
+        raise ScanRejected("too_large", f"{row['file_id']}: {exc}") from exc
+    except Exception as exc:  # codecs and parsers raise many types for broken streams
+        raise ScanRejected("decode_error", f"{row['file_id']}: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.ndim != 3 or not np.issubdtype(pixels.dtype, np.number):
+        raise ScanRejected("decode_error", f"{row['file_id']}: pixel array of shape {pixels.shape}")
+    return pixels
+
+
+def _pick(frames: np.ndarray, row: Mapping[str, Any], frame: int, tile: int) -> np.ndarray:
+    if frame >= len(frames):
+        raise ScanRejected("decode_error", f"{row['file_id']}: frame {frame} of {len(frames)}")
+    image = frames[frame]
+    if row.get("IsMosaic"):
+        image = untile(image, int(row["NumberOfImagesInMosaic"]))[tile]
+    return image
+
+
+def _rescale(row: Mapping[str, Any], frame: int) -> tuple[float, float]:
+    """Modality LUT of one frame: per-frame Pixel Value Transformation, else top level."""
+    slope = _frame_item(row.get("FrameRescaleSlope"), frame)
+    intercept = _frame_item(row.get("FrameRescaleIntercept"), frame)
+    slope = slope if slope is not None else row.get("RescaleSlope")
+    intercept = intercept if intercept is not None else row.get("RescaleIntercept")
+    return (float(slope) if slope not in (None, 0) else 1.0), float(intercept or 0.0)
+
+
+def _frame_item(values: Sequence[Any] | None, frame: int) -> Any:
+    return values[frame] if values is not None and frame < len(values) else None
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+@dataclass
+class EncodedIntensity:
+    """int16 voxels with ``physical = array * slope + intercept`` in ``unit``."""
+
+    array: np.ndarray
+    slope: float
+    intercept: float
+    unit: str
+    lossless: bool
+
+
+def encode_intensity(
+    stored: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray, modality: str
+) -> EncodedIntensity:
+    """Choose the int16 representation of a stack of stored values.
+
+    CT: Hounsfield units themselves (slope 1, intercept 0), rounded and clipped to int16.
+    Other modalities, in order of preference: the stored values with the common
+    RescaleSlope/Intercept (shifted by a constant when they exceed int16 but span at most
+    65536 values); the physical values when they are integers within int16 (per-slice
+    rescale); else a linear quantisation of the physical range onto int16 (lossy).
+    """
+    slopes = np.asarray(slopes, dtype=np.float64)[:, None, None]
+    intercepts = np.asarray(intercepts, dtype=np.float64)[:, None, None]
+    if modality == "CT":
+        physical = stored * slopes + intercepts
+        rounded = np.rint(physical)
+        lossless = bool(np.array_equal(rounded, physical) and _fits_int16(rounded))
+        return EncodedIntensity(_to_int16(rounded), 1.0, 0.0, "HU", lossless)
+    uniform = bool(np.all(slopes == slopes.flat[0]) and np.all(intercepts == intercepts.flat[0]))
+    if uniform and np.issubdtype(stored.dtype, np.integer):
+        shifted = _shift_into_int16(stored)
+        if shifted is not None:
+            array, offset = shifted
+            slope, intercept = float(slopes.flat[0]), float(intercepts.flat[0])
+            return EncodedIntensity(array, slope, intercept + offset * slope, "", True)
+    physical = stored * slopes + intercepts
+    if np.array_equal(np.rint(physical), physical) and _fits_int16(physical):
+        return EncodedIntensity(physical.astype(np.int16), 1.0, 0.0, "", True)
+    return _quantise(physical)
+
+
+def _fits_int16(values: np.ndarray) -> bool:
+    return values.size == 0 or (float(values.min()) >= INT16_MIN and float(values.max()) <= INT16_MAX)
+
+
+def _to_int16(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), INT16_MIN, INT16_MAX).astype(np.int16)
+
+
+def _shift_into_int16(stored: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``(stored - offset, offset)`` fitting int16 exactly, or None if the range is too wide."""
+    low, high = int(stored.min()), int(stored.max())
+    if low >= INT16_MIN and high <= INT16_MAX:
+        return stored.astype(np.int16), 0
+    if high - low > INT16_MAX - INT16_MIN:
+        return None
+    offset = low - INT16_MIN
+    return (stored.astype(np.int64) - offset).astype(np.int16), offset
+
+
+def _quantise(physical: np.ndarray) -> EncodedIntensity:
+    low, high = float(physical.min()), float(physical.max())
+    slope = (high - low) / (INT16_MAX - INT16_MIN) if high > low else 1.0
+    intercept = low - INT16_MIN * slope
+    return EncodedIntensity(_to_int16((physical - intercept) / slope), slope, intercept, "", False)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _place(array: np.ndarray, scan_plan: ScanPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Affine of the planned stack (shear removed if tilted) and, for uneven spacing, the
+    slice offsets along the normal (mm) that resampling must honour."""
+    positions = np.array([ref.position for ref in scan_plan.slices], dtype=np.float64)
+    iop, spacing = scan_plan.image_orientation, scan_plan.pixel_spacing
+    if scan_plan.tilted:
+        fill = float(array.min()) if array.size else 0.0
+        sheared, affine = geometry.remove_shear(array, positions, iop, spacing, fill)
+        array = _to_int16(sheared)
+    else:
+        affine = geometry.stack_affine(iop, spacing, positions[0], _slice_step(positions, scan_plan))
+    offsets = None
+    if scan_plan.uneven_spacing:
+        offsets = geometry.stack_geometry(positions, iop, spacing).offsets
+    return array, affine, offsets
+
+
+def _slice_step(positions: np.ndarray, scan_plan: ScanPlan) -> np.ndarray:
+    """Mean step between slices; a single slice gets the plan's step along the normal."""
+    if len(positions) > 1:
+        return (positions[-1] - positions[0]) / (len(positions) - 1)
+    return geometry.slice_normal(scan_plan.image_orientation) * (scan_plan.slice_step or 1.0)
+
+
+def _resample(
+    array: np.ndarray,
+    affine: np.ndarray,
+    target: tuple[float | None, ...] | None,
+    perm: Sequence[int],
+    offsets: np.ndarray | None,
+    config: VolumeConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample to ``target`` given in canonical (d, h, w) order, i.e. after ``perm``."""
+    current_target: list[float | None] = [None, None, None]
+    if target is not None:
+        for canonical_axis, source_axis in enumerate(perm):
+            current_target[source_axis] = target[canonical_axis]
+    out_shape = _resampled_shape(array.shape, geometry.affine_spacing(affine), current_target)
+    if int(np.prod(out_shape)) > config.max_voxels:
+        raise ScanRejected("too_large", f"resampled shape {out_shape} > max_voxels={config.max_voxels}")
+    resampled, new_affine = geometry.resample(array, affine, current_target, offsets)
+    return _to_int16(resampled), new_affine
+
+
+def _resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float | None]
+) -> tuple[int, ...]:
+    return tuple(
+        n if t is None else max(1, int(round(n * s / t)))
+        for n, s, t in zip(shape, spacing, target, strict=True)
+    )
