@@ -1,12 +1,10 @@
 """hlip.model: the HLIP vision trunk (hierarchical ViT, packing) and the CLIP model around it."""
 
+import importlib
+
 from hlip.model.checkpoint import from_reference, trunk_state_dict
-from hlip.model.clip import HLIPCLIP, CheckpointMismatchError, load_openclip_checkpoint
-from hlip.model.factory import MODEL_PRESETS, create_model, resolve_model_config
-from hlip.model.losses import ClipLoss, SigLipLoss, create_loss
 from hlip.model.packing import PackedStudies, pack_studies
 from hlip.model.presets import VISION_PRESETS, create_vision
-from hlip.model.text import TextTower, Tokenizer, default_text_model_dir
 from hlip.model.vision import HierarchicalViT
 
 __all__ = [
@@ -30,3 +28,19 @@ __all__ = [
     "load_openclip_checkpoint",
     "resolve_model_config",
 ]
+
+# The CLIP side imports transformers (seconds); it loads on first use so that code needing only the
+# vision trunk or packing (data-loader workers, the vision tests) does not pay for it.
+_LAZY = {
+    "hlip.model.clip": ("HLIPCLIP", "CheckpointMismatchError", "load_openclip_checkpoint"),
+    "hlip.model.factory": ("MODEL_PRESETS", "create_model", "resolve_model_config"),
+    "hlip.model.losses": ("ClipLoss", "SigLipLoss", "create_loss"),
+    "hlip.model.text": ("TextTower", "Tokenizer", "default_text_model_dir"),
+}
+
+
+def __getattr__(name: str):
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'hlip.model' has no attribute {name!r}")
