@@ -17,7 +17,7 @@ from hlip.shards.format import Scan, Study
 from hlip.shards.reader import ShardDataset
 from hlip.shards.stream import stream_studies
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import DatasetWriter, encode_study, write_dataset
+from hlip.shards.writer import DatasetWriter, encode_study, plan_shards, write_dataset
 
 json_values = st.recursive(
     st.none()
@@ -135,6 +135,18 @@ def test_same_studies_in_any_order_give_byte_identical_shards_and_manifests(orde
         written = _dir_bytes(Path(first))
         assert len([name for name in written if name.endswith(".tar")]) >= 2
         assert written == _dir_bytes(Path(second))
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 100), max_size=30), limit=st.integers(1, 250))
+def test_shard_plan_is_greedy_contiguous_and_size_bounded(sizes, limit):
+    shards = plan_shards(sizes, limit)
+    assert [i for shard in shards for i in shard] == list(range(len(sizes)))
+    for shard, following in zip(shards, [*shards[1:], None], strict=False):
+        total = sum(sizes[i] for i in shard)
+        assert total <= limit or len(shard) == 1
+        if following is not None:
+            assert total + sizes[following[0]] > limit
 
 
 def test_encode_study_is_a_pure_function_of_the_study():

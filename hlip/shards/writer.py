@@ -188,11 +188,14 @@ def member_names(key: str, members: Mapping[str, bytes]) -> list[tuple[str, str]
     return [(ext, f"{key}.{ext}") for ext in fmt.MEMBERS if ext in members]
 
 
+def tar_member_size(size: int) -> int:
+    """Bytes a member of ``size`` bytes occupies in a tar: header plus data padded to blocks."""
+    return TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
 def tar_sample_size(key: str, members: Mapping[str, bytes]) -> int:
     """Bytes one sample occupies in a shard (headers plus padded data)."""
-    return sum(
-        TAR_BLOCK + -(-len(members[ext]) // TAR_BLOCK) * TAR_BLOCK for ext, _ in member_names(key, members)
-    )
+    return sum(tar_member_size(len(members[ext])) for ext, _ in member_names(key, members))
 
 
 def _add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> dict[str, tuple[int, int]]:
@@ -278,31 +281,48 @@ class PackedSample:
     report_length: int
 
 
-def pack_shards(staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int) -> list[PackedSample]:
-    """Greedy packing in the given (sorted) order; a shard closes before it would exceed
-    ``max_shard_bytes`` unless it is empty, so the assignment depends only on sizes."""
-    packed: list[PackedSample] = []
-    index, used, tar, sink = 0, 0, None, None
-    for path in staged:
-        key = path.name[: -len(STAGED_SUFFIX)]
-        members = read_staged(path)
-        size = tar_sample_size(key, members)
-        if tar is not None and used + size > max_shard_bytes:
-            tar.close()
-            sink.__exit__(None, None, None)
-            index, used, tar = index + 1, 0, None
-        if tar is None:
-            sink = AtomicFile(out_dir / shard_name(prefix, index))
-            tar = _open_tar(sink.__enter__())
-        located = _add_sample(tar, key, members)
+def staged_sample_size(path: Path) -> int:
+    """Shard bytes of a staged sample, from its tar headers alone."""
+    with tarfile.open(path, "r:") as tar:
+        return sum(tar_member_size(info.size) for info in tar.getmembers())
+
+
+def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Greedy assignment of consecutive samples to shards: a shard closes before it would
+    exceed ``max_shard_bytes`` unless it is empty, so it depends only on order and sizes."""
+    shards: list[list[int]] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if not shards or used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(index)
         used += size
-        record = json.loads(members[fmt.JSON_MEMBER])
-        digests = {ext: _sha256(data) for ext, data in members.items()}
-        report_length = len(members[fmt.TEXT_MEMBER].decode("utf-8"))
-        packed.append(PackedSample(key, shard_name(prefix, index), located, digests, record, report_length))
-    if tar is not None:
-        tar.close()
-        sink.__exit__(None, None, None)
+    return shards
+
+
+def _pack_sample(tar: tarfile.TarFile, path: Path, shard: str) -> PackedSample:
+    key = path.name[: -len(STAGED_SUFFIX)]
+    members = read_staged(path)
+    located = _add_sample(tar, key, members)
+    return PackedSample(
+        key=key,
+        shard=shard,
+        located=located,
+        digests={ext: _sha256(data) for ext, data in members.items()},
+        record=json.loads(members[fmt.JSON_MEMBER]),
+        report_length=len(members[fmt.TEXT_MEMBER].decode("utf-8")),
+    )
+
+
+def pack_shards(staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int) -> list[PackedSample]:
+    """Write the staged samples, in the given (sorted) order, into numbered shards."""
+    packed = []
+    groups = plan_shards([staged_sample_size(path) for path in staged], max_shard_bytes)
+    for index, group in enumerate(groups):
+        name = shard_name(prefix, index)
+        with AtomicFile(out_dir / name) as file, _open_tar(file) as tar:
+            packed += [_pack_sample(tar, staged[i], name) for i in group]
     return packed
 
 
