@@ -114,7 +114,12 @@ def test_run_on_a_published_layout_checkpoint_end_to_end(tmp_path, shards, promp
     )
     assert metrics["probe"]["binary"]["finding"]["folds"] == 2
     plots = sorted(p.name for p in (out / "plots").iterdir())
-    assert plots == ["confusion-diagnosis.png", "retrieval-ranks.png", "roc-finding.png"]
+    assert plots == [
+        "confusion-binary.png",
+        "confusion-diagnosis.png",
+        "retrieval-ranks.png",
+        "roc-finding.png",
+    ]
     table = Embeddings.load(out / "embeddings.parquet")
     assert table.keys == sorted(table.keys) and table.image.shape == (12, 128)
     np.testing.assert_allclose(np.linalg.norm(table.image, axis=1), 1.0, atol=1e-5)

@@ -59,6 +59,7 @@ def test_missing_labels_are_left_out():
     out = m.binary_metrics(y, s, threshold=0.5, name="x", n_boot=50)
     assert (out["n"], out["n_positive"]) == (4, 2)
     assert out["sensitivity"]["value"] == 0.5 and out["specificity"]["value"] == 1.0
+    assert out["counts"] == {"tp": 1, "fn": 1, "fp": 0, "tn": 2}
 
 
 def test_masked_auc_equals_auc_on_the_annotated_subset():

@@ -146,3 +146,27 @@ def test_select_restricts_to_named_labels():
     assert [b.name for b in subset.binary] == ["Nodule"] and [m.name for m in subset.multiclass] == ["Dx"]
     with pytest.raises(PromptsError, match="no label or task named \\['Nodul'\\]"):
         prompts.select(["Nodul"])
+
+
+def test_synth_prompts_follow_the_planted_findings():
+    from hlip.ingest.synth import FINDINGS
+
+    prompts = load_prompts(ROOT / "configs" / "prompts" / "synth.toml")
+    assert [b.name for b in prompts.binary] == list(FINDINGS)
+    for label in prompts.binary:
+        finding = FINDINGS[label.name]
+        assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
+
+
+def test_benchmark_label_sets():
+    benchmarks = {p.stem: load_prompts(p) for p in ROOT.glob("configs/benchmarks/*.toml")}
+    assert len(benchmarks["ct-rate"].binary) == 18
+    assert set(benchmarks["ct-rate"].benchmark["hlip_published_subset"]) < {
+        b.name for b in benchmarks["ct-rate"].binary
+    }
+    assert [b.column for b in benchmarks["rsna-ich"].binary] == [
+        "Any", "Epidural", "Intraparenchymal", "Intraventricular", "Subarachnoid", "Subdural"
+    ]  # fmt: skip
+    assert not any(b.has_negative for b in (*benchmarks["rsna-ich"].binary, *benchmarks["cq500"].binary))
+    (brain,) = benchmarks["pub-brain-5"].multiclass
+    assert brain.one_hot and brain.classes == ("Normal", "Stroke", "Glioma", "Meningioma", "Metastasis")

@@ -189,7 +189,13 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     saved = json.loads(files.metrics.read_text())
     assert saved["zeroshot"]["binary"]["effusion"]["auc"]["value"] is None  # NaN -> null
     names = sorted(p.name for p in files.plots)
-    assert names == ["confusion-dx.png", "retrieval-ranks.png", "roc-bleed.png", "roc-nodule.png"]
+    assert names == [
+        "confusion-binary.png",
+        "confusion-dx.png",
+        "retrieval-ranks.png",
+        "roc-bleed.png",
+        "roc-nodule.png",
+    ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in files.plots)
     text = files.report.read_text()
     assert (

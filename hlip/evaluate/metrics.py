@@ -136,6 +136,13 @@ def binary_metrics(
         _warn_classes(f"metrics of label {name!r}", y_true)
     if threshold is not None:
         out["threshold"] = float(threshold)
+        predicted = y_score >= threshold
+        out["counts"] = {
+            "tp": int((predicted & (y_true == 1)).sum()),
+            "fn": int((~predicted & (y_true == 1)).sum()),
+            "fp": int((predicted & (y_true == 0)).sum()),
+            "tn": int((~predicted & (y_true == 0)).sum()),
+        }
     idx = bootstrap_indices(y_true.size, n_boot, label_rng(seed, name))
     for metric in BINARY_METRICS if threshold is not None else ("auc",):
         out[metric] = _bootstrap(_binary_stat(metric, threshold), y_true, y_score, idx).as_dict()

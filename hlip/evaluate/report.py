@@ -21,6 +21,7 @@ import numpy as np
 from hlip.evaluate.zeroshot import ZeroShotResult
 
 PLOTS_DIR = "plots"
+BINARY_CONFUSION = "binary labels at the threshold"
 
 
 @dataclass
@@ -141,6 +142,32 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], title: str, path
     return _save(fig, path)
 
 
+def plot_binary_confusions(binary: Mapping[str, Any], path: Path) -> Path | None:
+    """2x2 confusion matrices of the thresholded binary labels, one panel per label."""
+    labels = {name: m["counts"] for name, m in binary.items() if "counts" in m}
+    if not labels:
+        return None
+    plt = _pyplot()
+    cols = min(len(labels), 4)
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(labels) :]:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.flat, labels.items(), strict=False):
+        counts = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+        ax.imshow(counts, cmap="Blues", vmin=0)
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(
+                j, i, str(n), ha="center", va="center", color="white" if n > counts.max() / 2 else "black"
+            )
+        ax.set(
+            xticks=[0, 1], yticks=[0, 1], xticklabels=["neg", "pos"], yticklabels=["neg", "pos"], title=name
+        )
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_ranks(ranks: Mapping[str, np.ndarray], path: Path) -> Path:
     """Histograms of the rank of the true match, one panel per direction."""
     plt = _pyplot()
@@ -188,6 +215,8 @@ def _zeroshot_section(metrics: Mapping[str, Any], plots: Mapping[str, Path], out
             ""
         ]
         lines += [f"![ROC {name}]({plots[name].relative_to(out)})" for name in binary if name in plots] + [""]
+        if BINARY_CONFUSION in plots:
+            lines += [f"![confusion matrices]({plots[BINARY_CONFUSION].relative_to(out)})", ""]
     for name, task in metrics.get("multiclass", {}).items():
         lines += [
             f"### {name}",
@@ -264,6 +293,11 @@ def write_report(
             )
             if path is not None:
                 plots[name] = path
+        binary_confusion = plot_binary_confusions(
+            zs.get("binary", {}), out / PLOTS_DIR / "confusion-binary.png"
+        )
+        if binary_confusion is not None:
+            plots[BINARY_CONFUSION] = binary_confusion
         for name, task in zs.get("multiclass", {}).items():
             plots[name] = plot_confusion(
                 task["confusion_matrix"],
