@@ -167,11 +167,12 @@ def synth(
     out: Path = typer.Option(..., "--out", help="Directory for the archive and reports.csv."),
     studies: int = typer.Option(24, "--studies", help="Number of studies."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    ct_matrix: int | None = typer.Option(None, "--ct-matrix", help="CT in-plane matrix (e.g. 512)."),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
     from hlip.ingest.synth import make_archive
 
-    make_archive(out, studies, seed)
+    make_archive(out, studies, seed, ct_matrix=ct_matrix)
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")
 
 

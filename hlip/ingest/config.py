@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from hlip.ingest.plan import PlanConfig
 from hlip.ingest.volume import DEFAULT_TARGET_SPACING, NATIVE
 from hlip.shards.format import DEFAULT_MAX_SHARD_BYTES
 
@@ -38,7 +39,7 @@ class IngestConfig:
     """
 
     target_spacing: Mapping[str, Spacing] = field(default_factory=default_target_spacing)
-    min_slices: int = 8
+    min_slices: int = PlanConfig.min_slices
     report_table: str | None = None
     report_key_column: str = "StudyInstanceUID"
     report_text_columns: tuple[str, ...] = ("report",)
