@@ -1,0 +1,517 @@
+"""Studies from shards to training batches: filter, transform, tokenize, pack.
+
+The pipeline, one stage per name (webdataset style):
+
+``stream_studies`` (shards -> Study with lazy arrays, split over ranks x workers)
+-> :class:`StudyFilter` -> :class:`StudyTransform` (crop, intensity, scan and text sampling)
+-> :class:`Collate` (tokenize + :func:`hlip.model.packing.pack_studies`) -> :class:`Batch`.
+
+Determinism, which exact resume relies on: the order of studies a reader sees is a pure
+function of ``(seed, epoch, rank, worker)`` (the shard stream's shuffles are seeded by
+those), and every random choice of the transform is drawn from a generator seeded by
+``(seed, epoch, study key)``. A reader's position is therefore two integers, the epoch and
+the number of studies consumed in it; resuming skips that many studies (their arrays are
+never decoded). :class:`TrainStream` chains epochs without end, so batches are always full,
+ranks never wait for each other at an epoch boundary, and every study is used exactly once
+per epoch (a batch may hold the end of one epoch and the start of the next).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hlip.model.packing import pack_studies
+from hlip.shards.format import Scan, Study
+from hlip.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+MAX_EMPTY_EPOCHS = 16
+"""A reader that finds no study in this many epochs in a row stops (it has no share of the
+data: fewer studies than ranks x workers); the other readers of its rank carry on."""
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
+
+
+# --- per-study transform ----------------------------------------------------------------------
+
+
+def split_sentences(report: str) -> list[str]:
+    """Sentences of a report (split after . ! ? and at line breaks), empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(report) if s and s.strip()]
+
+
+def study_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator of every random choice made for one study in one epoch."""
+    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, digest])
+
+
+@dataclass(frozen=True)
+class AxisCrop:
+    """Along one axis: read source voxels ``[start, stop)`` and pad ``before``/``after`` them."""
+
+    start: int
+    stop: int
+    before: int = 0
+    after: int = 0
+
+
+def crop_axes(
+    shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None, pad: bool = True
+) -> list[AxisCrop]:
+    """A window of ``size`` over a volume of ``shape``: random offsets when ``rng`` is given,
+    centred otherwise; axes shorter than ``size`` are read whole and padded evenly (if ``pad``)."""
+    axes = []
+    for n, s in zip(shape, size, strict=True):
+        if n >= s:
+            start = int(rng.integers(0, n - s + 1)) if rng is not None else (n - s) // 2
+            axes.append(AxisCrop(start, start + s))
+        else:
+            missing = s - n if pad else 0
+            axes.append(AxisCrop(0, n, missing // 2, missing - missing // 2))
+    return axes
+
+
+def read_window(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
+    """The crop's voxels in physical units (HU for CT) as float32.
+
+    The lazy zarr array is indexed with the window before anything is converted, so only the
+    slabs of slices the window overlaps are decompressed.
+    """
+    region = np.asarray(scan.array[tuple(slice(a.start, a.stop) for a in axes)])
+    values = region.astype(np.float32)
+    if scan.intensity_slope != 1.0 or scan.intensity_intercept != 0.0:
+        values = values * np.float32(scan.intensity_slope) + np.float32(scan.intensity_intercept)
+    return values
+
+
+def apply_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """CT window: ``low`` HU -> 0, ``high`` HU -> 1, clipped."""
+    return np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def percentile_normalize(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """MR (or any non-HU) intensity: the ``low``/``high`` percentiles -> 0/1, clipped.
+
+    Percentiles are taken over the cropped region (reading the whole scan to normalise a crop
+    would defeat the slab-wise reading); a constant region maps to zeros.
+    """
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        return np.zeros_like(values)
+    return np.clip((values - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+
+
+def is_hounsfield(scan: Scan) -> bool:
+    return scan.intensity_unit.upper() == "HU"
+
+
+class StudyTransform:
+    """Study -> ``dict(scans=[float32 Tensor[D, H, W], ...], text=str, key=str, labels=dict)``.
+
+    Training (``train=True``): a random subset of up to ``max_scans`` scans in random order,
+    a random crop of ``img_size`` per scan (centred with ``random_crop = false``), and the report text per ``text_mode``. Evaluation:
+    the first ``max_scans`` scans in stored order, centre crops and the full report, so the
+    same study always gives the same tensors. Scans smaller than the crop are padded.
+
+    Intensities: HU scans are windowed with each of ``ct_windows`` (several windows become
+    several scans with ``ct_window_mode="scans"``, or are averaged with ``"mean"``: the encoder
+    has one input channel); other scans map their ``mr_percentiles`` to [0, 1]. Then
+    ``(x - intensity_mean) / intensity_std`` as HLIP does (padding is 0 before this step).
+    """
+
+    def __init__(self, config: TrainConfig, train: bool) -> None:
+        if not config.img_size:
+            config = TrainConfig.from_dict(config.to_dict()).resolve()
+        self.config = config
+        self.train = train
+
+    def __call__(self, study: Study, epoch: int = 0) -> dict[str, Any]:
+        rng = study_rng(self.config.seed, epoch, study.key) if self.train else None
+        if not study.scans:
+            raise ValueError(f"study {study.key!r} has no scans")
+        scans = [
+            tensor for scan in self.select_scans(study.scans, rng) for tensor in self.scan_tensors(scan, rng)
+        ]
+        return {
+            "scans": scans,
+            "text": self.text(study.report, rng),
+            "key": study.key,
+            "labels": dict(study.labels),
+        }
+
+    def tensors_per_scan(self, scan: Scan) -> int:
+        several = is_hounsfield(scan) and self.config.ct_window_mode == "scans"
+        return len(self.config.ct_windows) if several else 1
+
+    def select_scans(self, scans: Sequence[Scan], rng: np.random.Generator | None) -> list[Scan]:
+        """Scans in random (training) or stored order, kept while their tensors fit ``max_scans``."""
+        order = rng.permutation(len(scans)) if rng is not None else range(len(scans))
+        chosen, used = [], 0
+        for i in order:
+            needed = self.tensors_per_scan(scans[i])
+            if chosen and used + needed > self.config.max_scans:
+                continue
+            chosen.append(scans[i])
+            used += needed
+        return chosen
+
+    def scan_tensors(self, scan: Scan, rng: np.random.Generator | None) -> list[torch.Tensor]:
+        crop_rng = rng if self.config.random_crop else None
+        axes = crop_axes(scan.shape, self.config.img_size, crop_rng, pad=self.config.pad_to_size)
+        values = read_window(scan, axes)
+        if is_hounsfield(scan):
+            windows = [apply_window(values, low, high) for low, high in self.config.ct_windows]
+            if self.config.ct_window_mode == "mean":
+                windows = [np.mean(windows, axis=0, dtype=np.float32)]
+        else:
+            windows = [percentile_normalize(values, *self.config.mr_percentiles)]
+        return [self.finish(w, axes) for w in windows]
+
+    def finish(self, unit: np.ndarray, axes: Sequence[AxisCrop]) -> torch.Tensor:
+        """Pad a [0, 1] crop to the window and standardise it."""
+        padded = np.pad(unit, [(a.before, a.after) for a in axes])
+        mean, std = np.float32(self.config.intensity_mean), np.float32(self.config.intensity_std)
+        return torch.from_numpy(np.ascontiguousarray((padded - mean) / std, dtype=np.float32))
+
+    def text(self, report: str, rng: np.random.Generator | None) -> str:
+        """The report (evaluation, ``full``), its sentences shuffled, or one random sentence."""
+        report = report.strip()
+        sentences = split_sentences(report)
+        if rng is not None and sentences and self.config.text_mode == "shuffle":
+            report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
+        elif rng is not None and sentences and self.config.text_mode == "sentence":
+            report = sentences[int(rng.integers(len(sentences)))]
+        return self.config.text_prefix + report
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Unpacks as ``packed, tokens, keys`` (the agreed collate result);
+    the other fields are for bookkeeping (labels for evaluation, positions for resume)."""
+
+    packed: Any
+    tokens: dict[str, torch.Tensor]
+    keys: list[str]
+    texts: list[str] = field(default_factory=list)
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    positions: list[tuple[int, int, int]] = field(default_factory=list)
+    """Per study: (reader, epoch, studies consumed by that reader in that epoch)."""
+    skipped: dict[int, int] = field(default_factory=dict)
+    """Per reader: studies it skipped so far (undecodable or failing the transform)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.packed, self.tokens, self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device) -> Batch:
+        non_blocking = device.type == "cuda"
+        self.packed = self.packed.to(device, non_blocking=non_blocking)
+        self.tokens = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tokens.items()}
+        return self
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (``pin_memory=True``) so host-to-GPU copies can overlap."""
+        self.packed = self.packed.pin_memory()
+        self.tokens = {k: v.pin_memory() for k, v in self.tokens.items()}
+        return self
+
+
+class Collate:
+    """Samples -> :class:`Batch`: tokenize the texts and pack the scans (no padding).
+
+    ``patch_size`` is the encoder's (``model.visual.trunk.patch_size``): packing cuts the
+    scans into patches once, here, in the DataLoader worker.
+    """
+
+    def __init__(self, tokenizer: Any, patch_size: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.patch_size = tuple(patch_size)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        skipped: dict[int, int] = {}
+        for sample in samples:
+            for reader, n in sample.get("skipped", {}).items():
+                skipped[reader] = max(skipped.get(reader, 0), n)
+        return Batch(
+            packed=pack_studies([sample["scans"] for sample in samples], self.patch_size),
+            tokens=self.tokenizer([sample["text"] for sample in samples]),
+            keys=[sample["key"] for sample in samples],
+            texts=[sample["text"] for sample in samples],
+            labels=[sample["labels"] for sample in samples],
+            positions=[sample["position"] for sample in samples if "position" in sample],
+            skipped=skipped,
+        )
+
+
+def collate(samples: Sequence[dict[str, Any]], tokenizer: Any, patch_size: Sequence[int]) -> Batch:
+    """Functional form of :class:`Collate`."""
+    return Collate(tokenizer, patch_size)(samples)
+
+
+# --- filtering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What the filters look at; built from a Study or from a manifest row alike."""
+
+    modality: str
+    body_part: str
+    n_scans: int
+    label_names: frozenset[str]
+    report_chars: int
+
+    @classmethod
+    def of_study(cls, study: Study) -> StudySummary:
+        labels = frozenset(k for k, v in study.labels.items() if v is not None)
+        return cls(study.modality, study.body_part, len(study.scans), labels, len(study.report.strip()))
+
+    @classmethod
+    def of_manifest_row(cls, row: dict[str, Any]) -> StudySummary:
+        labels = json.loads(row.get("labels") or "{}")
+        names = frozenset(k for k, v in labels.items() if v is not None)
+        return cls(row["modality"], row["body_part"] or "", row["n_scans"], names, row["report_length"])
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """Keeps the studies a config asks for (modality, body part, scan count, labels, report)."""
+
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    min_scans: int = 1
+    labels: tuple[str, ...] = ()
+    min_report_chars: int = 1
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> StudyFilter:
+        return cls(
+            tuple(m.upper() for m in config.filter_modality),
+            tuple(b.upper() for b in config.filter_body_part),
+            config.filter_min_scans,
+            tuple(config.filter_labels),
+            config.filter_min_report_chars,
+        )
+
+    def accepts(self, summary: StudySummary) -> bool:
+        return (
+            (not self.modality or summary.modality.upper() in self.modality)
+            and (not self.body_part or summary.body_part.upper() in self.body_part)
+            and summary.n_scans >= self.min_scans
+            and all(name in summary.label_names for name in self.labels)
+            and summary.report_chars >= self.min_report_chars
+        )
+
+    def __call__(self, study: Study) -> bool:
+        return self.accepts(StudySummary.of_study(study))
+
+
+def count_studies(sources: Sequence[str], study_filter: StudyFilter) -> int | None:
+    """Studies passing the filter, from the manifests (None when a source has no manifest)."""
+    from pathlib import Path
+
+    from hlip.shards.reader import ShardDataset
+
+    total = 0
+    for source in sources:
+        if not (Path(source) / "manifest.parquet").is_file():
+            return None
+        rows = ShardDataset(source).manifest.select(
+            ["modality", "body_part", "n_scans", "labels", "report_length"]
+        )
+        total += sum(study_filter.accepts(StudySummary.of_manifest_row(r)) for r in rows.to_pylist())
+    return total
+
+
+# --- the endless, resumable training stream ----------------------------------------------------
+
+
+@dataclass
+class DataState:
+    """A rank's position in its data stream; saved in checkpoints for exact resume.
+
+    ``positions[r] = (epoch, consumed)`` for reader ``r`` (a logical DataLoader worker);
+    ``batches`` counts the micro-batches this rank has taken, which fixes which reader the
+    DataLoader's round-robin serves next.
+    """
+
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    batches: int = 0
+    skipped: dict[int, int] = field(default_factory=dict)
+
+    def advance(self, batch: Batch) -> None:
+        for reader, epoch, consumed in batch.positions:
+            self.positions[reader] = (epoch, consumed)
+        for reader, n in batch.skipped.items():
+            self.skipped[reader] = max(self.skipped.get(reader, 0), n)
+        self.batches += 1
+
+    @property
+    def epoch(self) -> int:
+        """The earliest epoch any reader of this rank is still in."""
+        return min((epoch for epoch, _ in self.positions.values()), default=0)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positions": {str(r): list(p) for r, p in self.positions.items()},
+            "batches": self.batches,
+            "skipped": {str(r): n for r, n in self.skipped.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataState:
+        return cls(
+            {int(r): (int(p[0]), int(p[1])) for r, p in values.get("positions", {}).items()},
+            int(values.get("batches", 0)),
+            {int(r): int(n) for r, n in values.get("skipped", {}).items()},
+        )
+
+
+def _reader_stream_class():
+    """A shard stream whose DataLoader-worker identity is the *logical* reader.
+
+    ``hlip.shards.stream.StudyStream`` splits shards by the physical worker id; after a
+    resume, physical worker ``p`` plays reader ``(p + batches) % num_workers`` so the
+    round-robin continues where it stopped. Overriding ``consumer`` is all that takes.
+    """
+    from hlip.shards.stream import StudyStream
+
+    class ReaderStream(StudyStream):
+        def __init__(self, *args: Any, reader: int, num_readers: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.reader, self.num_readers = reader, num_readers
+
+        def consumer(self) -> tuple[int, int, int, int]:
+            return self.rank, self.world_size, self.reader, self.num_readers
+
+    return ReaderStream
+
+
+class TrainStream(IterableDataset):
+    """Transformed training samples of one rank, epoch after epoch, from a given position.
+
+    Each DataLoader worker is one reader with its own share of every epoch's shards; each
+    sample carries ``position = (reader, epoch, consumed)`` and the reader's skip count, so
+    the training loop knows exactly what it has used (prefetched samples do not count).
+    """
+
+    def __init__(
+        self, config: TrainConfig, rank: int, world_size: int, state: DataState | None = None
+    ) -> None:
+        super().__init__()
+        from hlip.shards.stream import expand_urls
+
+        self.config = config
+        self.urls = expand_urls(config.data)
+        if not self.urls:
+            raise FileNotFoundError(f"no training shards found in {config.data}")
+        self.rank, self.world_size = rank, world_size
+        self.state = state or DataState()
+        self.transform = StudyTransform(config, train=True)
+        self.keep = StudyFilter.from_config(config)
+        self.skipped = 0
+
+    def _count_skip(self, where: str, error: Exception) -> None:
+        self.skipped += 1
+
+    def reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (worker + self.state.batches) % num_workers, num_workers
+
+    def studies(self, reader: int, num_readers: int, epoch: int) -> Iterator[Study]:
+        """This reader's share of one epoch, filtered, in its deterministic order."""
+        from hlip.shards.stream import ErrorCounter
+
+        stream = _reader_stream_class()(
+            self.urls,
+            shuffle_buffer=self.config.shuffle_buffer,
+            seed=self.config.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            skip_errors=True,
+            errors=ErrorCounter(self._count_skip),
+            reader=reader,
+            num_readers=num_readers,
+        )
+        return (study for study in stream if self.keep(study))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, num_readers = self.reader()
+        start_epoch, skip = self.state.positions.get(reader, (0, 0))
+        self.skipped = self.state.skipped.get(reader, 0)
+        empty_epochs = 0
+        for epoch in count(start_epoch):
+            consumed = 0
+            for consumed, study in enumerate(self.studies(reader, num_readers, epoch), start=1):
+                if consumed <= skip:
+                    continue
+                sample = self.sample(study, epoch)
+                if sample is not None:
+                    sample["position"] = (reader, epoch, consumed)
+                    sample["skipped"] = {reader: self.skipped}
+                    yield sample
+            skip = 0
+            empty_epochs = empty_epochs + 1 if consumed == 0 else 0
+            if empty_epochs >= MAX_EMPTY_EPOCHS:
+                log.warning(
+                    "rank %d reader %d: no studies in %d epochs; stopping", self.rank, reader, empty_epochs
+                )
+                return
+
+    def sample(self, study: Study, epoch: int) -> dict[str, Any] | None:
+        """The transformed study, or None (counted and logged with its key) when it fails."""
+        try:
+            return self.transform(study, epoch)
+        except Exception as error:
+            log.warning("rank %d: skipped study %s: %s", self.rank, study.key, error)
+            self._count_skip(study.key, error)
+            return None
+
+
+def build_train_loader(
+    config: TrainConfig,
+    tokenizer: Any,
+    patch_size: Sequence[int],
+    rank: int,
+    world_size: int,
+    state: DataState,
+    pin_memory: bool,
+) -> DataLoader:
+    """The rank's DataLoader of micro-batches, starting at ``state``."""
+    workers = config.num_workers
+    return DataLoader(
+        TrainStream(config, rank, world_size, state),
+        batch_size=config.micro_batch_size(world_size),
+        num_workers=workers,
+        collate_fn=Collate(tokenizer, patch_size),
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=config.prefetch_factor if workers > 0 else None,
+        # A private generator: creating the iterator must not draw from the global torch RNG,
+        # whose state a resumed run restores from the checkpoint.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
