@@ -224,7 +224,8 @@ class Tokenizer:
 
     def __init__(self, path: str | Path | None = None, context_length: int = 77):
         path = resolve_text_dir(path)
-        kwargs = {"tokenizer_type": _builtin_model_type(path)} if _builtin_model_type(path) else {}
+        builtin = _builtin_model_type(path)
+        kwargs = {"tokenizer_type": builtin} if builtin else {}
         with quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
         self.context_length = context_length
