@@ -1,0 +1,351 @@
+"""Build stage: geometry properties, intensity encoding and whole scans from synthetic DICOM."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, generate_uid
+
+from hlip.ingest import geometry
+from hlip.ingest.index import index_sources
+from hlip.ingest.plan import PlanConfig, plan
+from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan, encode_intensity
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rotation(quaternion) -> np.ndarray:
+    """Rotation matrix of a (not necessarily unit) quaternion."""
+    w, x, y, z = np.asarray(quaternion, float) / np.linalg.norm(quaternion)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+quaternions = st.lists(st.floats(-1, 1), min_size=4, max_size=4).filter(lambda q: np.linalg.norm(q) > 0.2)
+spacings = st.floats(0.3, 5.0)
+
+
+def orthogonal_affine(quaternion, spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(quaternion) * np.asarray(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def world_of_all_voxels(affine: np.ndarray, shape) -> np.ndarray:
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+# --------------------------------------------------------------------------- affines, orientation
+
+
+@settings(max_examples=50, deadline=None)
+@given(quaternions, spacings, spacings, st.lists(st.floats(-300, 300), min_size=6, max_size=6))
+def test_stack_affine_places_every_pixel_like_dicom(q, ps_row, ps_col, numbers):
+    matrix = rotation(q)
+    iop = [*matrix[:, 0], *matrix[:, 1]]
+    origin, step = np.array(numbers[:3]), np.array(numbers[3:]) / 100
+    affine = geometry.stack_affine(iop, (ps_row, ps_col), origin, step)
+    d, r, c = 3, 5, 7
+    expected = origin + d * step + r * ps_row * matrix[:, 1] + c * ps_col * matrix[:, 0]
+    assert affine @ [d, r, c, 1] == pytest.approx([*expected, 1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(quaternions, st.tuples(spacings, spacings, spacings), st.tuples(*[st.integers(1, 5)] * 3))
+def test_canonical_reorientation_keeps_every_voxel_in_place(q, spacing, shape):
+    affine = orthogonal_affine(q, spacing, origin=(4.0, -2.0, 7.0))
+    array = np.arange(np.prod(shape)).reshape(shape)
+    perm, flips = geometry.canonical_transform(affine)
+    new_array, new_affine = geometry.reorient(array, affine, perm, flips)
+    assert perm[0] == 0  # the slice axis stays the slice axis
+    old_world = world_of_all_voxels(affine, shape)
+    new_world = world_of_all_voxels(new_affine, new_array.shape)
+    np.testing.assert_allclose(new_world, old_world[new_array.reshape(-1)], atol=1e-9)
+    directions = new_affine[:3, :3] / np.linalg.norm(new_affine[:3, :3], axis=0)
+    assert (
+        np.dot(directions[:, 0], np.cross(directions[:, 2], directions[:, 1])) > 0
+    )  # right-handed (w, h, d)
+
+
+@pytest.mark.parametrize(
+    ("row", "col", "w_axis", "h_axis"),
+    [
+        ((1, 0, 0), (0, 1, 0), (1, 0, 0), (0, 1, 0)),  # axial, head first
+        ((-1, 0, 0), (0, 1, 0), (1, 0, 0), (0, 1, 0)),  # axial, feet first
+        ((0, 1, 0), (1, 0, 0), (1, 0, 0), (0, 1, 0)),  # axial, transposed
+        ((1, 0, 0), (0, 0, -1), (1, 0, 0), (0, 0, -1)),  # coronal
+        ((0, 1, 0), (0, 0, -1), (0, 1, 0), (0, 0, -1)),  # sagittal
+        ((0, 0, 1), (0, -1, 0), (0, 1, 0), (0, 0, -1)),  # sagittal, rotated and flipped
+    ],
+)
+def test_canonical_orientation_convention(row, col, w_axis, h_axis):
+    affine = geometry.stack_affine([*row, *col], (1.0, 1.0), (0, 0, 0), np.cross(row, col) * 2.0)
+    _, new_affine = geometry.reorient(np.zeros((2, 3, 4)), affine, *geometry.canonical_transform(affine))
+    assert new_affine[:3, 2] == pytest.approx(w_axis)
+    assert new_affine[:3, 1] == pytest.approx(h_axis)
+    assert new_affine[:3, 0] == pytest.approx(np.cross(w_axis, h_axis) * 2.0)
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def linear_field(world: np.ndarray) -> np.ndarray:
+    return world @ np.array([0.7, -1.3, 2.1]) + 5.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(quaternions, st.tuples(spacings, spacings, spacings), st.tuples(spacings, spacings, spacings))
+def test_resampling_reproduces_a_linear_field_on_the_exact_new_grid(q, spacing, target):
+    affine = orthogonal_affine(q, spacing, origin=(1.0, 2.0, 3.0))
+    shape = (6, 7, 5)
+    volume = linear_field(world_of_all_voxels(affine, shape)).reshape(shape)
+    out, new_affine = geometry.resample(volume, affine, target)
+    assert geometry.affine_spacing(new_affine) == pytest.approx(target)
+    # Same field of view, same centre.
+    centre = lambda a, s: a @ [*(np.asarray(s) - 1) / 2, 1]  # noqa: E731
+    assert centre(new_affine, out.shape) == pytest.approx(centre(affine, shape), abs=1e-6)
+    # Inside the old grid, trilinear interpolation of a linear field is exact.
+    world = world_of_all_voxels(new_affine, out.shape)
+    index = (world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    inside = np.all((index >= -1e-9) & (index <= np.array(shape) - 1 + 1e-9), axis=1)
+    np.testing.assert_allclose(out.reshape(-1)[inside], linear_field(world[inside]), rtol=1e-4, atol=1e-3)
+
+
+def test_matching_spacing_is_left_bit_exact():
+    affine = orthogonal_affine((1, 0, 0, 0), (3.0, 1.0, 1.0))
+    volume = np.random.default_rng(0).integers(-1000, 1000, (4, 5, 6)).astype(np.float32)
+    out, new_affine = geometry.resample(volume, affine, (3.0, None, 1.0))
+    assert np.array_equal(out, volume) and np.array_equal(new_affine, affine)
+
+
+def test_uneven_slices_are_placed_where_they_are():
+    offsets = np.array([0.0, 1.0, 2.5, 3.0, 5.0])
+    affine = geometry.stack_affine([1, 0, 0, 0, 1, 0], (1.0, 1.0), (0, 0, 0), (0, 0, 1.25))
+    world_z = offsets[:, None, None] * np.ones((5, 3, 3))
+    out, new_affine = geometry.resample(world_z, affine, (None, None, None), slice_offsets=offsets)
+    assert out.shape == (5, 3, 3) and geometry.affine_spacing(new_affine)[0] == pytest.approx(1.25)
+    expected_z = new_affine[2, 3] + np.arange(5) * 1.25
+    np.testing.assert_allclose(out[:, 1, 1], expected_z, atol=1e-5)
+
+
+def test_removing_gantry_tilt_reproduces_a_linear_field():
+    tilt = np.deg2rad(20.0)
+    iop = [1.0, 0.0, 0.0, 0.0, np.cos(tilt), -np.sin(tilt)]
+    spacing = (0.5, 0.5)
+    positions = np.array([[0.0, 0.0, 2.0 * k] for k in range(6)])
+    volume = np.stack(
+        [
+            linear_field(world_of_all_voxels(geometry.stack_affine(iop, spacing, p, (0, 0, 1)), (1, 20, 8)))
+            for p in positions
+        ]
+    ).reshape(6, 20, 8)
+    out, affine = geometry.remove_shear(volume, positions, iop, spacing, fill=-1e6)
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    np.testing.assert_allclose(directions.T @ directions, np.eye(3), atol=1e-9)
+    assert geometry.affine_spacing(affine)[0] == pytest.approx(2.0 * np.cos(tilt))
+    assert out.shape[1] == 20 + int(np.ceil(5 * 2.0 * np.sin(tilt) / 0.5 - 1e-6))
+    inside = out.reshape(-1) > -1e5
+    world = world_of_all_voxels(affine, out.shape)
+    np.testing.assert_allclose(out.reshape(-1)[inside], linear_field(world[inside]), rtol=1e-5, atol=1e-3)
+    # Each output slice holds its input slice (one row fewer where the shift is fractional).
+    per_slice = inside.reshape(out.shape).sum(axis=(1, 2))
+    assert set(per_slice.tolist()) <= {19 * 8, 20 * 8} and per_slice[0] == 20 * 8
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.uint16, (3, 4, 4)),
+    st.floats(0.01, 10),
+    st.floats(-5000, 5000),
+)
+def test_uniform_rescale_is_stored_losslessly(stored, slope, intercept):
+    encoded = encode_intensity(stored, [slope] * 3, [intercept] * 3, "MR")
+    assert encoded.lossless and encoded.array.dtype == np.int16
+    physical = encoded.array.astype(np.float64) * encoded.slope + encoded.intercept
+    np.testing.assert_allclose(
+        physical, stored * slope + intercept, rtol=1e-9, atol=1e-6 * (1 + abs(intercept))
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays(np.int32, (2, 3, 3), elements=st.integers(-(2**24), 2**24)), st.floats(0.1, 3), st.floats(0.1, 3)
+)
+def test_per_slice_rescale_is_quantised_within_half_a_step(stored, slope_a, slope_b):
+    encoded = encode_intensity(stored, [slope_a, slope_b], [0.0, 1.5], "MR")
+    physical = stored * np.array([slope_a, slope_b])[:, None, None] + np.array([0.0, 1.5])[:, None, None]
+    error = np.abs(encoded.array * encoded.slope + encoded.intercept - physical)
+    assert error.max() <= encoded.slope / 2 * (1 + 1e-6) + 1e-9
+
+
+def test_ct_is_stored_in_hounsfield_units_clipped_to_int16():
+    stored = np.array([[[0, 1024, 4095, 60000]]], dtype=np.uint16)
+    encoded = encode_intensity(stored, [1.0], [-1024.0], "CT")
+    assert encoded.array.tolist() == [[[-1024, 0, 3071, 32767]]]
+    assert (encoded.slope, encoded.intercept, encoded.unit, encoded.lossless) == (1.0, 0.0, "HU", False)
+
+
+def test_integer_physical_values_from_per_slice_rescale_stay_exact():
+    stored = np.array([[[1, 2]], [[3, 4]]], dtype=np.int16)
+    encoded = encode_intensity(stored, [2.0, 3.0], [1.0, -1.0], "PT")
+    assert encoded.lossless and encoded.array.tolist() == [[[3, 5]], [[8, 11]]] and encoded.slope == 1.0
+
+
+# --------------------------------------------------------------------------- whole scans
+
+
+def write_series(
+    folder: Path,
+    volume: np.ndarray,
+    *,
+    iop=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    origin=(-10.0, -20.0, 30.0),
+    step=(0.0, 0.0, 2.5),
+    spacing=(0.5, 0.75),
+    modality="CT",
+    rescale=(1.0, -1024.0),
+    offsets=None,
+    compressed_garbage=False,
+) -> None:
+    """One classic DICOM file per slice, written in shuffled order with reversed InstanceNumber."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    order = list(range(len(volume)))
+    random.Random(0).shuffle(order)
+    for k in order:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless if compressed_garbage else ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 7, len(volume) - k
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        offset = k if offsets is None else offsets[k]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + offset * np.asarray(step)]
+        ds.ImageOrientationPatient = list(iop)
+        ds.PixelSpacing = list(spacing)
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+        if compressed_garbage:
+            ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream"])
+        else:
+            ds.PixelData = volume[k].astype(np.uint16).tobytes()
+        ds.save_as(folder / f"{k * 7919 % 1000:03d}", enforce_file_format=True)
+
+
+def build_all(folder: Path, config: VolumeConfig, **plan_config):
+    table = index_sources(folder)
+    result = plan(table, PlanConfig(**plan_config))
+    rows = {r["file_id"]: r for r in table.to_pylist()}
+    return [build_scan(scan, rows, config) for study in result.studies for scan in study.scans], result
+
+
+def source_index_of(scan, origin, step, iop, spacing) -> np.ndarray:
+    """For every voxel of ``scan``, the (slice, row, col) of the source image it came from."""
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    basis = np.stack([np.asarray(step, float), col * spacing[0], row * spacing[1]], axis=1)
+    world = world_of_all_voxels(scan.affine, scan.shape)
+    return (world - np.asarray(origin)) @ np.linalg.inv(basis).T
+
+
+@pytest.mark.parametrize(
+    ("iop", "step"),
+    [
+        ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 2.5)),  # axial, head first
+        ((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.0, 0.0, -2.5)),  # axial, feet first
+        ((0.0, 1.0, 0.0, 0.0, 0.0, -1.0), (-2.5, 0.0, 0.0)),  # sagittal
+    ],
+)
+def test_native_scan_puts_every_voxel_where_its_pixel_was(tmp_path, iop, step):
+    source = np.random.default_rng(1).integers(0, 4000, (6, 5, 4)).astype(np.uint16)
+    write_series(tmp_path, source, iop=iop, step=step)
+    (scan,), _ = build_all(tmp_path, VolumeConfig.native())
+    assert scan.array.dtype == np.int16 and scan.intensity_unit == "HU"
+    assert scan.source_file_count == 6 and scan.series_number == 7
+    index = source_index_of(scan, (-10.0, -20.0, 30.0), step, iop, (0.5, 0.75))
+    np.testing.assert_allclose(index, np.round(index), atol=1e-9)
+    k, r, c = np.round(index).astype(int).T
+    np.testing.assert_array_equal(scan.array.reshape(-1), source[k, r, c].astype(np.int32) - 1024)
+    assert sorted(scan.spacing) == pytest.approx(sorted((2.5, 0.5, 0.75)))
+    assert scan.spacing[0] == pytest.approx(2.5)
+
+
+def test_mr_values_beyond_int16_are_shifted_losslessly(tmp_path):
+    source = np.array([40000, 65535, 30000, 50000] * 15, dtype=np.uint16).reshape(5, 3, 4)
+    write_series(tmp_path, source, modality="MR", rescale=(2.0, 10.0))
+    (scan,), _ = build_all(tmp_path, VolumeConfig.native())
+    assert scan.extra["lossless_intensity"] and scan.intensity_slope == 2.0
+    physical = scan.array.astype(np.float64) * scan.intensity_slope + scan.intensity_intercept
+    assert sorted(np.unique(physical)) == sorted(np.unique(source * 2.0 + 10.0))
+
+
+def test_default_config_resamples_ct_to_3x1x1(tmp_path):
+    source = np.full((8, 10, 12), 1024, dtype=np.uint16)
+    write_series(tmp_path, source, step=(0.0, 0.0, 1.5))
+    (scan,), _ = build_all(tmp_path, VolumeConfig())
+    assert scan.spacing == pytest.approx((3.0, 1.0, 1.0))
+    assert scan.shape == (4, 5, 9)
+    assert np.all(scan.array == 0) and scan.extra["resampled"]
+
+
+def test_uneven_spacing_needs_a_target_spacing(tmp_path):
+    offsets = [0.0, 1.0, 2.0, 3.4, 4.0, 5.0]
+    write_series(tmp_path, np.ones((6, 4, 4), dtype=np.uint16), offsets=offsets)
+    with pytest.raises(ScanRejected) as refused:
+        build_all(tmp_path, VolumeConfig.native())
+    assert refused.value.reason == "uneven_spacing"
+    (scan,), _ = build_all(tmp_path, VolumeConfig(target_spacing={"CT": (None, 0.5, 0.75)}))
+    assert scan.shape == (6, 4, 4) and scan.spacing == pytest.approx((2.5, 0.5, 0.75))  # mean step
+
+
+def test_tilted_ct_is_built_on_an_orthogonal_grid(tmp_path):
+    tilt = np.deg2rad(12.0)
+    iop = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), -np.sin(tilt))
+    write_series(tmp_path, np.full((6, 8, 8), 1100, dtype=np.uint16), iop=iop, step=(0.0, 0.0, 3.0))
+    (scan,), _ = build_all(tmp_path, VolumeConfig.native())
+    directions = scan.affine[:3, :3] / np.linalg.norm(scan.affine[:3, :3], axis=0)
+    np.testing.assert_allclose(directions.T @ directions, np.eye(3), atol=1e-9)
+    assert scan.extra["tilt_corrected"] and scan.shape[1] > 8
+    assert set(np.unique(scan.array)) <= {76}  # 1100 - 1024 everywhere; fill is the minimum
+
+
+def test_undecodable_pixels_raise_scan_rejected(tmp_path):
+    write_series(tmp_path, np.ones((5, 4, 4), dtype=np.uint16), compressed_garbage=True)
+    with pytest.raises(ScanRejected) as refused:
+        build_all(tmp_path, VolumeConfig.native())
+    assert refused.value.reason == "decode_error"
+
+
+def test_oversized_scans_are_refused_before_decoding(tmp_path):
+    write_series(tmp_path, np.ones((5, 4, 4), dtype=np.uint16))
+    with pytest.raises(ScanRejected) as refused:
+        build_all(tmp_path, VolumeConfig.native(max_voxels=10))
+    assert refused.value.reason == "too_large"
+
+
+def test_rows_missing_from_the_mapping_are_a_rejection(tmp_path):
+    write_series(tmp_path, np.ones((5, 4, 4), dtype=np.uint16))
+    result = plan(index_sources(tmp_path), PlanConfig())
+    with pytest.raises(ScanRejected):
+        build_scan(result.studies[0].scans[0], {}, VolumeConfig.native())
