@@ -31,12 +31,13 @@ def make_studies(shapes, seed: int) -> list[list[torch.Tensor]]:
     return [[torch.randn(*s, generator=gen) for s in study] for study in shapes]
 
 
-def dense_mask_attention(q, k, v, segments: Segments):
+def dense_mask_attention(q, k, v, segments: Segments, first_only: bool = False):
     """Oracle backend: one SDPA over the whole sequence with a [T, T] block-diagonal mask."""
     ids = segments.segment_ids(q.device)
     mask = ids[:, None] == ids[None, :]
     out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask)
-    return out[0].transpose(0, 1)
+    out = out[0].transpose(0, 1)
+    return out[segments.starts(q.device)] if first_only else out
 
 
 MODELS = {

@@ -33,13 +33,13 @@ class Segments:
     """Segment lengths of a packed sequence, in packed order, plus their runs of equal length.
 
     ``runs`` is ((length, count), ...) with consecutive segments of equal length merged; the sdpa
-    backend issues one call per run. The xformers mask is cached per device because every block
-    of one level reuses it.
+    backend issues one call per run. Device tensors derived from the lengths (segment starts,
+    token ids, xformers masks) are cached because every block of one level reuses them.
     """
 
     lengths: tuple[int, ...]
     runs: tuple[tuple[int, int], ...]
-    _bias_cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_lengths(cls, lengths) -> Segments:
@@ -56,18 +56,40 @@ class Segments:
     def total(self) -> int:
         return sum(n * g for n, g in self.runs)
 
+    def _cached(self, name: str, device, build):
+        key = (name, str(device))
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
     def segment_ids(self, device) -> Tensor:
         """[T] index of the segment each token belongs to (for per-segment drop-path)."""
-        lengths = torch.tensor(self.lengths, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
 
-    def xformers_bias(self, device):
-        key = str(device)
-        if key not in self._bias_cache:
-            self._bias_cache[key] = _xformers_fmha().BlockDiagonalMask.from_seqlens(
-                list(self.lengths), device=device
-            )
-        return self._bias_cache[key]
+        def build():
+            lengths = torch.tensor(self.lengths, device=device)
+            return torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+
+        return self._cached("ids", device, build)
+
+    def starts(self, device) -> Tensor:
+        """[n_segments] position of each segment's first token (its cls token)."""
+
+        def build():
+            lengths = torch.tensor(self.lengths, device=device)
+            return torch.cumsum(lengths, 0) - lengths
+
+        return self._cached("starts", device, build)
+
+    def xformers_bias(self, device, first_only: bool = False):
+        """Block-diagonal mask; with ``first_only`` one query (the segment's first token) per segment."""
+
+        def build():
+            mask = _xformers_fmha().BlockDiagonalMask
+            if first_only:
+                return mask.from_seqlens([1] * len(self.lengths), list(self.lengths), device=device)
+            return mask.from_seqlens(list(self.lengths), device=device)
+
+        return self._cached(f"xformers{int(first_only)}", device, build)
 
 
 @functools.cache
@@ -87,28 +109,37 @@ def xformers_available() -> bool:
     return True
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
-    """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]; one SDPA call per equal-length run."""
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments, first_only: bool = False) -> Tensor:
+    """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]; one SDPA call per equal-length run.
+
+    With ``first_only`` only each segment's first token queries: -> [n_segments, heads, head_dim].
+    """
     outputs, start = [], 0
     for length, count in segments.runs:
         stop = start + length * count
         q_run, k_run, v_run = (
             t[start:stop].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
         )
+        if first_only:
+            q_run = q_run[:, :, :1]
         out = F.scaled_dot_product_attention(q_run, k_run, v_run)
-        outputs.append(out.transpose(1, 2).reshape(stop - start, *q.shape[1:]))
+        outputs.append(out.transpose(1, 2).reshape(-1, *q.shape[1:]))
         start = stop
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def xformers_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
-    """q, k, v [T, heads, head_dim] on CUDA -> [T, heads, head_dim] via a block-diagonal mask."""
+def xformers_attention(
+    q: Tensor, k: Tensor, v: Tensor, segments: Segments, first_only: bool = False
+) -> Tensor:
+    """As ``sdpa_attention``, for CUDA tensors, with one block-diagonal memory-efficient call."""
     fmha = _xformers_fmha()
-    bias = segments.xformers_bias(q.device)
+    if first_only:
+        q = q.index_select(0, segments.starts(q.device))
+    bias = segments.xformers_bias(q.device, first_only)
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
 
 
-BACKENDS: dict[str, Callable[[Tensor, Tensor, Tensor, Segments], Tensor]] = {
+BACKENDS: dict[str, Callable[..., Tensor]] = {
     "sdpa": sdpa_attention,
     "xformers": xformers_attention,
 }
@@ -125,16 +156,19 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments, backend: str = "auto") -> Tensor:
+def segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, segments: Segments, backend: str = "auto", first_only: bool = False
+) -> Tensor:
     """Block-diagonal attention over packed q, k, v [T, heads, head_dim].
 
-    On CPU the softmax runs in float32 whatever the input dtype (reduced-precision CPU attention
-    is slow and inaccurate); the result comes back in the input dtype.
+    ``first_only`` keeps only each segment's first query (the cls token): the pooled output of
+    the last block needs nothing else. On CPU the softmax runs in float32 whatever the input dtype
+    (reduced-precision CPU attention is slow and inaccurate); the result has the input dtype.
     """
-    name = resolve_backend(backend, q.device)
+    attend = BACKENDS[resolve_backend(backend, q.device)]
     if q.device.type == "cpu" and q.dtype != torch.float32:
-        return BACKENDS[name](q.float(), k.float(), v.float(), segments).to(q.dtype)
-    return BACKENDS[name](q, k, v, segments)
+        return attend(q.float(), k.float(), v.float(), segments, first_only).to(q.dtype)
+    return attend(q, k, v, segments, first_only)
 
 
 class Attention(nn.Module):
@@ -148,11 +182,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, segments: Segments, backend: str = "auto") -> Tensor:
+    def forward(
+        self, x: Tensor, segments: Segments, backend: str = "auto", first_only: bool = False
+    ) -> Tensor:
         tokens, dim = x.shape
         # qkv rows are [q | k | v], each split into heads as consecutive head_dim chunks.
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, dim // self.num_heads).unbind(1)
-        return self.proj(segment_attention(q, k, v, segments, backend).reshape(tokens, dim))
+        return self.proj(segment_attention(q, k, v, segments, backend, first_only).flatten(1))
 
 
 class Mlp(nn.Module):
@@ -166,11 +202,11 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x: Tensor, rate: float, segments: Segments) -> Tensor:
+def drop_path(x: Tensor, rate: float, segment_ids: Tensor, num_segments: int) -> Tensor:
     """Stochastic depth per segment (the reference drops per row of its [groups, L, C] batch)."""
-    keep = torch.rand(len(segments.lengths), device=x.device) >= rate
+    keep = torch.rand(num_segments, device=x.device) >= rate
     scale = keep.to(x.dtype) / (1.0 - rate)
-    return x * scale[segments.segment_ids(x.device)][:, None]
+    return x * scale[segment_ids][:, None]
 
 
 class Block(nn.Module):
@@ -186,12 +222,18 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, segments: Segments, backend: str = "auto") -> Tensor:
-        attn = self.attn(self.norm1(x), segments, backend)
+    def forward(
+        self, x: Tensor, segments: Segments, backend: str = "auto", first_only: bool = False
+    ) -> Tensor:
+        """[T, C] -> [T, C]; with ``first_only`` -> [n_segments, C], the segments' first tokens only."""
+        attn = self.attn(self.norm1(x), segments, backend, first_only)
+        if first_only:
+            x = x.index_select(0, segments.starts(x.device))
         if self.training and self.drop_path > 0:
-            attn = drop_path(attn, self.drop_path, segments)
+            n = len(segments.lengths)
+            ids = torch.arange(n, device=x.device) if first_only else segments.segment_ids(x.device)
+            attn = drop_path(attn, self.drop_path, ids, n)
+            x = x + attn
+            return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, ids, n)
         x = x + attn
-        mlp = self.mlp(self.norm2(x))
-        if self.training and self.drop_path > 0:
-            mlp = drop_path(mlp, self.drop_path, segments)
-        return x + mlp
+        return x + self.mlp(self.norm2(x))

@@ -66,18 +66,19 @@ def _patch_counts(level: int, scans_per_study, slices_per_scan, tokens_per_slice
     return np.add.reduceat(per_scan, _exclusive_cumsum(scans_per_study))
 
 
-def _place(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _place(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Positions of cls and patch tokens when groups are laid out [cls, patches...] sorted by length.
 
-    Returns (cls_pos [G], patch_pos [P], segment lengths in packed order).
+    Returns (cls_pos [G], patch_pos [P], segment lengths in packed order, rank [G] = packed
+    segment index of each group).
     """
     order = np.argsort(counts, kind="stable")
     lengths = counts[order] + 1
-    start = np.empty_like(counts)
-    start[order] = _exclusive_cumsum(lengths)
+    start, rank = np.empty_like(counts), np.empty_like(counts)
+    start[order], rank[order] = _exclusive_cumsum(lengths), np.arange(len(counts))
     group = np.repeat(np.arange(len(counts)), counts)
     patch_pos = np.arange(counts.sum()) + (start + 1 - _exclusive_cumsum(counts))[group]
-    return start, patch_pos, lengths
+    return start, patch_pos, lengths, rank
 
 
 def _gather_map(cls_pos: np.ndarray, patch_pos: np.ndarray, patch_src: np.ndarray) -> np.ndarray:
@@ -96,6 +97,7 @@ class LevelIndex:
     segments: Segments
     cls_pos: Tensor  # [G] position of each group's cls token, groups in natural order
     pack_src: Tensor  # [T] index into cat([cls (G), patch tokens (P)]) building this level
+    rank: Tensor  # [G] index of each group's segment in packed (length-sorted) order
 
     @property
     def num_groups(self) -> int:
@@ -131,8 +133,9 @@ class TokenLayout:
                 Segments.from_lengths(lengths),
                 torch.from_numpy(cls_pos),
                 torch.from_numpy(_gather_map(cls_pos, patch_pos, np.arange(num_tokens))),
+                torch.from_numpy(rank),
             )
-            for cls_pos, patch_pos, lengths in placed
+            for cls_pos, patch_pos, lengths, rank in placed
         )
         regroup_src = {
             (a, b): torch.from_numpy(_gather_map(placed[b][0], placed[b][1], placed[a][1]))
@@ -158,7 +161,10 @@ class TokenLayout:
         """Copy with ``fn`` applied to every index tensor (device moves, pinning)."""
         return replace(
             self,
-            levels=tuple(replace(lv, cls_pos=fn(lv.cls_pos), pack_src=fn(lv.pack_src)) for lv in self.levels),
+            levels=tuple(
+                replace(lv, cls_pos=fn(lv.cls_pos), pack_src=fn(lv.pack_src), rank=fn(lv.rank))
+                for lv in self.levels
+            ),
             regroup_src={k: fn(v) for k, v in self.regroup_src.items()},
             parent={k: fn(v) for k, v in self.parent.items()},
             inv_children={k: fn(v) for k, v in self.inv_children.items()},
@@ -175,15 +181,17 @@ class TokenLayout:
         cls = cls_token.to(tokens.dtype).expand(index.num_groups, -1)
         return torch.cat([cls, tokens]).index_select(0, index.pack_src)
 
+    def merge_cls(self, cls: Tensor, src: int, dst: int) -> Tensor:
+        """[G_src, C] cls tokens -> [G_dst, C], each the mean of its children (src finer than dst)."""
+        summed = cls.new_zeros(self.levels[dst].num_groups, cls.shape[1]).index_add(
+            0, self.parent[(src, dst)], cls
+        )
+        return summed * self.inv_children[(src, dst)].to(cls.dtype)[:, None]
+
     def regroup(self, x: Tensor, src: int, dst: int) -> Tensor:
         """Move a sequence from level ``src`` to ``dst``: cls averaged on merge, copied on split."""
-        cls = x.index_select(0, self.levels[src].cls_pos)
-        if src < dst:
-            parent = self.parent[(src, dst)]
-            summed = x.new_zeros(self.levels[dst].num_groups, x.shape[1]).index_add(0, parent, cls)
-            cls = summed * self.inv_children[(src, dst)].to(x.dtype)[:, None]
-        else:
-            cls = cls.index_select(0, self.parent[(dst, src)])
+        cls = self.cls_tokens(x, src)
+        cls = self.merge_cls(cls, src, dst) if src < dst else cls.index_select(0, self.parent[(dst, src)])
         return torch.cat([cls, x]).index_select(0, self.regroup_src[(src, dst)])
 
     def cls_tokens(self, x: Tensor, level: int) -> Tensor:

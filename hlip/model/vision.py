@@ -164,8 +164,13 @@ class HierarchicalViT(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _encode(self, packed: PackedStudies, scan_rows: Tensor | None = None):
-        """Run the trunk; returns (study-level sequence before the final norm, its layout)."""
+    def _encode(self, packed: PackedStudies, scan_rows: Tensor | None = None, pooled: bool = True) -> Tensor:
+        """Run the trunk (before the final norm).
+
+        ``pooled``: [n_studies, C] study cls tokens. The last block then computes only its cls
+        rows (their queries still attend over every token), which is all the pooled output
+        depends on. Otherwise: the study-level packed sequence [T, C].
+        """
         if tuple(packed.patch_size) != self.patch_size:
             raise ValueError(f"batch packed with patch {packed.patch_size}, encoder uses {self.patch_size}")
         tokens = self.patch_embed(packed.patches)
@@ -177,25 +182,26 @@ class HierarchicalViT(nn.Module):
             tokens = tokens.index_select(0, kept)
         level = self.block_levels[0]
         x = layout.pack(self.cls_token.view(-1), tokens, level)
-        for block, block_level in zip(self.blocks, self.block_levels, strict=True):
+        last = len(self.blocks) - 1
+        for i, (block, block_level) in enumerate(zip(self.blocks, self.block_levels, strict=True)):
             if block_level != level:
                 x, level = layout.regroup(x, level, block_level), block_level
-            segments = layout.levels[level].segments
+            args = (x, layout.levels[level].segments, self.attn_backend, pooled and i == last)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, segments, self.attn_backend, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, segments, self.attn_backend)
-        if level != STUDY:
-            x = layout.regroup(x, level, STUDY)
-        return x, layout
+                x = block(*args)
+        if pooled:  # x holds the last level's cls tokens in packed order
+            cls = x.index_select(0, layout.levels[level].rank)
+            return cls if level == STUDY else layout.merge_cls(cls, level, STUDY)
+        return x if level == STUDY else layout.regroup(x, level, STUDY)
 
     def forward_packed(self, packed: PackedStudies, scan_rows: Tensor | None = None) -> Tensor:
         """[n_studies, C]: each study's cls token after the final norm.
 
         ``scan_rows`` [n_scans] optionally fixes the scan-table row of every scan.
         """
-        x, layout = self._encode(packed, scan_rows)
-        return self.norm(layout.cls_tokens(x, STUDY))
+        return self.norm(self._encode(packed, scan_rows))
 
     def _pack_dense(self, x: Tensor, scan_rows: Tensor | None) -> tuple[PackedStudies, Tensor | None]:
         """Reference input [B, N, 1, D, H, W] (+ rows [N] or [B, N]) -> packed batch (+ rows [B*N])."""
@@ -219,7 +225,7 @@ class HierarchicalViT(nn.Module):
         rows 0..N-1 (see ``scan_pos_sampling`` for training).
         """
         packed, scan_rows = self._pack_dense(x, scan_rows)
-        tokens, _ = self._encode(packed, scan_rows)
+        tokens = self._encode(packed, scan_rows, pooled=False)
         # Equal-length studies keep their natural order in the study-level packing.
         return self.norm(tokens).view(x.shape[0], -1, self.embed_dim)
 
