@@ -1,0 +1,120 @@
+"""``hlip-ingest`` commands, and a run killed with SIGKILL that resumes to the same bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_ingest_pipeline import SMALL, files_table, output_bytes
+from typer.testing import CliRunner
+
+from hlip.ingest import pipeline
+from hlip.ingest.cli import app, parse_spacing
+from hlip.ingest.config import IngestConfig
+from hlip.ingest.synth import make_archive
+from hlip.shards.writer import STAGING_DIR
+
+KILL_WAIT_S = 300
+"""Upper bound on waiting for a kill point; the test fails loudly if it is never reached."""
+
+
+def invoke(*args) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def run_args(archive, out: Path) -> list[str]:
+    return [
+        "run", archive.root, "--out", out, "--reports", archive.reports_csv,
+        "--secret", "cli-secret", "--spacing", "CT=5,4,4",
+    ]  # fmt: skip
+
+
+def matching_config(archive) -> IngestConfig:
+    """The config the arguments of :func:`run_args` make."""
+    return IngestConfig(
+        target_spacing=parse_spacing(["CT=5,4,4"]), report_table=str(archive.reports_csv), secret="cli-secret"
+    )
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_archive(tmp_path_factory.mktemp("synth") / "archive", 3, seed=5, sizes=SMALL)
+
+
+@pytest.fixture(scope="module")
+def reference(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    pipeline.run_ingest([archive.root], out, matching_config(archive), workers=0)
+    return out
+
+
+def test_parse_spacing():
+    assert parse_spacing(["CT=2,1,1", "mr=native"]) == {"CT": (2.0, 1.0, 1.0), "MR": "native"}
+    assert parse_spacing([])["CT"] == IngestConfig().target_spacing["CT"]
+
+
+def test_synth_index_and_plan_commands(tmp_path):
+    invoke("synth", "--out", tmp_path / "archive", "--studies", 1, "--seed", 0, "--ct-matrix", 64)
+    assert (tmp_path / "archive" / "reports.csv").exists()
+    output = invoke("index", tmp_path / "archive", "--out", tmp_path / "index.parquet", "--workers", 0)
+    index = pq.read_table(tmp_path / "index.parquet")
+    files = [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
+    assert index.num_rows == len(files) and f"{len(files)} files indexed" in output
+    output = invoke("plan", tmp_path / "index.parquet")
+    assert "1 studies" in output and "rejected files" in output and "localizer" in output
+
+
+def test_run_prints_outcomes_and_reasons(archive, reference, tmp_path):
+    output = invoke(*run_args(archive, tmp_path / "out"), "--workers", 0)
+    summary = pipeline.summarize(pq.read_table(reference / "_ingest" / "files.parquet"), reference)
+    for outcome, count in summary.outcomes.items():
+        assert outcome in output and str(count) in output
+    for reason in summary.reasons:
+        assert reason in output
+    assert f"studies: {summary.studies_staged} written" in output
+    assert output_bytes(tmp_path / "out") == output_bytes(reference)
+
+
+def _outcome_recorded(out: Path) -> bool:
+    return any((out / pipeline.INGEST_DIR / pipeline.OUTCOMES_DIR).glob("*.json"))
+
+
+def _two_staged(out: Path) -> bool:
+    return len(list((out / STAGING_DIR).glob("*.sample"))) >= 2
+
+
+def _config_written(out: Path) -> bool:
+    return (out / pipeline.INGEST_DIR / pipeline.CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize("kill_point", [_config_written, _outcome_recorded, _two_staged])
+def test_killed_run_resumes_to_identical_bytes(archive, reference, tmp_path, kill_point):
+    """SIGKILL the whole process group (client, nanny, worker) at a point of the run, check
+    that no incomplete shard is visible, re-run, and compare with an uninterrupted run."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "hlip.ingest.cli", *map(str, run_args(archive, out)), "--workers", "1"]
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + KILL_WAIT_S
+    while not kill_point(out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kill_point(out), "the run never reached the kill point: " + process.stderr.read().decode()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            assert tar.getmembers()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=KILL_WAIT_S)
+    assert output_bytes(out) == output_bytes(reference)
+    assert files_table(out) == files_table(reference)
