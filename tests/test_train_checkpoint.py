@@ -1,0 +1,100 @@
+"""Checkpoints: atomic files, pruning, RNG round trip, load_checkpoint and the open_clip export."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from train_support import tiny_config, write_fake_dataset
+
+from hlip.model.clip import load_openclip_checkpoint
+from hlip.shards.reader import ShardDataset
+from hlip.train import checkpoint as ckpt
+from hlip.train.data import Collate, StudyTransform
+from hlip.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step run of the nano model with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("ckpt")
+    dataset = write_fake_dataset(root / "ds", 8)
+    config = tiny_config(dataset, root / "run", "steps=4", "checkpoint_every=2", "keep_checkpoints=1")
+    return train(config), config, dataset
+
+
+def test_run_writes_step_files_last_and_prunes(run):
+    result, config, _ = run
+    files = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert files == ["last.pt", "openclip.pt", "step-00000004.pt"]  # keep_checkpoints = 1
+    last = ckpt.read_checkpoint(result.checkpoint)
+    assert last["step"] == 4 and last["world_size"] == 1
+    assert last["config"] == config.to_dict()
+    assert (result.run_dir / "config.json").is_file()
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    payload = {"step": 7, "format": ckpt.FORMAT, "version": ckpt.VERSION}
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint({**payload, "step": step}, tmp_path, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.pt", "step-00000002.pt", "step-00000003.pt"]
+    assert ckpt.read_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(state)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_load_checkpoint_rebuilds_the_trained_model(run):
+    result, config, dataset = run
+    model, tokenizer, loaded_config = ckpt.load_checkpoint(result.checkpoint)
+    assert not model.training and loaded_config == config
+    saved = ckpt.read_checkpoint(result.checkpoint)["model"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    shards = ShardDataset(dataset)
+    transform = StudyTransform(loaded_config, train=False)
+    packed, tokens, keys = Collate(tokenizer, model.visual.trunk.patch_size)(
+        [transform(shards.open(k)) for k in shards.keys()[:3]]
+    )
+    with torch.no_grad():
+        out = model(packed, tokens)
+    assert out["image_features"].shape == (3, model.embed_dim) and len(keys) == 3
+
+
+def test_export_openclip_layout_loads_into_a_fresh_model(run, tmp_path):
+    result, config, _ = run
+    path = ckpt.export_openclip(result.checkpoint, tmp_path / "hlip.pt")
+    exported = torch.load(path, weights_only=True)
+    assert set(exported) == {"epoch", "step", "name", "state_dict"} and exported["name"] == config.model
+    keys = set(exported["state_dict"])
+    assert {"visual.head.proj.weight", "text.proj.weight", "logit_scale"} <= keys
+    assert all(k.startswith(ckpt.OPENCLIP_PREFIXES) or k in ckpt.OPENCLIP_SCALARS for k in keys)
+    assert any(k.startswith("visual.trunk.blocks.") for k in keys)
+    assert any(k.startswith("text.transformer.encoder.") for k in keys)
+    fresh, _ = ckpt.build_model(config, pretrained_text=False)
+    load_openclip_checkpoint(fresh, path)
+    trained = ckpt.read_checkpoint(result.checkpoint)["model"]
+    assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+
+
+def test_an_open_clip_file_is_not_mistaken_for_a_training_checkpoint(run):
+    result, _, _ = run
+    with pytest.raises(ValueError, match="load_openclip_checkpoint"):
+        ckpt.read_checkpoint(result.run_dir / "checkpoints" / "openclip.pt")
+
+
+def test_find_resume(tmp_path, run):
+    result, _, _ = run
+    assert ckpt.find_resume("", tmp_path) is None
+    assert ckpt.find_resume("auto", tmp_path) is None
+    assert ckpt.find_resume("auto", result.run_dir) == result.checkpoint
+    assert ckpt.find_resume(str(result.run_dir), tmp_path) == result.checkpoint
+    with pytest.raises(FileNotFoundError):
+        ckpt.find_resume(str(tmp_path / "none.pt"), tmp_path)

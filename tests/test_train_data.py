@@ -1,0 +1,313 @@
+"""The training data pipeline: crops, intensities, scan and text sampling, filters, the
+exactly-once split over ranks and readers, resumable positions, and skipped bad studies."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import zipfile
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from train_support import fake_study, tiny_config, write_fake_dataset
+
+from hlip.shards.format import Scan, Study
+from hlip.shards.reader import ShardDataset
+from hlip.train.data import (
+    DataState,
+    StudyFilter,
+    StudyTransform,
+    TrainStream,
+    build_train_loader,
+    count_studies,
+    crop_axes,
+    split_sentences,
+)
+
+MEAN, STD = 0.449, 0.226
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """24 studies in 12 small shards."""
+    return write_fake_dataset(tmp_path_factory.mktemp("train-data") / "ds", 24, max_shard_bytes=40_000)
+
+
+@pytest.fixture
+def config(dataset, tmp_path):
+    return tiny_config(dataset, tmp_path / "run")
+
+
+def all_studies(dataset) -> list[Study]:
+    shards = ShardDataset(dataset)
+    return [shards.open(key) for key in shards]
+
+
+# --- crops ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 60), min_size=3, max_size=3),
+    size=st.lists(st.integers(1, 40), min_size=3, max_size=3),
+    seed=st.one_of(st.none(), st.integers(0, 2**16)),
+    pad=st.booleans(),
+)
+def test_crop_window_stays_inside_and_fills_the_grid(shape, size, seed, pad):
+    rng = None if seed is None else np.random.default_rng(seed)
+    for n, s, axis in zip(shape, size, crop_axes(shape, size, rng, pad), strict=True):
+        assert 0 <= axis.start < axis.stop <= n
+        assert axis.stop - axis.start == min(n, s)
+        assert axis.before + axis.after == (max(0, s - n) if pad else 0)
+        assert abs(axis.before - axis.after) <= 1
+        if rng is None and n >= s:
+            assert axis.start == (n - s) // 2
+
+
+def ct_scan(values: np.ndarray, name: str = "ct") -> Scan:
+    return Scan(
+        name=name, array=values.astype(np.int16), spacing=(1.0, 1.0, 1.0), affine=np.eye(4), modality="CT"
+    )
+
+
+def test_ct_window_padding_and_standardisation(config):
+    config = dataclasses.replace(config, img_size=[4, 6, 6])
+    volume = np.full((2, 6, 8), -1150)
+    volume[:, :, 4:] = 350  # right half at the top of the window
+    study = Study(key="k", modality="CT", scans=[ct_scan(volume)], report="Text.")
+    (scan,) = StudyTransform(config, train=False)(study)["scans"]
+    assert scan.shape == (4, 6, 6) and scan.dtype == torch.float32
+    low, high = (0 - MEAN) / STD, (1 - MEAN) / STD
+    # depth 2 -> padded by one slice on each side with 0 before standardisation
+    assert torch.allclose(scan[0], torch.full((6, 6), low)) and torch.allclose(
+        scan[3], torch.full((6, 6), low)
+    )
+    # width 8 centre-cropped to columns 1..6: three at -1150 HU, three at 350 HU
+    assert torch.allclose(scan[1, :, :3], torch.tensor(low)) and torch.allclose(
+        scan[1, :, 3:], torch.tensor(high)
+    )
+
+
+def test_several_windows_become_scans_or_their_mean(config):
+    study = Study(
+        key="k",
+        modality="CT",
+        scans=[ct_scan(np.full((8, 16, 16), 40), f"s{i}") for i in range(3)],
+        report="Text.",
+    )
+    windows = [[-1000.0, 1000.0], [0.0, 80.0]]
+    as_scans = StudyTransform(dataclasses.replace(config, ct_windows=windows, max_scans=4), train=True)(study)
+    assert len(as_scans["scans"]) == 4  # two source scans x two windows fit max_scans = 4
+    levels = sorted({round(float(s.mean()) * STD + MEAN, 3) for s in as_scans["scans"]})
+    assert levels == [0.5, 0.52]
+    mean = StudyTransform(
+        dataclasses.replace(config, ct_windows=windows, ct_window_mode="mean"), train=False
+    )(study)
+    assert len(mean["scans"]) == 3
+    assert float(mean["scans"][0].mean()) * STD + MEAN == pytest.approx(0.51, abs=1e-4)
+
+
+def test_non_hu_scans_use_percentiles(config):
+    rng = np.random.default_rng(0)
+    mr = dataclasses.replace(
+        ct_scan(rng.integers(0, 3000, size=(8, 16, 16))), intensity_unit="", modality="MR"
+    )
+    flat = dataclasses.replace(ct_scan(np.full((8, 16, 16), 7)), intensity_unit="", modality="MR")
+    study = Study(key="k", modality="MR", scans=[mr, flat], report="Text.")
+    varied, constant = StudyTransform(config, train=False)(study)["scans"]
+    unit = varied * STD + MEAN
+    assert float(unit.min()) == pytest.approx(0.0, abs=1e-5) and float(unit.max()) == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert torch.allclose(constant, torch.tensor((0 - MEAN) / STD))
+
+
+def test_crops_read_only_the_slabs_they_need(dataset, config):
+    """A crop of 8 slices decodes at most two 8-slice slabs of a scan, not the whole scan."""
+    study = ShardDataset(dataset).open(ShardDataset(dataset).keys()[0])
+    deep = dataclasses.replace(config, img_size=[8, 16, 16])
+    store = study.scans[0].array.store
+    StudyTransform(deep, train=True)(dataclasses.replace(study, scans=study.scans[:1]))
+    chunk_reads = [key for key in store.key_reads if "/c/" in key]
+    assert 1 <= len(chunk_reads) <= 2
+    slabs = -(-study.scans[0].shape[0] // 8)
+    assert slabs >= 2
+
+
+# --- scans and text ----------------------------------------------------------------------------------
+
+
+def test_training_samples_are_a_function_of_seed_epoch_and_key(config):
+    study = fake_study(3, shape=(20, 30, 30), max_scans=3)
+    train = StudyTransform(dataclasses.replace(config, text_mode="sentence"), train=True)
+    first, again, other_epoch = train(study, epoch=0), train(study, epoch=0), train(study, epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(first["scans"], again["scans"], strict=True))
+    assert first["text"] == again["text"]
+    different = [not torch.equal(a, b) for a, b in zip(first["scans"], other_epoch["scans"], strict=False)]
+    assert any(different) or len(first["scans"]) != len(other_epoch["scans"])
+    evaluation = StudyTransform(config, train=False)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(evaluation(study)["scans"], evaluation(study, 5)["scans"], strict=True)
+    )
+
+
+def test_scan_sampling_random_subset_in_training_first_ones_in_evaluation(config):
+    scans = [ct_scan(np.full((8, 16, 16), 100 * i), f"s{i}") for i in range(6)]
+    study = Study(key="k", modality="CT", scans=scans, report="Text.")
+    limited = dataclasses.replace(config, max_scans=3, ct_windows=[[-1000.0, 1000.0]])
+    levels = lambda sample: [round(float(s.mean()) * STD + MEAN, 2) for s in sample["scans"]]  # noqa: E731
+    assert levels(StudyTransform(limited, train=False)(study)) == [0.5, 0.55, 0.6]
+    seen = [tuple(levels(StudyTransform(limited, train=True)(study, epoch=e))) for e in range(8)]
+    assert all(len(set(s)) == 3 for s in seen) and len(set(seen)) > 1
+
+
+def test_text_modes(config):
+    report = "No cube.\nLungs are clear! Heart normal. "
+    study = Study(key="k", modality="CT", scans=[ct_scan(np.zeros((8, 16, 16)))], report=report)
+    sentences = split_sentences(report)
+    assert sentences == ["No cube.", "Lungs are clear!", "Heart normal."]
+    full = StudyTransform(dataclasses.replace(config, text_mode="sentence", text_prefix="CT: "), train=False)
+    assert full(study)["text"] == "CT: " + report.strip()
+    one = StudyTransform(dataclasses.replace(config, text_mode="sentence"), train=True)
+    assert {one(study, e)["text"] for e in range(20)} == set(sentences)
+    shuffled = StudyTransform(dataclasses.replace(config, text_mode="shuffle"), train=True)
+    texts = {shuffled(study, e)["text"] for e in range(20)}
+    assert len(texts) > 1 and all(sorted(split_sentences(t)) == sorted(sentences) for t in texts)
+
+
+# --- filters ---------------------------------------------------------------------------------------
+
+
+def test_filters_agree_between_manifest_and_studies(dataset):
+    studies = all_studies(dataset)
+    rules = [
+        StudyFilter(min_scans=2),
+        StudyFilter(modality=("MR",)),
+        StudyFilter(labels=("cube",), min_report_chars=10),
+        StudyFilter(labels=("missing",)),
+        StudyFilter(body_part=("CHEST",), min_scans=3),
+    ]
+    for rule in rules:
+        assert count_studies([str(dataset)], rule) == sum(rule(s) for s in studies)
+    assert 0 < count_studies([str(dataset)], rules[0]) < len(studies)
+    assert count_studies(["pipe:cat x.tar"], rules[0]) is None
+
+
+# --- the split over ranks and readers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size, readers", [(1, 1), (2, 1), (2, 2), (3, 4), (8, 4)])
+def test_every_study_once_per_epoch_over_ranks_and_readers(config, dataset, world_size, readers):
+    """12 shards for up to 32 consumers: whole shards or shares of one, never a loss or repeat."""
+    config = dataclasses.replace(config, filter_min_scans=2)
+    expected = sorted(s.key for s in all_studies(dataset) if len(s.scans) >= 2)
+    for epoch in (0, 1):
+        keys = [
+            study.key
+            for rank in range(world_size)
+            for reader in range(readers)
+            for study in TrainStream(config, rank, world_size).studies(reader, readers, epoch)
+        ]
+        assert sorted(keys) == expected
+
+
+def test_one_shard_shared_by_more_readers_than_studies(tmp_path, config):
+    tiny = write_fake_dataset(tmp_path / "one", 3)
+    config = dataclasses.replace(config, data=[str(tiny)])
+    shares = [[s.key for s in TrainStream(config, r, 2).studies(w, 2, 0)] for r in range(2) for w in range(2)]
+    assert sorted(k for share in shares for k in share) == sorted(ShardDataset(tiny).keys())
+    assert [] in shares  # four readers, three studies: one reader is idle, none repeats
+
+
+def keys_of(batches):
+    return [batch.keys for batch in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_from_a_data_state_continues_the_same_sequence(config, workers):
+    """Stop after k micro-batches, restart from the saved DataState: the rest is identical."""
+    config = dataclasses.replace(config, num_workers=workers, batch_size=5)
+    patch = (4, 8, 8)
+
+    def loader(state):
+        return build_train_loader(config, tokenizer, patch, 0, 1, state, pin_memory=False)
+
+    reference = list(islice(loader(DataState()), 11))  # 55 studies: more than two epochs of 24
+    state = DataState()
+    for batch in islice(loader(state), 4):
+        state.advance(batch)
+    resumed = list(islice(loader(DataState.from_dict(state.to_dict())), 7))
+    assert keys_of(resumed) == keys_of(reference[4:])
+    assert torch.equal(resumed[-1].packed.patches, reference[-1].packed.patches)
+    assert resumed[-1].tokens["input_ids"].equal(reference[-1].tokens["input_ids"])
+    by_epoch = Counter((e, k) for b in reference for k, (_, e, _) in zip(b.keys, b.positions, strict=True))
+    assert max(by_epoch.values()) == 1
+    assert len([1 for (e, _) in by_epoch if e == 0]) == 24 and len([1 for (e, _) in by_epoch if e == 1]) == 24
+
+
+class _Tokenizer:
+    """Stands in for the text tokenizer where only the data order matters."""
+
+    def __call__(self, texts):
+        ids = torch.tensor([[len(t), sum(map(ord, t)) % 997] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+tokenizer = _Tokenizer()
+
+
+# --- bad studies -------------------------------------------------------------------------------------
+
+
+def locate(dataset, key: str, member: str) -> tuple[str, int, int]:
+    row = next(r for r in pq.read_table(dataset / "manifest.parquet").to_pylist() if r["key"] == key)
+    return row["shard"], row[f"{member}_offset"], row[f"{member}_size"]
+
+
+def corrupt_json(dataset, key: str) -> None:
+    """Zero the first bytes of a study's JSON member inside its tar shard."""
+    shard, offset, _ = locate(dataset, key, "json")
+    with open(dataset / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(16))
+
+
+def corrupt_chunks(dataset, key: str) -> None:
+    """Zero the compressed voxel chunks of a study's zarr.zip, leaving its metadata intact:
+    the study decodes, and fails only when a crop reads voxels."""
+    shard, offset, size = locate(dataset, key, "zarr_zip")
+    with open(dataset / shard, "r+b") as f:
+        f.seek(offset)
+        member = bytearray(f.read(size))
+        for info in zipfile.ZipFile(io.BytesIO(bytes(member))).infolist():
+            if "/c/" in info.filename:
+                name_len, extra_len = struct.unpack(
+                    "<HH", member[info.header_offset + 26 : info.header_offset + 30]
+                )
+                start = info.header_offset + 30 + name_len + extra_len
+                member[start : start + info.compress_size] = bytes(info.compress_size)
+        f.seek(offset)
+        f.write(member)
+
+
+def test_undecodable_studies_are_skipped_and_counted(tmp_path, config, caplog):
+    dataset = write_fake_dataset(tmp_path / "bad", 10, max_shard_bytes=60_000)
+    keys = sorted(ShardDataset(dataset).keys())
+    corrupt_json(dataset, keys[2])
+    corrupt_chunks(dataset, keys[5])
+    config = dataclasses.replace(config, data=[str(dataset)])
+    samples = list(islice(iter(TrainStream(config, 0, 1)), 16))  # all 8 good ones of epoch 0 and 1
+    epoch0 = [s["key"] for s in samples if s["position"][1] == 0]
+    assert sorted(epoch0) == sorted(set(keys) - {keys[2], keys[5]})
+    assert samples[len(epoch0) - 1]["skipped"] == {0: 2}
+    assert samples[-1]["skipped"] == {0: 4}  # the same two, again in epoch 1
+    warned = {(r.name, k) for r in caplog.records for k in (keys[2], keys[5]) if k in r.getMessage()}
+    assert ("hlip.train.data", keys[5]) in warned and ("hlip.shards.stream", keys[2]) in warned
