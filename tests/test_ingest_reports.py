@@ -70,8 +70,9 @@ def test_load_report_table_formats_and_keys(tmp_path, suffix, key_column):
     assert first.labels == {"lung_nodule": 1, "pleural_effusion": 0, "score": 0.25, "site": "north"}
     assert second.labels == {"lung_nodule": 0}
     assert isinstance(first.labels["lung_nodule"], int)
-    all_labels = load_report_table(path, key_column, text_columns=("Findings_EN", "Impressions_EN"))
-    assert other_key in all_labels[ROWS[0][key_column]].labels
+    default = load_report_table(path, key_column, text_columns=("Findings_EN", "Impressions_EN"))
+    assert default[ROWS[0][key_column]].labels == first.labels  # identifiers never become labels
+    assert other_key not in default[ROWS[0][key_column]].labels
 
 
 def test_single_text_column_has_no_heading_and_mapping_sets_headings(tmp_path):

@@ -22,6 +22,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from hlip.ingest.deid import PHI_KEYWORDS
+
 TABLE_SUFFIXES = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -31,6 +33,10 @@ TABLE_SUFFIXES = {
     ".ndjson": "jsonl",
     ".json": "jsonl",
 }
+
+
+IDENTIFIER_COLUMNS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", *PHI_KEYWORDS})
+"""Columns never taken as labels by default: identifiers and PHI (a label reaches the shards)."""
 
 
 class ReportTableError(ValueError):
@@ -81,7 +87,8 @@ def load_report_table(
 
     Several ``text_columns`` are joined into sections headed by the column name
     (``Findings_EN`` -> "Findings:"); a mapping column -> heading sets the headings.
-    ``label_columns`` default to every other column; label values keep their type
+    ``label_columns`` default to every other column except identifiers and PHI
+    (:data:`IDENTIFIER_COLUMNS`: UIDs, accession number, patient fields, dates); label values keep their type
     (numbers stay numbers) and a missing value (null, empty, NaN) leaves the label absent.
     """
     headings = _headings(text_columns)
@@ -121,7 +128,9 @@ def _label_columns(
 ) -> list[str]:
     if label_columns is not None:
         return list(label_columns)
-    return [c for c in table.column_names if c != key_column and c not in headings]
+    return [
+        c for c in table.column_names if c != key_column and c not in headings and c not in IDENTIFIER_COLUMNS
+    ]
 
 
 def _require_columns(path: str | Path, table: pa.Table, columns: Sequence[str]) -> None:

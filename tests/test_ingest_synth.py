@@ -1,0 +1,286 @@
+"""Synthetic archives: every kind of object is there and readable, pixels survive every
+transfer syntax, geometry and findings are what the summary says, bytes are deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.errors import InvalidDicomError
+from pydicom.fileset import FileSet
+from pydicom.uid import BasicTextSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage
+
+from hlip.ingest import synth
+from hlip.ingest.deid import scrub_report
+from hlip.ingest.reports import load_report_table, sr_text
+from hlip.ingest.synth import FINDINGS, KINDS, SCAN_KINDS, Sizes, available_transfer_syntaxes, make_archive
+
+SIZES = Sizes(ct_matrix=64, mr_matrix=64, ct_coverage_mm=100)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return make_archive(tmp_path_factory.mktemp("synth") / "archive", n_studies=6, seed=5, sizes=SIZES)
+
+
+def read_bytes(archive, file) -> bytes:
+    if file.member:
+        with zipfile.ZipFile(archive.root / file.path) as bundle:
+            return bundle.read(file.member)
+    return (archive.root / file.path).read_bytes()
+
+
+def read(archive, file) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(read_bytes(archive, file)))
+
+
+def series_of(archive, kind):
+    """{series uid: datasets sorted along the slice normal} of loose files of ``kind``."""
+    groups = {}
+    for file in archive.files:
+        if file.kind == kind:
+            groups.setdefault(file.series_uid, []).append(read(archive, file))
+    for datasets in groups.values():
+        normal = np.cross(*np.reshape(datasets[0].ImageOrientationPatient, (2, 3)))
+        datasets.sort(key=lambda ds: float(normal @ np.asarray(ds.ImagePositionPatient, float)))
+    return groups
+
+
+def test_every_kind_of_object_is_present(archive):
+    counts = Counter(f.kind for f in archive.files)
+    assert set(counts) == set(KINDS)
+    used = {f.transfer_syntax for f in archive.files if f.kind in SCAN_KINDS}
+    assert {str(uid) for uid in available_transfer_syntaxes()} <= used
+    assert {read(archive, f).SOPClassUID for f in archive.files_of("sr_report")} == {
+        BasicTextSRStorage,
+        EnhancedSRStorage,
+    }
+    paths = [Path(f.path) for f in archive.files]
+    assert any(f.member for f in archive.files)  # a zip export
+    assert any(p.suffix == "" for p in paths) and any(p.suffix.lower() == ".dcm" for p in paths)
+    assert max(len(p.parts) for p in paths) >= 4  # nested folders
+    assert (archive.root / "reports.csv").is_file()
+
+
+def test_every_dicom_object_reads_and_decodes(archive):
+    for file in archive.files:
+        if file.kind in ("empty", "not_dicom", "truncated", "dicomdir"):
+            continue
+        ds = read(archive, file)
+        assert ds.SOPInstanceUID == file.sop_instance_uid
+        assert ds.file_meta.TransferSyntaxUID == file.transfer_syntax
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        if "PixelData" in ds:
+            assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
+        if file.kind in SCAN_KINDS:
+            assert ds.Modality in ("CT", "MR")
+            assert ("RescaleSlope" in ds) == (ds.Modality == "CT")
+
+
+def test_object_kinds_carry_their_markers(archive):
+    for file in archive.files_of("localizer"):
+        ds = read(archive, file)
+        assert "LOCALIZER" in ds.ImageType or ds.SeriesDescription == "3-plane loc"
+    for file in archive.files_of("ct_reformat"):
+        ds = read(archive, file)
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "REFORMATTED"]
+        assert ds.ImageOrientationPatient[3:] == [0, 0, -1]
+    for file in archive.files_of("dose_report"):
+        ds = read(archive, file)
+        assert (ds.SOPClassUID, list(ds.ImageType), ds.SeriesDescription) == (
+            SecondaryCaptureImageStorage,
+            ["DERIVED", "SECONDARY"],
+            "Dose Report",
+        )
+        assert ds.BurnedInAnnotation == "YES" and ds.pixel_array.max() > 0
+    planes = [
+        {tuple(read(archive, f).ImageOrientationPatient) for f in files}
+        for files in _by_series(archive, "localizer")
+    ]
+    assert max(len(p) for p in planes) == 3  # a 3-plane localizer in one series
+
+
+def _by_series(archive, kind):
+    groups = {}
+    for file in archive.files_of(kind):
+        groups.setdefault(file.series_uid, []).append(file)
+    return list(groups.values())
+
+
+def test_ct_values_and_geometry(archive):
+    for datasets in series_of(archive, "ct_axial_thin").values():
+        hu = np.stack(
+            [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets]
+        )
+        middle = hu[len(hu) // 2]
+        assert abs(middle[0, 0] + 1000) < 60  # air
+        assert abs(middle[32, 32] - 40) < 60  # soft tissue between the lungs
+        assert (hu < -800).mean() > 0.1  # lungs
+        steps = np.diff([ds.ImagePositionPatient[2] for ds in datasets])
+        assert np.allclose(steps, float(datasets[0].SliceThickness))
+        numbers = [ds.InstanceNumber for ds in datasets]
+        assert sorted(numbers) == list(range(1, len(datasets) + 1))
+
+
+def test_gantry_tilt_shears_the_stack(archive):
+    tilted = series_of(archive, "ct_axial_tilted")
+    assert tilted
+    for datasets in tilted.values():
+        assert datasets[0].GantryDetectorTilt == 15.0
+        normal = np.cross(*np.reshape(datasets[0].ImageOrientationPatient, (2, 3)))
+        step = np.subtract(datasets[1].ImagePositionPatient, datasets[0].ImagePositionPatient)
+        angle = np.degrees(np.arccos(abs(normal @ step) / np.linalg.norm(step)))
+        assert angle == pytest.approx(15.0, abs=0.01)
+
+
+def test_mr_series(archive):
+    orientations = set()
+    for kind in ("mr_t1", "mr_t2", "mr_flair"):
+        for datasets in series_of(archive, kind).values():
+            assert "RescaleIntercept" not in datasets[0]
+            assert datasets[0].pixel_array.dtype == (np.int16 if kind == "mr_t2" else np.uint16)
+            orientations.add(tuple(np.round(datasets[0].ImageOrientationPatient, 3)))
+    assert any(abs(o[4]) not in (0.0, 1.0) for o in orientations)  # an oblique axial
+
+
+def test_reports_table_matches_the_summary(archive):
+    by_uid = load_report_table(archive.reports_csv)
+    by_accession = load_report_table(archive.reports_csv, key_column="AccessionNumber")
+    assert list(by_uid) == [s.study_uid for s in archive.studies]
+    for study in archive.studies:
+        report = by_uid[study.study_uid]
+        assert by_accession[study.accession_number] == report
+        own = {label for label, f in FINDINGS.items() if f.modality == study.modality}
+        assert report.labels == {label: study.labels[label] for label in own}
+        if study.report_in_sr:
+            assert report.text == ""
+            (sr,) = [f for f in archive.files_of("sr_report") if f.study_uid == study.study_uid]
+            assert sr_text(read(archive, sr)) == study.report
+        else:
+            assert report.text == study.report
+
+
+KEYWORDS = {
+    "lung_nodule": "nodule",
+    "pleural_effusion": "effusion",
+    "emphysema": "emphysema",
+    "mass": "mass",
+    "hemorrhage": "hemorrhage",
+    "hydrocephalus": "hydrocephalus",
+}
+
+
+def test_reports_state_every_finding(archive):
+    for study in archive.studies:
+        impression = study.report.lower().split("impression")[-1]
+        for label, value in study.labels.items():
+            assert (KEYWORDS[label] in impression) == bool(value), (label, study.report)
+
+
+def test_findings_are_planted_with_their_labels():
+    counts = Counter()
+    for index in range(120):
+        modality = "CT" if index % 2 == 0 else "MR"
+        study = synth._plan_study(index, seed=11, modality=modality, sizes=Sizes())
+        tissues = {shape.tissue for shape in study.phantom.shapes}
+        planted = {
+            "lung_nodule": synth.NODULE in tissues,
+            "pleural_effusion": synth.FLUID in tissues,
+            "emphysema": synth.BULLA in tissues,
+            "mass": synth.MASS in tissues,
+            "hemorrhage": synth.BLOOD in tissues,
+            "hydrocephalus": "hydrocephalus" in study.details,
+        }
+        for label, value in study.labels.items():
+            assert planted[label] == bool(value)
+            counts[label] += value
+    assert all(15 <= counts[label] <= 40 for label in FINDINGS), counts  # ~45% of 60 studies
+
+
+def test_phi_is_in_headers_and_reports_and_scrubbable(archive):
+    mentioned = 0
+    for study in archive.studies:
+        (first, *_) = [f for f in archive.files if f.study_uid == study.study_uid and f.kind in SCAN_KINDS]
+        header = read(archive, first)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+            assert str(header[keyword].value) == study.phi[keyword]
+        mentioned += any(value in study.report for value in archive.phi_values)
+        scrubbed = scrub_report(study.report, study.phi)
+        assert not [value for value in archive.phi_values if value in scrubbed]
+    assert mentioned == len(archive.studies)
+
+
+def test_broken_and_extra_files(archive):
+    (truncated,) = archive.files_of("truncated")
+    with pytest.raises(Exception):  # noqa: B017 - any decoding error will do
+        read(archive, truncated).pixel_array  # noqa: B018
+    (empty,) = archive.files_of("empty")
+    assert (archive.root / empty.path).stat().st_size == 0
+    for junk in archive.files_of("not_dicom"):
+        with pytest.raises(InvalidDicomError):
+            pydicom.dcmread(archive.root / junk.path)
+    (duplicate,) = archive.files_of("duplicate")
+    originals = [
+        f for f in archive.files if f.sop_instance_uid == duplicate.sop_instance_uid and f.kind in SCAN_KINDS
+    ]
+    assert read_bytes(archive, duplicate) == read_bytes(archive, originals[0])
+    (dicomdir,) = archive.files_of("dicomdir")
+    file_set = FileSet(pydicom.dcmread(archive.root / dicomdir.path))
+    folder = Path(dicomdir.path).parent.as_posix() + "/"
+    members = {
+        f.sop_instance_uid for f in archive.files if f.path.startswith(folder) and f.kind != "dicomdir"
+    }
+    assert {instance.SOPInstanceUID for instance in file_set} == members
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_same_seed_same_bytes(tmp_path):
+    small = Sizes(ct_matrix=32, mr_matrix=32, ct_coverage_mm=80)
+    first = tree_digest(make_archive(tmp_path / "a", n_studies=4, seed=1, sizes=small).root)
+    second = tree_digest(make_archive(tmp_path / "b", n_studies=4, seed=1, sizes=small).root)
+    assert first == second
+    other = make_archive(tmp_path / "c", n_studies=1, seed=2, sizes=small).reports_csv.read_text()
+    assert (tmp_path / "a" / "reports.csv").read_text().splitlines()[1] != other.splitlines()[1]
+    with pytest.raises(FileExistsError):
+        make_archive(tmp_path / "a", n_studies=1)
+
+
+@pytest.mark.parametrize("syntax", available_transfer_syntaxes(), ids=lambda uid: uid.name)
+def test_series_files_decode_exactly_and_match_pydicom(tmp_path, syntax):
+    for index, modality in ((0, "CT"), (1, "CT"), (3, "MR")):  # unsigned and signed CT, MR
+        study = synth._plan_study(index, seed=0, modality=modality, sizes=SIZES)
+        build = synth._ct_series if modality == "CT" else synth._mr_series
+        series = build(study, SIZES)[2 if modality == "CT" else 2]
+        series.transfer_syntax = syntax
+        files = synth.series_files(series, tmp_path)
+        for i in (0, len(files) - 1):
+            ds = pydicom.dcmread(io.BytesIO(files[i]))
+            np.testing.assert_array_equal(ds.pixel_array, series.pixels[i])
+            if not syntax.is_compressed:
+                assert files[i] == _pydicom_bytes(series, i)
+
+
+def _pydicom_bytes(series, i: int) -> bytes:
+    """The same instance written by pydicom's own writer from one full data set."""
+    ds = pydicom.Dataset()
+    ds.update(series.template)
+    ds.update(series.instances[i])
+    ds.PixelData = series.pixels[i].astype(series.pixels.dtype.newbyteorder("<")).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta = synth._file_meta(ds.SOPClassUID, ds.SOPInstanceUID, series.transfer_syntax)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
