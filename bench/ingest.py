@@ -77,7 +77,7 @@ def time_ingest(folder: Path, reports: Path | None, workers: int) -> dict[str, f
         start = time.perf_counter()
         with (
             LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
             ) as cluster,
             Client(cluster) as client,
         ):

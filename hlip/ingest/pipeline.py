@@ -156,7 +156,7 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         threads_per_worker=1,
         processes=True,
         memory_limit=memory_limit,
-        dashboard_address=None,
+        dashboard_address=":0",
     )
     with cluster, Client(cluster) as client:
         yield client
