@@ -149,6 +149,13 @@ def test_shard_plan_is_greedy_contiguous_and_size_bounded(sizes, limit):
             assert total + sizes[following[0]] > limit
 
 
+def test_samples_and_manifest_rows_follow_key_order(tmp_path):
+    keys = ["a-b", "a", "A", "a_b", "a0"]
+    write_dataset(tmp_path, [synthetic_study(key, n_scans=1, shape=(2, 4, 4)) for key in keys])
+    assert ShardDataset(tmp_path).keys() == sorted(keys)
+    assert [study.key for study in stream_studies(tmp_path, shardshuffle=False)] == sorted(keys)
+
+
 def test_encode_study_is_a_pure_function_of_the_study():
     study = synthetic_study("k1", n_scans=2, shape=(9, 16, 16))
     assert encode_study(study) == encode_study(synthetic_study("k1", n_scans=2, shape=(9, 16, 16)))

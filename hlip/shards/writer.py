@@ -510,7 +510,7 @@ class DatasetWriter:
         rebuilds the same bytes from the staging directory.
         """
         (self.out_dir / fmt.MANIFEST_FILE).unlink(missing_ok=True)
-        staged = sorted(self.staging.glob(f"*{STAGED_SUFFIX}"))
+        staged = [self._staged_path(key) for key in self.staged_keys()]
         packed = pack_shards(staged, self.out_dir, self.prefix, self.max_shard_bytes)
         manifest = manifest_table(packed)
         write_bytes_atomic(self.out_dir / fmt.SCANS_FILE, parquet_bytes(scans_table(packed)))
