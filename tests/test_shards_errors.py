@@ -122,6 +122,9 @@ def test_checksum_mismatch_names_the_study_and_member(tmp_path):
             scan.array[...]
 
 
-def test_missing_manifest_is_a_format_error(tmp_path):
+def test_missing_or_damaged_manifest_is_a_format_error(tmp_path):
     with pytest.raises(ShardFormatError, match="manifest.parquet is missing"):
+        ShardDataset(tmp_path)
+    (tmp_path / fmt.MANIFEST_FILE).write_bytes(b"not parquet")
+    with pytest.raises(ShardFormatError, match="manifest.parquet does not read as Parquet"):
         ShardDataset(tmp_path)

@@ -245,7 +245,10 @@ class ShardDataset:
                 raise ShardFormatError(
                     f"{self.path} is not a finished dataset: {fmt.MANIFEST_FILE} is missing"
                 )
-            manifest = pq.read_table(manifest_path)
+            try:
+                manifest = pq.read_table(manifest_path)
+            except (pa.ArrowException, OSError) as error:
+                raise ShardFormatError(f"{manifest_path} does not read as Parquet: {error}") from None
             for version in set(manifest.column("format_version").to_pylist()):
                 fmt.check_version(version, where=str(manifest_path))
         self.manifest = manifest
