@@ -85,7 +85,7 @@ def csa_mosaic_info(ds: Dataset) -> MosaicInfo:
     normal = _unit_vector(csa.get("SliceNormalVector")) or _unit_vector(
         [protocol.get(f"sSliceArray.asSlice[0].sNormal.{axis}", "0") for axis in _PCS_AXES]
     )
-    centres = _protocol_centres(protocol, n_images)
+    centres = _slice_centres(protocol, n_images)
     if centres is None:
         return MosaicInfo(n_images, normal, None)
     first, last = centres
@@ -109,8 +109,14 @@ def _ascconv(csa_series: dict[str, list[str]]) -> dict[str, str]:
     return {key.strip(): value.split("#")[0].strip().strip('"') for key, value in entries}
 
 
-def _protocol_centres(protocol: dict[str, str], n_images: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Centres of the first and last ``sSliceArray`` slices (ASCCONV omits zero values)."""
+def protocol_slice_centres(ds: Dataset, n_images: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Centres (LPS mm) of the first and last of ``n_images`` slices the Siemens protocol
+    prescribes (``sSliceArray`` of the ASCCONV block), or None."""
+    return _slice_centres(_ascconv(parse_csa_header(_raw_bytes(ds.get(CSA_SERIES_HEADER_TAG)))), n_images)
+
+
+def _slice_centres(protocol: dict[str, str], n_images: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last ``sSliceArray`` centres; ASCCONV omits zero-valued entries."""
     if not n_images or n_images < 2:
         return None
     if not any(key.startswith(f"sSliceArray.asSlice[{n_images - 1}].") for key in protocol):

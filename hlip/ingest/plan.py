@@ -104,12 +104,14 @@ _DOSE_SR_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.76",  # Enhanced X-Ray Radiation Dose SR
 }
 _SOP_CLASS_PREFIX_REASONS = (
-    ("1.2.840.10008.5.1.4.1.1.7", "secondary_capture"),
+    ("1.2.840.10008.5.1.4.1.1.7", "secondary_capture"),  # and its multi-frame variants .7.1-.7.4
     ("1.2.840.10008.5.1.4.1.1.11.", "presentation_state"),
-    ("1.2.840.10008.5.1.4.1.1.66", "raw_data"),
-    ("1.3.12.2.1107.5.9.1", "raw_data"),  # Siemens CSA non-image
     ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated_document"),
 )
+_RAW_DATA_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66",  # Raw Data
+    "1.3.12.2.1107.5.9.1",  # Siemens CSA Non-Image
+}
 _VOLUME_MODALITIES = {"CT", "MR", "PT"}
 """Modalities accepted from files that lack a SOPClassUID (old ACR-NEMA style)."""
 
@@ -311,6 +313,8 @@ def _sop_class_verdict(row: dict[str, Any]) -> tuple[str, str] | str | None:
         return "report"
     if sop in _DOSE_SR_SOP_CLASSES:
         return ("dose_report", sop)
+    if sop in _RAW_DATA_SOP_CLASSES:
+        return ("raw_data", sop)
     for prefix, reason in _SOP_CLASS_PREFIX_REASONS:
         if sop.startswith(prefix):
             return (reason, sop)
@@ -661,15 +665,15 @@ def _plan_volume(
     volume: list[_Slice], index: int, count: int, config: PlanConfig, ledger: _Ledger
 ) -> ScanPlan | None:
     first = volume[0]
-    if len(volume) < config.min_slices:
-        ledger.reject_slices(volume, "too_few_slices", f"{len(volume)} < min_slices={config.min_slices}")
-        return None
     positions = np.stack([s.position for s in volume])
     stack_geometry = geometry.stack_geometry(positions, first.orientation, first.pixel_spacing)
     if stack_geometry.has_gap(config.gap_factor):
         steps = stack_geometry.steps
         message = f"largest step {steps.max():.3f} mm, median {np.median(steps):.3f} mm"
         ledger.reject_slices(volume, "missing_slices", message)
+        return None
+    if len(volume) < config.min_slices:
+        ledger.reject_slices(volume, "too_few_slices", f"{len(volume)} < min_slices={config.min_slices}")
         return None
     row = first.row
     return ScanPlan(

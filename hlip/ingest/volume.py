@@ -153,7 +153,7 @@ def read_slices(
         row = rows.get(file_id)
         if row is None:
             raise ScanRejected("decode_error", f"{file_id}: not in the index rows given")
-        frames = _decode_file(row)
+        frames = decode_frames(row)
         for i in positions:
             ref = scan_plan.slices[i]
             image = _pick(frames, row, ref.frame, ref.tile)
@@ -167,8 +167,9 @@ def read_slices(
     return np.stack(stored), slopes, intercepts
 
 
-def _decode_file(row: Mapping[str, Any]) -> np.ndarray:
-    """All frames of one file as ``[frames, rows, cols]`` stored values."""
+def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
+    """All frames of the file of index row ``row`` as ``[frames, rows, cols]`` stored values
+    (no rescale applied). Raises :class:`ScanRejected` when the pixels cannot be decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
