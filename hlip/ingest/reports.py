@@ -91,7 +91,7 @@ def load_report_table(
     (:data:`IDENTIFIER_COLUMNS`: UIDs, accession number, patient fields, dates); label values keep their type
     (numbers stay numbers) and a missing value (null, empty, NaN) leaves the label absent.
     """
-    headings = _headings(text_columns)
+    headings = section_headings(text_columns)
     table = read_table(path, string_columns=[key_column, *headings])
     labels = _label_columns(table, key_column, headings, label_columns)
     _require_columns(path, table, [key_column, *headings, *labels])
@@ -107,7 +107,8 @@ def load_report_table(
     }
 
 
-def _headings(text_columns: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+def section_headings(text_columns: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """Text column -> section heading: none for a single column, else from the column name."""
     if isinstance(text_columns, str):
         text_columns = (text_columns,)
     if isinstance(text_columns, Mapping):
