@@ -179,7 +179,7 @@ class HierarchicalViT(nn.Module):
         layout = packed.layout
         if self.training and self.patch_drop_rate > 0:
             kept, layout = packed.drop_tokens(self.patch_drop_rate)
-            tokens = tokens.index_select(0, kept)
+            tokens = kept(tokens)
         level = self.block_levels[0]
         x = layout.pack(self.cls_token.view(-1), tokens, level)
         last = len(self.blocks) - 1
