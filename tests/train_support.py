@@ -6,6 +6,9 @@ states, written with the real shard writer, so the training tests read real shar
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +62,11 @@ def write_fake_dataset(out_dir: Path, n: int, seed: int = 0, max_shard_bytes: in
     return out_dir
 
 
-def tiny_config(data: Path | list, out: Path, *overrides: str) -> TrainConfig:
-    """demo-cpu with the nano model, fp32, no progress bar; ``overrides`` as ``key=value``."""
+def tiny_overrides(data: Path | list, out: Path, *overrides: str) -> list[str]:
+    """``key=value`` settings turning demo-cpu into a fast test run of the nano model."""
     sources = [str(d) for d in data] if isinstance(data, list) else [str(data)]
-    base = [
+    return [
+        *NANO_OVERRIDES,
         f"data={sources!r}".replace("'", '"'),
         f'out="{out}"',
         "num_workers=0",
@@ -73,5 +77,25 @@ def tiny_config(data: Path | list, out: Path, *overrides: str) -> TrainConfig:
         "tensorboard=false",
         "lr=1e-3",
         "lock_text=true",  # the 22M-parameter MiniLM stays frozen: small optimizer state, fast steps
+        *overrides,
     ]
-    return load_config("demo-cpu", [*NANO_OVERRIDES, *base, *overrides])
+
+
+def tiny_config(data: Path | list, out: Path, *overrides: str) -> TrainConfig:
+    """demo-cpu with the nano model, fp32, no progress bar; ``overrides`` as ``key=value``."""
+    return load_config("demo-cpu", tiny_overrides(data, out, *overrides))
+
+
+def cli_command(overrides: list[str], *args: str) -> list[str]:
+    """``python -m hlip.train.cli --config demo-cpu --set ...`` for a subprocess run."""
+    sets = [item for override in overrides for item in ("--set", override)]
+    return [sys.executable, "-m", "hlip.train.cli", "--config", "demo-cpu", *sets, *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    """One compute thread per process: identical arithmetic in every run, no oversubscription."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
