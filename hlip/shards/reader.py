@@ -260,6 +260,9 @@ class ShardDataset:
         table = pq.read_table(self.path / fmt.SCANS_FILE)
         return table.filter(pc.is_in(table["key"], value_set=self.manifest["key"]))
 
+    def __repr__(self) -> str:
+        return f"ShardDataset({str(self.path)!r}, {len(self)} studies)"
+
     def keys(self) -> list[str]:
         return list(self._rows)
 

@@ -197,11 +197,13 @@ class StudyStream(IterableDataset):
             key = sample["__key__"]
             members = {ext: sample[ext] for ext in fmt.MEMBERS if ext in sample}
             try:
-                yield decode_study(key, members)
+                study = decode_study(key, members)
             except Exception as error:
                 if not self.skip_errors:
                     raise ShardFormatError(f"study {key!r} in {sample.get('__url__')}: {error}") from error
                 self.errors.record(key, error)
+                continue
+            yield study
 
 
 def stream_studies(
