@@ -14,7 +14,12 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
-from pydicom.uid import BasicTextSRStorage, EnhancedSRStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    BasicTextSRStorage,
+    EnhancedSRStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 
 from hlip.ingest import synth
 from hlip.ingest.deid import scrub_report
@@ -284,3 +289,13 @@ def _pydicom_bytes(series, i: int) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def test_transfer_syntaxes_can_be_chosen(tmp_path):
+    small = Sizes(ct_matrix=32, mr_matrix=32, ct_coverage_mm=80)
+    archive = make_archive(
+        tmp_path / "plain", n_studies=2, sizes=small, transfer_syntaxes=[ExplicitVRLittleEndian]
+    )
+    assert {f.transfer_syntax for f in archive.files if f.transfer_syntax} == {ExplicitVRLittleEndian}
+    with pytest.raises(ValueError, match="cannot encode"):
+        make_archive(tmp_path / "none", n_studies=1, transfer_syntaxes=[])

@@ -21,11 +21,12 @@ their radiology reports, and the clutter of a real hospital export.
 The returned :class:`SynthArchive` lists every file with its kind and every PHI string, so
 tests can check what an ingest run made of each file and grep its outputs for PHI.
 
-Compressed syntaxes: RLE Lossless and JPEG 2000 Lossless are encoded by pydicom (RLE
-natively, JPEG 2000 with pylibjpeg-openjpeg); JPEG Lossless (Process 14 SV1) and JPEG-LS
-Lossless with GDCM (python-gdcm), as pydicom has no encoder for them. Where an encoder is
-missing, its series are written Explicit VR Little Endian instead (see
-:func:`available_transfer_syntaxes`); the summary records the syntax actually used.
+Compressed syntaxes: RLE Lossless is encoded by pydicom itself; JPEG Lossless (Process 14
+SV1), JPEG-LS Lossless and JPEG 2000 Lossless by GDCM (python-gdcm), as pydicom has no
+encoder for the first two (JPEG-LS would need pyjpegls) and pylibjpeg-openjpeg refuses
+images under 32 pixels. Without GDCM, JPEG 2000 falls back to pylibjpeg-openjpeg and the
+other two are left out of the cycle (see :func:`available_transfer_syntaxes`); the summary
+records the syntax each file has.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import tempfile
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import FileSet
-from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.filewriter import write_data_element
 from pydicom.pixels import get_encoder
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -1327,6 +1328,7 @@ _GDCM_SYNTAXES = (JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless)
 """Encoded with GDCM when it is installed (one call per series; it also copes with images
 under 32 pixels, which pylibjpeg-openjpeg's default settings refuse)."""
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+MEDIA_STORAGE_SOP_INSTANCE_UID = Tag(0x0002, 0x0003)
 
 
 def available_transfer_syntaxes() -> list[UID]:
@@ -1406,6 +1408,7 @@ def _file_meta(sop_class: str, sop_instance: str, syntax: UID) -> FileMetaDatase
     meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "HLIP_SYNTH_1"
+    meta.FileMetaInformationVersion = b"\x00\x01"
     return meta
 
 
@@ -1433,37 +1436,49 @@ def series_files(series: _Series, scratch: Path) -> list[bytes]:
     """
     syntax = series.transfer_syntax
     values = _pixel_values(series, scratch)
-    variable = sorted(set(series.instances[0].keys()) | ({PIXEL_DATA} if values else set()))
-    shared = [[] for _ in range(len(variable) + 1)]
-    for tag in sorted(series.template.keys()):
-        shared[bisect.bisect(variable, tag)].append(series.template[tag])
+    pixels = {PIXEL_DATA: [_pixel_element(v, series) for v in values]} if values else {}
     implicit = syntax == ImplicitVRLittleEndian
-    shared_bytes = [_encode_elements(run, implicit) for run in shared]
+    bodies = _spliced(series.template, series.instances, pixels, implicit)
+    meta = _file_meta(series.template.SOPClassUID, "", syntax)
+    del meta.MediaStorageSOPInstanceUID
+    instance_uids = [
+        {MEDIA_STORAGE_SOP_INSTANCE_UID: DataElement(MEDIA_STORAGE_SOP_INSTANCE_UID, "UI", i.SOPInstanceUID)}
+        for i in series.instances
+    ]
+    metas = _spliced(meta, instance_uids, {}, implicit=False)
     files = []
-    for i, instance in enumerate(series.instances):
-        parts = [shared_bytes[0]]
-        for tag, after in zip(variable, shared_bytes[1:], strict=True):
-            element = _pixel_element(values[i], series) if tag == PIXEL_DATA else instance[tag]
-            parts += [_encode_elements([element], implicit), after]
-        body = b"".join(parts)
+    for meta_bytes, body in zip(metas, bodies, strict=True):
         if syntax == DeflatedExplicitVRLittleEndian:
             body = _deflate(body)
-        files.append(_preamble(series.template.SOPClassUID, instance.SOPInstanceUID, syntax) + body)
+        group_length = _encode_elements([DataElement(0x00020000, "UL", len(meta_bytes))], implicit=False)
+        files.append(b"\x00" * 128 + b"DICM" + group_length + meta_bytes + body)
     return files
+
+
+def _spliced(
+    shared: Dataset, instances: Sequence[Mapping], extra: Mapping[Tag, list], implicit: bool
+) -> list[bytes]:
+    """Each instance's elements (``instances[i]`` and ``extra[tag][i]``) merged in tag order
+    with the ``shared`` ones, which are encoded once."""
+    variable = sorted(set(instances[0].keys()) | set(extra))
+    runs: list[list[DataElement]] = [[] for _ in range(len(variable) + 1)]
+    for tag in sorted(shared.keys()):
+        runs[bisect.bisect(variable, tag)].append(shared[tag])
+    encoded = [_encode_elements(run, implicit) for run in runs]
+    out = []
+    for i, instance in enumerate(instances):
+        parts = [encoded[0]]
+        for tag, after in zip(variable, encoded[1:], strict=True):
+            element = extra[tag][i] if tag in extra else instance[tag]
+            parts += [_encode_elements([element], implicit), after]
+        out.append(b"".join(parts))
+    return out
 
 
 def _deflate(body: bytes) -> bytes:
     compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     deflated = compressor.compress(body) + compressor.flush()
     return deflated + b"\x00" * (len(deflated) % 2)
-
-
-def _preamble(sop_class: str, sop_instance: str, syntax: UID) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    fp.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(fp, _file_meta(sop_class, sop_instance, syntax), enforce_standard=True)
-    return fp.getvalue()
 
 
 def _slug(text: str) -> str:
@@ -1567,15 +1582,27 @@ def _broken_files(writer: _Writer, first: SynthFile, rng: np.random.Generator) -
     writer.put("incoming/Thumbs.db", rng.bytes(512), SynthFile("incoming/Thumbs.db", "not_dicom"))
 
 
-def _assign_syntaxes(series_list: list[_Series], counter: int, syntaxes: list[UID]) -> int:
+def _assign_syntaxes(series_list: list[_Series], counter: int, cycle: Sequence[UID]) -> int:
+    """Series take the syntaxes of ``cycle`` in turn (SR documents: an uncompressed one)."""
     for series in series_list:
-        if series.kind == "sr_report":
-            series.transfer_syntax = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)[counter % 2]
-        else:
-            wanted = TRANSFER_SYNTAX_CYCLE[counter % len(TRANSFER_SYNTAX_CYCLE)]
-            series.transfer_syntax = wanted if wanted in syntaxes else ExplicitVRLittleEndian
+        series.transfer_syntax = cycle[counter % len(cycle)]
+        if series.kind == "sr_report" and series.transfer_syntax.is_compressed:
+            series.transfer_syntax = ExplicitVRLittleEndian
         counter += 1
     return counter
+
+
+def _syntax_cycle(transfer_syntaxes: Sequence[str] | None) -> list[UID]:
+    available = available_transfer_syntaxes()
+    if transfer_syntaxes is None:
+        return [uid for uid in TRANSFER_SYNTAX_CYCLE if uid in available]
+    cycle = [UID(uid) for uid in transfer_syntaxes]
+    missing = [uid.name for uid in cycle if uid not in available]
+    if missing or not cycle:
+        raise ValueError(
+            f"cannot encode {missing or 'an empty list'}; available: {[u.name for u in available]}"
+        )
+    return cycle
 
 
 def _write_reports_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -1602,6 +1629,7 @@ def make_archive(
     modalities: Sequence[str] = ("CT", "MR"),
     sizes: Sizes | None = None,
     ct_matrix: int | None = None,
+    transfer_syntaxes: Sequence[str] | None = None,
 ) -> SynthArchive:
     """Write a synthetic uncurated archive of ``n_studies`` studies into ``out_dir`` (which
     must be empty or absent) and ``out_dir/reports.csv``; the same arguments give the same bytes.
@@ -1609,7 +1637,10 @@ def make_archive(
     Studies take ``modalities`` in turn. Features rotate over studies, so any archive of
     4 or more studies (2 of each modality) has every kind of file in :data:`KINDS`: every third
     study carries its report in an SR, the last study is a zip export, the one before it a
-    DICOMDIR file set. ``ct_matrix`` is a shortcut for ``Sizes(ct_matrix=...)``.
+    DICOMDIR file set; both SR classes (Basic Text, Enhanced) appear from 6 studies on.
+    ``ct_matrix`` is a shortcut for ``Sizes(ct_matrix=...)``. Image series take the
+    ``transfer_syntaxes`` in turn (default: :data:`TRANSFER_SYNTAX_CYCLE`, where encodable);
+    ``[ExplicitVRLittleEndian]`` gives an uncompressed archive.
     """
     root = Path(out_dir)
     if root.exists() and any(root.iterdir()):
@@ -1618,7 +1649,7 @@ def make_archive(
     sizes = sizes or Sizes()
     if ct_matrix is not None:
         sizes = Sizes(**{**asdict(sizes), "ct_matrix": ct_matrix})
-    syntaxes = available_transfer_syntaxes()
+    cycle = _syntax_cycle(transfer_syntaxes)
     studies, rows, phi, counter = [], [], [], 0
     with tempfile.TemporaryDirectory(prefix="hlip-synth-") as scratch:
         writer = _Writer(root, Path(scratch))
@@ -1630,7 +1661,7 @@ def make_archive(
             if study.report_in_sr:
                 series_list.append(_sr_report(study, sections))
                 text = sr_text(series_list[-1].template)
-            counter = _assign_syntaxes(series_list, counter, syntaxes)
+            counter = _assign_syntaxes(series_list, counter, cycle)
             writer.write_study(study, series_list, _packaging(index, n_studies))
             studies.append(_summary(study, series_list, text))
             rows.append(_csv_row(study, "" if study.report_in_sr else text))
