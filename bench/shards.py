@@ -35,15 +35,20 @@ from hlip.shards.writer import write_dataset
 WINDOW = 16
 
 
-def best_of(repeats: int, run: Callable[[], object]) -> float:
+def best_of(repeats: int, run: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
     """Fastest of ``repeats`` runs after a warm-up: the least disturbed by other load."""
     run()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
+
+
+def cpu_best_of(repeats: int, run: Callable[[], object]) -> float:
+    """CPU seconds of this process (all threads): the work done, whatever else runs."""
+    return best_of(repeats, run, clock=time.process_time)
 
 
 def directory_bytes(path: Path, pattern: str) -> int:
@@ -103,6 +108,8 @@ def bench_shards(study, work: Path, repeats: int, slab_depth: int) -> dict[str, 
     results["scan_window_s"] = best_of(repeats * 3, lambda: opened.scans[0].array[window])
     results["open_s"] = best_of(repeats * 3, lambda: dataset.open(study.key))
     results["open_unverified_s"] = best_of(repeats * 3, lambda: dataset.open(study.key, verify=False))
+    results["scan_full_cpu"] = cpu_best_of(repeats * 3, lambda: opened.scans[0].array[...])
+    results["scan_window_cpu"] = cpu_best_of(repeats * 3, lambda: opened.scans[0].array[window])
     return results
 
 
@@ -152,11 +159,13 @@ def main() -> None:
     )
 
     print(f"\nslab sweep: {WINDOW} middle slices of {shape[0]} vs the whole scan of an opened study (ms)")
-    print("  slab  bytes vs .pt   whole scan   16 slices   ratio")
+    print("  slab  bytes vs .pt   wall: whole  16 slices   ratio   cpu: whole  16 slices   ratio")
     for depth, r in sweep.items():
         print(
-            f"  {depth:4d}  {r['bytes'] / base['pt_bytes']:11.3f}x  {r['scan_full_s'] * 1e3:10.1f}  "
-            f"{r['scan_window_s'] * 1e3:10.1f}  {r['scan_window_s'] / r['scan_full_s']:6.3f}x"
+            f"  {depth:4d}  {r['bytes'] / base['pt_bytes']:11.3f}x  {r['scan_full_s'] * 1e3:11.1f}  "
+            f"{r['scan_window_s'] * 1e3:9.1f}  {r['scan_window_s'] / r['scan_full_s']:6.3f}x  "
+            f"{r['scan_full_cpu'] * 1e3:10.1f}  {r['scan_window_cpu'] * 1e3:9.1f}  "
+            f"{r['scan_window_cpu'] / r['scan_full_cpu']:6.3f}x"
         )
     print(
         f"\nopening the study ({shard['bytes'] / 1e6:.1f} MB of members): {shard['open_s'] * 1e3:.1f} ms with sha256, "
@@ -168,10 +177,12 @@ def main() -> None:
             f"  open ({label}) + 16 slices vs open + whole scan: {part * 1e3:.1f} / {whole * 1e3:.1f} ms = {part / whole:.3f}x"
         )
     ratio_storage = shard["bytes"] / base["pt_bytes"]
-    ratio_window = shard["scan_window_s"] / shard["scan_full_s"]
+    ratio_wall = shard["scan_window_s"] / shard["scan_full_s"]
+    ratio_cpu = shard["scan_window_cpu"] / shard["scan_full_cpu"]
     print(
         f"\ngoals: storage {ratio_storage:.3f}x .pt (<= 0.15: {'met' if ratio_storage <= 0.15 else 'NOT met'}); "
-        f"16-slice read {ratio_window:.3f}x whole scan (<= 0.3: {'met' if ratio_window <= 0.3 else 'NOT met'})"
+        f"16-slice read {ratio_wall:.3f}x wall, {ratio_cpu:.3f}x CPU of the whole scan "
+        f"(<= 0.3: {'met' if max(ratio_wall, ratio_cpu) <= 0.3 else 'NOT met'})"
     )
 
 
