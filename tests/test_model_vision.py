@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_model_reference import randomize
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from hlip.model import VISION_PRESETS, HierarchicalViT, create_vision, from_reference, trunk_state_dict
 from hlip.model.vision import block_levels
@@ -130,3 +137,36 @@ def test_tiny_cpu_preset_runs_forward_and_backward():
     assert out.shape == (2, 192)
     out.sum().backward()
     assert model.patch_embed.proj.weight.grad is not None and model.spatial_posemb.grad is None
+
+
+def _bench_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_flop_count_matches_torch_flop_counter():
+    """The analytic FLOPs behind the GPU check's MFU equal what torch counts for the same forward."""
+    gpu_check = _bench_module("gpu_check")
+    model = create_vision("vit_nano_multiscan_h3").eval()
+    packed = model.pack(gpu_check.make_studies(model, [1, 3, 2], seed=0, vary_depth=True))
+    # The math SDPA kernel is made of bmm calls, which the counter sees (the CPU flash one it does not).
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.forward_packed(packed)
+    assert gpu_check.trunk_flops(model, packed) == counter.get_total_flops()
+
+
+def test_gpu_check_dry_run_writes_markdown(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = tmp_path / "gpu.md"
+    done = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--steps", "1", "--studies", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "| 8 | 2 | 128 |" in text and "xformers unavailable" in text
