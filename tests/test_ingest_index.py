@@ -112,6 +112,15 @@ def test_classic_ct_row_holds_identity_geometry_and_phi_fields():
     rows_to_table([row]).validate(full=True)
 
 
+def test_identifying_fields_are_kept_for_scrubbing(tmp_path):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.OperatorsName = ["Doe^Jane", "Roe^Rick"]
+    ds.InstitutionAddress = "1 Main Street"
+    ds.save_as(tmp_path / "ct.dcm")
+    row = index_path(tmp_path / "ct.dcm")
+    assert row["OperatorsName"] == "Doe^Jane\\Roe^Rick" and row["InstitutionAddress"] == "1 Main Street"
+
+
 def test_dicomdir_is_flagged():
     row = index_path(pydicom_file("DICOMDIR"))
     assert row["IsDICOMDIR"] and row["error"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from itertools import count
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,3 +427,8 @@ def test_every_file_ends_in_exactly_one_outcome(specs, min_slices):
         normal = geometry.slice_normal(scan.image_orientation)
         offsets = [float(np.dot(s.position, normal)) for s in scan.slices]
         assert offsets == sorted(offsets) and len(scan.slices) >= min_slices
+
+
+def test_every_reason_code_is_documented():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "ingest.md").read_text()
+    assert [code for code in REASONS if f"| `{code}` |" not in docs] == []

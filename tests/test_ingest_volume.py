@@ -114,7 +114,7 @@ def test_resampling_reproduces_a_linear_field_on_the_exact_new_grid(q, spacing, 
     affine = orthogonal_affine(q, spacing, origin=(1.0, 2.0, 3.0))
     shape = (6, 7, 5)
     volume = linear_field(world_of_all_voxels(affine, shape)).reshape(shape)
-    out, new_affine = geometry.resample(volume, affine, target)
+    out, new_affine = geometry.resample(volume, affine, target, antialias=False)
     assert geometry.affine_spacing(new_affine) == pytest.approx(target)
     # Same field of view, same centre.
     centre = lambda a, s: a @ [*(np.asarray(s) - 1) / 2, 1]  # noqa: E731
@@ -124,6 +124,28 @@ def test_resampling_reproduces_a_linear_field_on_the_exact_new_grid(q, spacing, 
     index = (world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     inside = np.all((index >= -1e-9) & (index <= np.array(shape) - 1 + 1e-9), axis=1)
     np.testing.assert_allclose(out.reshape(-1)[inside], linear_field(world[inside]), rtol=1e-4, atol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4), st.floats(0.5, 1.0), st.integers(0, 2**16))
+def test_antialiased_downsampling_averages_instead_of_skipping(factor, spacing, seed):
+    rng = np.random.default_rng(seed)
+    affine = orthogonal_affine((1, 0, 0, 0), (spacing, 1.0, 1.0))
+    noise = rng.normal(size=(60, 4, 4))
+    constant, _ = geometry.resample(np.full((60, 4, 4), 7.0), affine, (factor * spacing, None, None))
+    averaged, new_affine = geometry.resample(noise, affine, (factor * spacing, None, None))
+    sampled, sampled_affine = geometry.resample(
+        noise, affine, (factor * spacing, None, None), antialias=False
+    )
+    np.testing.assert_allclose(constant, 7.0, rtol=1e-6)
+    assert np.array_equal(new_affine, sampled_affine) and averaged.shape == (60 // factor, 4, 4)
+    assert averaged.std() < 0.85 * sampled.std()
+    # With an integer factor, averaging is exact on a linear ramp away from the borders.
+    ramp, _ = geometry.resample(
+        np.arange(60.0)[:, None, None] * np.ones((1, 4, 4)), affine, (factor * spacing, None, None)
+    )
+    centres = (np.arange(60 // factor) * factor + (factor - 1) / 2)[1:-1]
+    np.testing.assert_allclose(ramp[1:-1, 0, 0], centres, atol=1e-4)
 
 
 def test_matching_spacing_is_left_bit_exact():

@@ -95,14 +95,27 @@ _HEADER_FIELDS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("SeriesTime", _STR, "str"),
     ("AcquisitionTime", _STR, "str"),
     ("ContentTime", _STR, "str"),
+    # Identifying fields: kept so that de-identification can scrub them from report text.
+    ("AcquisitionDate", _STR, "str"),
+    ("ContentDate", _STR, "str"),
     ("PatientName", _STR, "str"),
+    ("OtherPatientNames", _STR, "str"),
+    ("PatientBirthName", _STR, "str"),
+    ("PatientMotherBirthName", _STR, "str"),
     ("PatientID", _STR, "str"),
     ("OtherPatientIDs", _STR, "str"),
     ("PatientBirthDate", _STR, "str"),
     ("PatientSex", _STR, "str"),
     ("PatientAge", _STR, "str"),
     ("InstitutionName", _STR, "str"),
+    ("InstitutionAddress", _STR, "str"),
+    ("InstitutionalDepartmentName", _STR, "str"),
     ("ReferringPhysicianName", _STR, "str"),
+    ("PerformingPhysicianName", _STR, "str"),
+    ("NameOfPhysiciansReadingStudy", _STR, "str"),
+    ("PhysiciansOfRecord", _STR, "str"),
+    ("RequestingPhysician", _STR, "str"),
+    ("OperatorsName", _STR, "str"),
     ("PatientPosition", _STR, "str"),
     ("Rows", _INT, "int"),
     ("Columns", _INT, "int"),
@@ -354,7 +367,8 @@ def _value(ds: Dataset, keyword: str, kind: str) -> Any:
 
 def _convert(value: Any, kind: str) -> Any:
     if kind == "str":
-        return _text(value)
+        values = _as_list(value)
+        return _text("\\".join(str(v) for v in values) if len(values) > 1 else value)
     if kind == "strs":
         return [_text(v) or "" for v in _as_list(value)]
     if kind == "int":

@@ -60,7 +60,7 @@ REASONS: dict[str, str] = {
     "raw_data": "raw data or vendor-private non-image object",
     "encapsulated_document": "encapsulated document (PDF, CDA, ...)",
     "unsupported_sop_class": "SOP class that is not a CT/MR/PET cross-sectional image",
-    "no_pixel_data": "image object without pixel data",
+    "no_pixel_data": "image object without pixel data (often a file cut off before its pixels)",
     "burned_in_annotation": "image with burned-in annotation (BurnedInAnnotation = YES)",
     "not_grayscale": "colour or palette image (not one sample per pixel)",
     "localizer": "localizer/scout image or 3-plane localizer series",

@@ -59,6 +59,8 @@ class VolumeConfig:
     target_spacing: dict[str, SpacingSpec] = field(default_factory=lambda: dict(DEFAULT_TARGET_SPACING))
     default_spacing: SpacingSpec = NATIVE
     canonical_orientation: bool = True
+    antialias: bool = True
+    """Average (tent-weighted) instead of point-sampling along axes that are downsampled."""
     max_voxels: int = 1 << 30
 
     @classmethod
@@ -240,10 +242,7 @@ def encode_intensity(
     slopes = np.asarray(slopes, dtype=np.float64)[:, None, None]
     intercepts = np.asarray(intercepts, dtype=np.float64)[:, None, None]
     if modality == "CT":
-        physical = stored * slopes + intercepts
-        rounded = np.rint(physical)
-        lossless = bool(np.array_equal(rounded, physical) and _fits_int16(rounded))
-        return EncodedIntensity(_to_int16(rounded), 1.0, 0.0, "HU", lossless)
+        return _encode_hounsfield(stored, slopes, intercepts)
     uniform = bool(np.all(slopes == slopes.flat[0]) and np.all(intercepts == intercepts.flat[0]))
     if uniform and np.issubdtype(stored.dtype, np.integer):
         shifted = _shift_into_int16(stored)
@@ -257,12 +256,31 @@ def encode_intensity(
     return _quantise(physical)
 
 
+def _encode_hounsfield(stored: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> EncodedIntensity:
+    """HU = stored * RescaleSlope + RescaleIntercept, rounded and clipped to int16.
+
+    Integer slopes and intercepts (the usual 1 and -1024) take an exact integer path."""
+    integral = np.all(slopes == np.rint(slopes)) and np.all(intercepts == np.rint(intercepts))
+    if integral and np.issubdtype(stored.dtype, np.integer) and stored.dtype.itemsize <= 2:
+        hounsfield = stored.astype(np.int32) * slopes.astype(np.int32) + intercepts.astype(np.int32)
+        lossless = _fits_int16(hounsfield)
+        return EncodedIntensity(
+            np.clip(hounsfield, INT16_MIN, INT16_MAX).astype(np.int16), 1.0, 0.0, "HU", lossless
+        )
+    physical = stored * slopes + intercepts
+    lossless = bool(np.array_equal(np.rint(physical), physical) and _fits_int16(physical))
+    return EncodedIntensity(_to_int16(physical), 1.0, 0.0, "HU", lossless)
+
+
 def _fits_int16(values: np.ndarray) -> bool:
     return values.size == 0 or (float(values.min()) >= INT16_MIN and float(values.max()) <= INT16_MAX)
 
 
 def _to_int16(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values), INT16_MIN, INT16_MAX).astype(np.int16)
+    """Round and clip float values to int16 (in place on ``values``, which must be a temporary)."""
+    np.rint(values, out=values)
+    np.clip(values, INT16_MIN, INT16_MAX, out=values)
+    return values.astype(np.int16)
 
 
 def _shift_into_int16(stored: np.ndarray) -> tuple[np.ndarray, int] | None:
@@ -326,7 +344,9 @@ def _resample(
     out_shape = _resampled_shape(array.shape, geometry.affine_spacing(affine), current_target)
     if int(np.prod(out_shape)) > config.max_voxels:
         raise ScanRejected("too_large", f"resampled shape {out_shape} > max_voxels={config.max_voxels}")
-    resampled, new_affine = geometry.resample(array, affine, current_target, offsets)
+    resampled, new_affine = geometry.resample(
+        array, affine, current_target, offsets, antialias=config.antialias
+    )
     return _to_int16(resampled), new_affine
 
 
