@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -71,6 +72,9 @@ def test_every_kind_of_object_is_present(archive):
     assert any(p.suffix == "" for p in paths) and any(p.suffix.lower() == ".dcm" for p in paths)
     assert max(len(p.parts) for p in paths) >= 4  # nested folders
     assert (archive.root / "reports.csv").is_file()
+    assert (
+        json.loads(json.dumps(archive.to_dict()))["studies"][0]["study_uid"] == archive.studies[0].study_uid
+    )
 
 
 def test_every_dicom_object_reads_and_decodes(archive):
@@ -186,6 +190,7 @@ def test_reports_state_every_finding(archive):
         impression = study.report.lower().split("impression")[-1]
         for label, value in study.labels.items():
             assert (KEYWORDS[label] in impression) == bool(value), (label, study.report)
+        assert set(study.findings) == {label for label, value in study.labels.items() if value}
 
 
 def test_findings_are_planted_with_their_labels():

@@ -216,7 +216,8 @@ class SynthSeries:
 
 @dataclass
 class SynthStudy:
-    """A study's truth: its labels, the report as an ingest run finds it, its PHI."""
+    """A study's truth: its labels and what was planted for each positive one (size, side,
+    lobe), the report as an ingest run finds it, its PHI (header keyword -> value)."""
 
     study_uid: str
     accession_number: str
@@ -226,6 +227,7 @@ class SynthStudy:
     report: str
     report_in_sr: bool
     phi: dict[str, str]
+    findings: dict[str, dict] = field(default_factory=dict)
     series: list[SynthSeries] = field(default_factory=list)
 
 
@@ -1689,6 +1691,7 @@ def _summary(study: _Study, series_list: list[_Series], text: str) -> SynthStudy
         report=text,
         report_in_sr=study.report_in_sr,
         phi=_phi_strings(study),
+        findings={label: dict(detail) for label, detail in study.details.items()},
         series=[
             SynthSeries(s.uid, s.number, s.description, s.kind, len(s.instances), str(s.transfer_syntax))
             for s in series_list
