@@ -304,3 +304,18 @@ def test_transfer_syntaxes_can_be_chosen(tmp_path):
     assert {f.transfer_syntax for f in archive.files if f.transfer_syntax} == {ExplicitVRLittleEndian}
     with pytest.raises(ValueError, match="cannot encode"):
         make_archive(tmp_path / "none", n_studies=1, transfer_syntaxes=[])
+
+
+def test_lesion_scale_scales_planted_lesions_and_reports():
+    diameters = {}
+    for scale in (1.0, 2.0):
+        sizes = Sizes(lesion_scale=scale, ct_coverage_mm=200)
+        study = next(
+            s for i in range(0, 40, 2) if (s := synth._plan_study(i, 0, "CT", sizes)).labels["lung_nodule"]
+        )
+        diameters[scale] = study.details["lung_nodule"]["nodules"][0][0]
+        semi = max(shape.semi[0] for shape in study.phantom.shapes if shape.tissue == synth.NODULE)
+        assert semi * 2 == diameters[scale]
+    assert diameters[2.0] == pytest.approx(2 * diameters[1.0], abs=1)
+    with pytest.raises(ValueError, match="lesion_scale"):
+        Sizes(lesion_scale=3.0, ct_coverage_mm=400)

@@ -332,7 +332,7 @@ INF = float("inf")
 
 
 def _chest_phantom(
-    rng: np.random.Generator, z0: float, labels: dict[str, int], contrast: bool, half_z: float
+    rng: np.random.Generator, z0: float, labels: dict[str, int], contrast: bool, half_z: float, scale: float
 ):
     """A supine chest (LPS: +x patient left, +y posterior) centred on z = ``z0``, with findings
     planted within ``half_z`` mm of it (the scanned range); returns the phantom and the details
@@ -350,7 +350,7 @@ def _chest_phantom(
         ph.add(center, semi, lung_tissue)
     window = (z0 - half_z, z0 + half_z)
     if labels.get("emphysema"):
-        details["emphysema"] = _plant_bullae(rng, ph, lungs, window)
+        details["emphysema"] = _plant_bullae(rng, ph, lungs, window, scale)
     if labels.get("pleural_effusion"):
         details["pleural_effusion"] = _plant_effusion(rng, ph, lungs)
     ph.add((22, -28, z0 - 40), (55, 45, 48), SOFT)  # heart
@@ -358,7 +358,7 @@ def _chest_phantom(
     ph.add((0, ay - 38, 0), (17, 15, INF), BONE)  # vertebral bodies
     ph.add((0, -(ay - 20), 0), (11, 5, INF), BONE)  # sternum
     if labels.get("lung_nodule"):
-        details["lung_nodule"] = _plant_nodules(rng, ph, lungs, window)
+        details["lung_nodule"] = _plant_nodules(rng, ph, lungs, window, scale)
     labels.update({label: int(bool(details.get(label))) for label in labels})
     return ph, details
 
@@ -380,14 +380,14 @@ def _point_in(rng, center, semi, margin: float, z_window=(-INF, INF)) -> np.ndar
             return point
 
 
-def _plant_bullae(rng, ph: _Phantom, lungs, z_window) -> dict:
+def _plant_bullae(rng, ph: _Phantom, lungs, z_window, scale: float) -> dict:
     count = int(rng.integers(20, 41))
     for _ in range(count):
         center, semi = lungs["right" if rng.random() < 0.5 else "left"]
         point = _point_in(rng, center, semi, 12, z_window)
         while point[2] < center[2] - 0.3 * semi[2] and rng.random() < 0.6:  # upper-lobe predominant
             point = _point_in(rng, center, semi, 12, z_window)
-        ph.add(point, (rng.uniform(5, 12),) * 3, BULLA)
+        ph.add(point, (rng.uniform(5, 12) * scale,) * 3, BULLA)
     return {"severity": "moderate" if count < 30 else "severe"}
 
 
@@ -400,11 +400,11 @@ def _plant_effusion(rng, ph: _Phantom, lungs) -> dict:
     return {"side": side, "size": size}
 
 
-def _plant_nodules(rng, ph: _Phantom, lungs, z_window) -> dict:
+def _plant_nodules(rng, ph: _Phantom, lungs, z_window, scale: float) -> dict:
     """1-3 nodules, each placed where the phantom is lung all around it."""
     nodules = []
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
-        diameter = int(rng.integers(12, 25))
+        diameter = int(round(rng.integers(12, 25) * scale))
         for _attempt in range(200):
             side = "right" if rng.random() < 0.5 else "left"
             center, semi = lungs[side]
@@ -418,7 +418,7 @@ def _plant_nodules(rng, ph: _Phantom, lungs, z_window) -> dict:
     return {"nodules": nodules} if nodules else {}
 
 
-def _brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int]):
+def _brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int], scale: float):
     """A head centred on (0, 0, z0): scalp fat, skull, CSF, grey and white matter, lateral
     ventricles; returns the phantom and the details of its findings."""
     ph, details = _Phantom(), {}
@@ -438,7 +438,7 @@ def _brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int]):
         details["hydrocephalus"] = {"degree": str(rng.choice(["mild", "moderate"]))}
     for label, plant in (("mass", _plant_mass), ("hemorrhage", _plant_hematoma)):
         if labels.get(label):
-            details[label] = plant(rng, ph, z0, s)
+            details[label] = plant(rng, ph, z0, s, scale)
     return ph, details
 
 
@@ -460,16 +460,16 @@ def _brain_site(rng, z0: float, s: float, radius: float) -> tuple[np.ndarray, st
     return point, side, lobe
 
 
-def _plant_mass(rng, ph: _Phantom, z0: float, s: float) -> dict:
-    diameter = int(rng.integers(18, 35))
+def _plant_mass(rng, ph: _Phantom, z0: float, s: float, scale: float) -> dict:
+    diameter = int(round(rng.integers(18, 35) * scale))
     point, side, lobe = _brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter * 0.8,) * 3, EDEMA)
     ph.add(point, (diameter / 2,) * 3, MASS)
     return {"diameter": diameter, "side": side, "lobe": lobe}
 
 
-def _plant_hematoma(rng, ph: _Phantom, z0: float, s: float) -> dict:
-    diameter = int(rng.integers(15, 31))
+def _plant_hematoma(rng, ph: _Phantom, z0: float, s: float, scale: float) -> dict:
+    diameter = int(round(rng.integers(15, 31) * scale))
     point, side, lobe = _brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter / 2, diameter * 0.4, diameter * 0.35), BLOOD)
     return {"diameter": diameter, "side": side, "lobe": lobe}
@@ -625,9 +625,11 @@ def _plan_study(index: int, seed: int, modality: str, sizes: Sizes) -> _Study:
     z0 = float(rng.uniform(-160, -100)) if modality == "CT" else float(rng.uniform(40, 80))
     contrast = modality == "CT" and rng.random() < 0.35
     if modality == "CT":
-        phantom, details = _chest_phantom(rng, z0, labels, contrast, sizes.ct_coverage_mm / 2)
+        phantom, details = _chest_phantom(
+            rng, z0, labels, contrast, sizes.ct_coverage_mm / 2, sizes.lesion_scale
+        )
     else:
-        phantom, details = _brain_phantom(rng, z0, labels)
+        phantom, details = _brain_phantom(rng, z0, labels, sizes.lesion_scale)
     scanners = CT_SCANNERS if modality == "CT" else MR_SCANNERS
     return _Study(
         index=index,
@@ -793,7 +795,8 @@ MR_SEQUENCES = {
 
 @dataclass(frozen=True)
 class Sizes:
-    """Image sizes: CT in-plane matrix, slice thicknesses and coverage, MR matrix.
+    """Image sizes: CT in-plane matrix, slice thicknesses and coverage, MR matrix; and a
+    factor on the diameters of nodules, bullae, masses and hematomas (reports follow it).
 
     The defaults keep an archive small (a 12-study archive is a few tens of MB); a
     benchmark archive of 512x512 CT slices uses ``Sizes(ct_matrix=512)``."""
@@ -803,10 +806,15 @@ class Sizes:
     ct_thick_mm: float = 5.0
     ct_coverage_mm: float = 160.0
     mr_matrix: int = 128
+    lesion_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.ct_coverage_mm < 80:
-            raise ValueError("ct_coverage_mm must be at least 80 mm, room for the largest nodule")
+        if self.ct_coverage_mm < 80 * max(self.lesion_scale, 1.0):
+            raise ValueError(
+                "ct_coverage_mm must be at least 80 mm (times lesion_scale), room for the largest nodule"
+            )
+        if not 0.25 <= self.lesion_scale <= 2.0:
+            raise ValueError("lesion_scale must be between 0.25 and 2")
 
 
 def _ct_series(study: _Study, sizes: Sizes) -> list[_Series]:
