@@ -85,6 +85,9 @@ def test_explicit_scan_rows_select_table_rows():
         other = model(x, scan_rows=torch.tensor([3, 1]))
     assert torch.equal(default, explicit)
     assert not torch.allclose(default, other)
+    for bad in ([0, 1, 2], [0, 4]):  # one row per scan, within the 4-row table
+        with pytest.raises(ValueError, match="scan_rows"):
+            model(x, scan_rows=torch.tensor(bad))
 
 
 def test_random_scan_sampling_only_in_training():

@@ -139,7 +139,12 @@ class HierarchicalViT(nn.Module):
             return None
         table = self.sequential_posemb[0].float()
         if scan_rows is not None:
-            return table.index_select(0, scan_rows.to(device=device, dtype=torch.long))
+            rows = torch.as_tensor(scan_rows, dtype=torch.long).reshape(-1)
+            if len(rows) != sum(scans_per_study) or not 0 <= int(rows.min()) <= int(rows.max()) < len(table):
+                raise ValueError(
+                    f"scan_rows needs one row in 0..{len(table) - 1} per scan, got {rows.tolist()}"
+                )
+            return table.index_select(0, rows.to(device))
         rows, stretched, next_row = [], [], table.shape[0]
         for n in scans_per_study:
             if n > table.shape[0]:
@@ -215,7 +220,10 @@ class HierarchicalViT(nn.Module):
             patches, [grid] * (batch * scans), [scans] * batch, self.patch_size
         )
         if scan_rows is not None:
-            scan_rows = torch.as_tensor(scan_rows).expand(batch, scans).reshape(-1)
+            scan_rows = torch.as_tensor(scan_rows)
+            if tuple(scan_rows.shape) not in ((scans,), (batch, scans)):
+                raise ValueError(f"scan_rows must be [N] or [B, N], got {tuple(scan_rows.shape)}")
+            scan_rows = scan_rows.expand(batch, scans).reshape(-1)
         return packed, scan_rows
 
     def forward_features(self, x: Tensor, scan_rows: Tensor | None = None) -> Tensor:
