@@ -10,6 +10,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from test_ingest_pipeline import SMALL, files_table, output_bytes
@@ -18,7 +20,9 @@ from typer.testing import CliRunner
 from hlip.ingest import pipeline
 from hlip.ingest.cli import app, parse_spacing
 from hlip.ingest.config import IngestConfig
+from hlip.ingest.deid import study_key
 from hlip.ingest.synth import make_archive
+from hlip.shards.reader import ShardDataset
 from hlip.shards.writer import STAGING_DIR
 
 KILL_WAIT_S = 300
@@ -118,3 +122,67 @@ def test_killed_run_resumes_to_identical_bytes(archive, reference, tmp_path, kil
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=KILL_WAIT_S)
     assert output_bytes(out) == output_bytes(reference)
     assert files_table(out) == files_table(reference)
+
+
+# --- NIfTI collections ----------------------------------------------------------------------
+
+
+def _write_volume(path: Path, seed: int, shape=(6, 5, 4)) -> None:
+    data = np.random.default_rng(seed).integers(-1000, 1000, shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), path)
+
+
+def test_nifti_collection_command(tmp_path):
+    """Rows sharing a study id form one study; an unreadable volume rejects its study's
+    files; a re-run changes nothing."""
+    for name, seed in (("a", 0), ("b1", 1), ("b2", 2)):
+        _write_volume(tmp_path / f"{name}.nii.gz", seed)
+    (tmp_path / "c.nii.gz").write_bytes(b"not a NIfTI file")
+    (tmp_path / "table.csv").write_text(
+        "study_id,volumes,report,effusion\n"
+        's1,a.nii.gz,"Small effusion.",1\n'
+        "s2,b1.nii.gz,Normal.,0\n"
+        "s2,b2.nii.gz,,0\n"
+        "s3,c.nii.gz,Normal.,0\n"
+    )
+    args = ("nifti", tmp_path / "table.csv", "--out", tmp_path / "out", "--secret", "k", "--workers", 0)
+    output = invoke(*args)
+    assert "studies: 2 written, 1 rejected" in output and "unreadable_nifti" in output
+    dataset = ShardDataset(tmp_path / "out")
+    s1, s2 = (dataset.open(study_key(study_id, b"k")) for study_id in ("s1", "s2"))
+    assert s1.labels == {"effusion": 1} and s1.report == "Small effusion."
+    assert [scan.shape for scan in s2.scans] == [(4, 5, 6), (4, 5, 6)] and len(dataset) == 2
+    outcomes = {Path(row["file_id"]).name: row for row in files_table(tmp_path / "out")}
+    assert {name: row["outcome"] for name, row in outcomes.items()} == {
+        "a.nii.gz": "scan", "b1.nii.gz": "scan", "b2.nii.gz": "scan", "c.nii.gz": "rejected",
+    }  # fmt: skip
+    assert outcomes["c.nii.gz"]["reason"] == "unreadable_nifti"
+    before = output_bytes(tmp_path / "out")
+    invoke(*args)
+    assert output_bytes(tmp_path / "out") == before
+
+
+def test_ct_rate_layout(tmp_path):
+    """CT-RATE's reports and labels CSVs and its folder of reconstructions."""
+    folder = tmp_path / "volumes" / "train" / "train_1" / "train_1_a"
+    folder.mkdir(parents=True)
+    for number in (1, 2):
+        _write_volume(folder / f"train_1_a_{number}.nii.gz", number)
+    (tmp_path / "reports.csv").write_text(
+        "VolumeName,Findings_EN,Impressions_EN\n"
+        "train_1_a_1.nii.gz,Emphysema in both upper lobes.,Emphysema.\n"
+        "train_1_a_2.nii.gz,Emphysema in both upper lobes.,Emphysema.\n"
+        "train_2_a_1.nii.gz,Not downloaded.,Absent.\n"
+    )
+    (tmp_path / "labels.csv").write_text(
+        "VolumeName,Emphysema,Cardiomegaly\ntrain_1_a_1.nii.gz,1,0\ntrain_1_a_2.nii.gz,1,0\n"
+    )
+    invoke(
+        "nifti", tmp_path / "reports.csv", "--ct-rate-volumes", tmp_path / "volumes",
+        "--ct-rate-labels", tmp_path / "labels.csv", "--out", tmp_path / "out", "--secret", "k", "--workers", 0,
+    )  # fmt: skip
+    study = ShardDataset(tmp_path / "out").open(study_key("train_1_a", b"k"))
+    assert [scan.name for scan in study.scans] == ["1", "2"]
+    assert study.labels == {"Emphysema": 1, "Cardiomegaly": 0}
+    assert "Emphysema in both upper lobes." in study.report and "Impression" in study.report
+    assert study.body_part == "CHEST"

@@ -126,7 +126,7 @@ def index(
 ) -> None:
     """Parse the header of every file into a Parquet index (no pixels are read)."""
     with _progress() as progress, pipeline.connect(scheduler, workers, memory_limit) as client:
-        table = pipeline.index_stage(sources, out, client, (progress, progress.add_task("index")))
+        table = pipeline.index_stage(sources, out, client, progress)
     console.print(f"{table.num_rows} files indexed into {out}")
 
 
@@ -160,6 +160,56 @@ def plan(
     for reason, items in sorted(by_reason.items()):
         rejects.add_row(reason, str(len(items)), f"{items[0].file_id}: {items[0].message}")
     console.print(rejects)
+
+
+@app.command()
+def nifti(
+    table: Path = typer.Argument(..., exists=True, help="Collection table (CSV, Parquet, JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    study_column: str = typer.Option(
+        "study_id", help="Column of the study id (rows sharing it are one study)."
+    ),
+    volume_column: str = typer.Option("volumes", help="Column of the volume path(s), ';'-separated."),
+    report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    modality: str = typer.Option("CT", help="Modality of rows without a 'modality' column."),
+    body_part: str = typer.Option("", help="BodyPartExamined of every study."),
+    ct_rate_volumes: Path | None = typer.Option(
+        None,
+        exists=True,
+        file_okay=False,
+        help="CT-RATE: the folder of volumes; TABLE is then its reports CSV.",
+    ),
+    ct_rate_labels: Path | None = typer.Option(
+        None, exists=True, help="CT-RATE: multi-abnormality labels CSV."
+    ),
+    ct_rate_metadata: Path | None = typer.Option(None, exists=True, help="CT-RATE: metadata CSV (rescale)."),
+    max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
+    scheduler: str | None = SCHEDULER,
+    workers: int | None = WORKERS,
+    memory_limit: str = MEMORY_LIMIT,
+) -> None:
+    """Ingest studies given as NIfTI volumes listed in a table (e.g. CT-RATE)."""
+    from hlip.ingest import nifti as collections
+
+    if ct_rate_volumes is not None:
+        source = collections.ct_rate_table(table, ct_rate_volumes.resolve(), ct_rate_labels, ct_rate_metadata)
+        spec = collections.CT_RATE_SPEC
+    else:
+        source = table
+        spec = collections.NiftiTableSpec(
+            study_column=study_column,
+            volume_column=volume_column,
+            text_columns=tuple(report_column),
+            modality=modality,
+            body_part=body_part,
+        )
+    with _progress() as progress:
+        summary = pipeline.run_nifti_ingest(
+            source, out, spec, secret=secret, max_shard_bytes=max_shard_bytes, scheduler=scheduler,
+            workers=workers, memory_limit=memory_limit, progress=progress,
+        )  # fmt: skip
+    print_summary(summary)
 
 
 @app.command()

@@ -23,6 +23,7 @@ secret); nothing else does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections import Counter
@@ -34,9 +35,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
+from rich.progress import Progress
 
 from hlip.ingest import deid, index, reports
-from hlip.ingest.config import REPORT_KEY_COLUMNS, IngestConfig
+from hlip.ingest.config import IngestConfig
+from hlip.ingest.nifti import (
+    NiftiStudyPlan,
+    NiftiTableSpec,
+    build_nifti_study,
+    plan_nifti_studies,
+)
 from hlip.ingest.plan import REASONS as PLAN_REASONS
 from hlip.ingest.plan import PlanConfig, StudyPlan, plan
 from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
@@ -51,7 +59,6 @@ CONFIG_FILE = "config.json"
 OUTCOMES_DIR = "outcomes"
 
 SCAN, REPORT, REJECTED = "scan", "report", "rejected"
-OUTCOMES = (SCAN, REPORT, REJECTED)
 
 PIPELINE_REASONS = {
     "no_report": "the study has no report (neither in the report table nor as a DICOM SR object)",
@@ -61,6 +68,7 @@ PIPELINE_REASONS = {
     "invalid_study": "the built study does not satisfy the shard format",
     "build_error": "building the scan failed with an unexpected error",
     "not_planned": "an indexed file the plan neither used nor rejected",
+    "unreadable_nifti": "a volume of a NIfTI collection that could not be read as a 3-D scan",
 }
 REASONS = {**PLAN_REASONS, **PIPELINE_REASONS}
 """Every reason code a file can be rejected with, and what it means."""
@@ -75,6 +83,8 @@ FILES_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
+
+SECRET_CHECK = "hlip-ingest secret check"
 
 INDEX_BATCH_FILES = 256
 """Files per index task: enough to hide task overhead, few enough to balance workers."""
@@ -162,22 +172,14 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         yield client
 
 
-def map_unordered(client, function: Callable, items: Sequence, *args: Any, progress=None) -> Iterator:
+def map_unordered(client, function: Callable, items: Sequence, *args: Any) -> Iterator:
     """``function(item, *args)`` for every item, yielded as they finish.
 
-    ``progress`` is a ``(rich.progress.Progress, task_id)`` pair advanced per item. On a
-    Dask client each item is one task; results are released as soon as they are read.
+    On a Dask client each item is one task, and each result is released as soon as it is
+    read; without a client the items run here, one after the other.
     """
-    bar, task_id = progress if progress else (None, None)
-
-    def advance() -> None:
-        if bar is not None:
-            bar.advance(task_id)
-
     if client is None:
-        for item in items:
-            yield function(item, *args)
-            advance()
+        yield from (function(item, *args) for item in items)
         return
     from distributed import as_completed
 
@@ -185,7 +187,6 @@ def map_unordered(client, function: Callable, items: Sequence, *args: Any, progr
     for future in as_completed(futures):
         yield future.result()
         future.release()
-        advance()
 
 
 # --- index -----------------------------------------------------------------------------
@@ -205,29 +206,30 @@ def _reusable_rows(path: Path) -> dict[tuple[str, int], dict]:
     return {(row["file_id"], row["size"]): row for row in table.to_pylist()}
 
 
-def index_stage(sources: Iterable[str | os.PathLike], path: Path, client=None, progress=None) -> pa.Table:
+def index_stage(
+    sources: Iterable[str | os.PathLike], path: Path, client=None, progress: Progress | None = None
+) -> pa.Table:
     """Index every file under ``sources`` (headers only) into the Parquet file ``path``.
 
     Rows of files already in an existing ``path`` with the same size are reused, so a
     re-run only parses new files. Rows are sorted by ``file_id``: the table depends only
     on the files, not on the order tasks finished.
     """
-    previous = _reusable_rows(path)
+    progress = progress or Progress(disable=True)
+    previous = _reusable_rows(Path(path))
     listed = list(index.iter_source_files([str(Path(source).resolve()) for source in sources]))
     rows, todo = [], []
     for source_file in listed:
         row = previous.get((source_file.file_id, source_file.size))
         (rows.append(row) if row is not None else todo.append(source_file))
     batches = [todo[i : i + INDEX_BATCH_FILES] for i in range(0, len(todo), INDEX_BATCH_FILES)]
-    if progress:
-        progress[0].update(progress[1], total=len(listed), completed=len(rows))
+    bar = progress.add_task("index", total=len(listed), completed=len(rows))
     for batch_rows in map_unordered(client, _index_batch, batches):
         rows.extend(batch_rows)
-        if progress:
-            progress[0].advance(progress[1], len(batch_rows))
+        progress.advance(bar, len(batch_rows))
     table = index.rows_to_table(sorted(rows, key=lambda row: row["file_id"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, parquet_bytes(table))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(Path(path), parquet_bytes(table))
     return table
 
 
@@ -252,10 +254,6 @@ def _study_files(study_plan: StudyPlan) -> list[str]:
     return list(dict.fromkeys([*scan_files, *study_plan.report_files]))
 
 
-_IDENTIFYING_COLUMNS = frozenset(REPORT_KEY_COLUMNS) | frozenset(deid.PHI_KEYWORDS) | {"SeriesInstanceUID"}
-"""Report-table columns never used as labels: identifiers and header PHI fields."""
-
-
 def _read_dataset(file_id: str) -> pydicom.Dataset:
     with index.open_source(*index.split_file_id(file_id)) as source:
         return pydicom.dcmread(source, force=True)
@@ -264,15 +262,19 @@ def _read_dataset(file_id: str) -> pydicom.Dataset:
 def _report_text(task: StudyTask) -> tuple[str, dict, list[FileOutcome]]:
     """The study's report text and labels, and the outcomes of its SR files.
 
-    Labels come from the report table. Its text wins over SR objects in the study (a
-    table is what a site exports on purpose); the SR files then are accounted as
-    ``report_from_table``. An empty table cell falls back to the SR objects.
+    Labels come from the report table (which never takes identifiers or PHI columns as
+    labels). Its text wins over SR objects in the study (a table is what a site exports on
+    purpose); the SR files then are accounted as ``report_from_table``. An empty table
+    cell falls back to the SR objects.
     """
     table = task.report or reports.Report("")
-    labels = {name: value for name, value in table.labels.items() if name not in _IDENTIFYING_COLUMNS}
     if table.text.strip():
         message = "the report table holds this study's report"
-        return table.text, labels, _rejected(task.plan.report_files, task.key, "report_from_table", message)
+        return (
+            table.text,
+            dict(table.labels),
+            _rejected(task.plan.report_files, task.key, "report_from_table", message),
+        )
     texts, outcomes = [], []
     for file_id in task.plan.report_files:
         try:
@@ -283,7 +285,7 @@ def _report_text(task: StudyTask) -> tuple[str, dict, list[FileOutcome]]:
             )
             continue
         outcomes.append(FileOutcome(file_id, REPORT, task.key))
-    return "\n\n".join(text for text in texts if text), labels, outcomes
+    return "\n\n".join(text for text in texts if text), dict(table.labels), outcomes
 
 
 def _build_scans(
@@ -372,7 +374,6 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
     The outcome record is written before the sample is staged, so a study counts as done
     only once both exist (:func:`pending_tasks`); a run killed in between rebuilds it.
     """
-    out_dir = Path(out_dir)
     study, files = build_study(task, config)
     members = None
     if study is not None:
@@ -380,12 +381,16 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
             members = encode_study(study)
         except ValueError as error:
             members, files = None, _rejected(_study_files(task.plan), task.key, "invalid_study", str(error))
-    outcome = StudyOutcome(task.key, members is not None, files)
+    return _record_and_stage(Path(out_dir), StudyOutcome(task.key, members is not None, files), members)
+
+
+def _record_and_stage(out_dir: Path, outcome: StudyOutcome, members: dict[str, bytes] | None) -> StudyOutcome:
+    """Write the outcome record, then stage the sample (when there is one)."""
     _write_outcome(out_dir, outcome)
     if members is not None:
-        writer = DatasetWriter(out_dir, max_shard_bytes=config.max_shard_bytes)
-        if not writer.has(task.key):
-            writer.add_encoded(task.key, members)
+        writer = DatasetWriter(out_dir)
+        if not writer.has(outcome.key):
+            writer.add_encoded(outcome.key, members)
     return outcome
 
 
@@ -414,8 +419,9 @@ def _is_finalized(out_dir: Path) -> bool:
     return (out_dir / fmt.MANIFEST_FILE).exists() and not (out_dir / STAGING_DIR).exists()
 
 
-def pending_tasks(tasks: list[StudyTask], out_dir: Path) -> tuple[list[StudyTask], list[StudyOutcome]]:
-    """Split tasks into those still to build and the outcomes of those already done.
+def pending_tasks(tasks: Sequence, keys: Sequence[str], out_dir: Path) -> tuple[list, list[StudyOutcome]]:
+    """Split tasks (of studies ``keys``) into those still to build and the outcomes of
+    those already done.
 
     A study is done when its outcome is recorded and, if it was staged, its sample is in
     the staging area (or the dataset was already finalized with it).
@@ -423,9 +429,9 @@ def pending_tasks(tasks: list[StudyTask], out_dir: Path) -> tuple[list[StudyTask
     finalized = _is_finalized(out_dir)
     writer = None if finalized else DatasetWriter(out_dir)
     todo, done = [], []
-    for task in tasks:
-        outcome = read_outcome(out_dir, task.key)
-        if outcome is not None and (finalized or not outcome.staged or writer.has(task.key)):
+    for task, key in zip(tasks, keys, strict=True):
+        outcome = read_outcome(out_dir, key)
+        if outcome is not None and (finalized or not outcome.staged or writer.has(key)):
             done.append(outcome)
         else:
             todo.append(task)
@@ -482,15 +488,22 @@ def summarize(files: pa.Table, out_dir: Path) -> IngestSummary:
     )
 
 
-def _check_config(ingest_dir: Path, config: IngestConfig) -> None:
-    """Record the config, or refuse to resume with a different one."""
+def _check_config(ingest_dir: Path, settings: dict, secret: bytes) -> None:
+    """Record the settings of a run, or refuse to resume with different ones.
+
+    The secret is recorded only as a keyed hash of a constant, enough to refuse a resumed
+    run whose other secret would give every study a second key.
+    """
     path = ingest_dir / CONFIG_FILE
-    fields = config.resume_fields()
+    fields = {**settings, "secret_check": deid.study_key(SECRET_CHECK, secret)}
     if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded != json.loads(json.dumps(fields)):
+        recorded, wanted = json.loads(path.read_text()), json.loads(json.dumps(fields))
+        differ = sorted(
+            name for name in recorded.keys() | wanted.keys() if recorded.get(name) != wanted.get(name)
+        )
+        if differ:
             raise ValueError(
-                f"{ingest_dir.parent} was ingested with another config ({recorded}); use a new --out"
+                f"{ingest_dir.parent} was ingested with another {', '.join(differ)}; use a new --out"
             )
         return
     write_bytes_atomic(path, json.dumps(fields, sort_keys=True, indent=1).encode())
@@ -505,42 +518,119 @@ def run_ingest(
     workers: int | None = None,
     memory_limit: str = "auto",
     client=None,
-    progress=None,
+    progress: Progress | None = None,
 ) -> IngestSummary:
     """Ingest DICOM ``sources`` into a shard dataset at ``out_dir``; resume if it exists.
 
     ``client`` (a Dask client) wins over ``scheduler`` (address of a running cluster),
     which wins over a new ``LocalCluster`` of ``workers`` processes; ``workers=0`` runs
-    everything in this process. ``progress`` is a ``rich.progress.Progress`` to report on.
+    everything in this process. ``progress`` shows a bar per stage.
     """
     config = config or IngestConfig()
-    out = Path(out_dir)
-    ingest_dir = out / INGEST_DIR
-    ingest_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(ingest_dir, config)
-    secret = deid.resolve_secret(config.secret, out)
+    progress = progress or Progress(disable=True)
+    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     report_table = {}
     if config.report_table:
         report_table = reports.load_report_table(
             config.report_table, config.report_key_column, config.report_text_columns
         )
-    context = (
-        contextlib.nullcontext(client) if client is not None else connect(scheduler, workers, memory_limit)
-    )
-    with context as client:
-        index_table = index_stage(sources, ingest_dir / INDEX_FILE, client, _bar(progress, "index"))
+    with _client(client, scheduler, workers, memory_limit) as client:
+        index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress)
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
-        todo, outcomes = pending_tasks(tasks, out)
-        outcomes += map_unordered(
-            client, stage_study, todo, out, config, progress=_bar(progress, "build", len(todo))
-        )
+        keys = [task.key for task in tasks]
+        outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
+    return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes)
+
+
+def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:
+    """Create ``out/_ingest``, resolve the secret, and check the settings of a resumed run."""
+    out = Path(out_dir)
+    (out / INGEST_DIR).mkdir(parents=True, exist_ok=True)
+    secret = deid.resolve_secret(secret_option, out)
+    _check_config(out / INGEST_DIR, settings, secret)
+    return out, secret
+
+
+def _client(client, scheduler: str | None, workers: int | None, memory_limit: str):
+    return contextlib.nullcontext(client) if client is not None else connect(scheduler, workers, memory_limit)
+
+
+def _stage_all(client, progress: Progress, out: Path, tasks: Sequence, keys: Sequence[str], function, *args):
+    """Run ``function(task, out, *args)`` for every study not done yet; all outcomes."""
+    todo, outcomes = pending_tasks(tasks, keys, out)
+    bar = progress.add_task("build", total=len(tasks), completed=len(outcomes))
+    for outcome in map_unordered(client, function, todo, out, *args):
+        outcomes.append(outcome)
+        progress.advance(bar)
+    return outcomes
+
+
+def _finish(out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes) -> IngestSummary:
+    """Write shards and manifests (unless an earlier run did), then the accounting."""
     if not _is_finalized(out):
-        DatasetWriter(out, max_shard_bytes=config.max_shard_bytes).finalize()
-    files = account(index_table, study_plan.rejects, outcomes)
-    write_bytes_atomic(ingest_dir / FILES_FILE, parquet_bytes(files))
+        DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize()
+    files = account(index_table, rejects, outcomes)
+    write_bytes_atomic(out / INGEST_DIR / FILES_FILE, parquet_bytes(files))
     return summarize(files, out)
 
 
-def _bar(progress, description: str, total: int | None = None):
-    return None if progress is None else (progress, progress.add_task(description, total=total))
+# --- NIfTI collections -------------------------------------------------------------------
+
+
+def nifti_settings(spec: NiftiTableSpec) -> dict:
+    """The settings of a collection ingest that shape its samples (the root does not)."""
+    settings = json.loads(json.dumps(asdict(spec)))
+    del settings["root"]
+    return settings
+
+
+def stage_nifti_study(
+    task: tuple[str, NiftiStudyPlan], out_dir: str | os.PathLike, secret: bytes, config_hash: str
+) -> StudyOutcome:
+    """Read one study of a collection and stage it; a volume that cannot be read rejects
+    the study's files with ``unreadable_nifti``."""
+    key, study_plan = task
+    paths = [str(volume.path) for volume in study_plan.volumes]
+    try:
+        study = build_nifti_study(study_plan, secret, config_hash)
+        members = encode_study(study)
+    except Exception as error:  # noqa: BLE001 - truncated or odd files raise many types
+        message = f"{type(error).__name__}: {error}"
+        return _record_and_stage(
+            Path(out_dir), StudyOutcome(key, False, _rejected(paths, key, "unreadable_nifti", message)), None
+        )
+    files = [FileOutcome(path, SCAN, key, scan.name) for path, scan in zip(paths, study.scans, strict=True)]
+    return _record_and_stage(Path(out_dir), StudyOutcome(key, True, files), members)
+
+
+def run_nifti_ingest(
+    table: pa.Table | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: NiftiTableSpec | None = None,
+    *,
+    secret: str | None = None,
+    max_shard_bytes: int = fmt.DEFAULT_MAX_SHARD_BYTES,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    memory_limit: str = "auto",
+    client=None,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Ingest a NIfTI collection table (:mod:`hlip.ingest.nifti`) into shards at ``out_dir``.
+
+    Same execution, resume and accounting as :func:`run_ingest`; the files accounted for
+    are the volumes the table lists.
+    """
+    spec = spec or NiftiTableSpec()
+    progress = progress or Progress(disable=True)
+    settings = {**nifti_settings(spec), "max_shard_bytes": max_shard_bytes}
+    out, key_secret = _prepare(out_dir, secret, settings)
+    plans = plan_nifti_studies(table if isinstance(table, pa.Table) else Path(table), spec)
+    keys = [deid.study_key(study_plan.study_id, key_secret) for study_plan in plans]
+    config_hash = hashlib.sha256(json.dumps(nifti_settings(spec), sort_keys=True).encode()).hexdigest()[:16]
+    with _client(client, scheduler, workers, memory_limit) as client:
+        tasks = list(zip(keys, plans, strict=True))
+        outcomes = _stage_all(client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash)
+    volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
+    return _finish(out, max_shard_bytes, pa.table({"file_id": pa.array(volumes, pa.string())}), [], outcomes)
