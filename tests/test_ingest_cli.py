@@ -88,6 +88,15 @@ def test_run_prints_outcomes_and_reasons(archive, reference, tmp_path):
     assert output_bytes(tmp_path / "out") == output_bytes(reference)
 
 
+def test_run_refuses_to_resume_with_other_settings(archive, reference, tmp_path):
+    invoke(*run_args(archive, tmp_path / "out"), "--workers", 0)
+    result = CliRunner().invoke(
+        app, [str(a) for a in run_args(archive, tmp_path / "out")] + ["--min-slices", "2"]
+    )
+    assert result.exit_code == 1 and "another min_slices" in result.output
+    assert "Traceback" not in result.output
+
+
 def _outcome_recorded(out: Path) -> bool:
     return any((out / pipeline.INGEST_DIR / pipeline.OUTCOMES_DIR).glob("*.json"))
 

@@ -6,6 +6,7 @@ and the stage modules, so every command can be called from Python as well.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -46,6 +47,16 @@ def parse_spacing(values: list[str]) -> dict[str, Spacing]:
         except ValueError:
             raise typer.BadParameter(f"{value!r}: spacing must be three numbers in mm (d,h,w)") from None
     return spacing
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Print refusals (another config in --out, a bad report table, ...) without a traceback."""
+    try:
+        yield
+    except (ValueError, FileExistsError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
 
 
 def _progress() -> Progress:
@@ -109,7 +120,7 @@ def run(
         max_shard_bytes=max_shard_bytes,
         secret=secret,
     )
-    with _progress() as progress:
+    with _user_errors(), _progress() as progress:
         summary = pipeline.run_ingest(
             sources, out, config, scheduler, workers=workers, memory_limit=memory_limit, progress=progress
         )
@@ -204,7 +215,7 @@ def nifti(
             modality=modality,
             body_part=body_part,
         )
-    with _progress() as progress:
+    with _user_errors(), _progress() as progress:
         summary = pipeline.run_nifti_ingest(
             source, out, spec, secret=secret, max_shard_bytes=max_shard_bytes, scheduler=scheduler,
             workers=workers, memory_limit=memory_limit, progress=progress,
