@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from dataclasses import replace
@@ -311,6 +312,15 @@ def test_interrupted_run_resumes_without_rebuilding(archive, reference, tmp_path
     pipeline.run_ingest([archive.root], out, small_config(archive), workers=0)
     assert len(built) == len(archive.studies), "a finished dataset is not rebuilt"
     assert output_bytes(out) == output_bytes(reference[0])
+
+
+def test_output_inside_a_source_is_not_an_input(archive, reference, tmp_path):
+    """Re-running with ``--out`` inside the archive neither indexes the shards nor ``_ingest``."""
+    source = tmp_path / "archive"
+    shutil.copytree(archive.root, source)
+    for _ in range(2):
+        summary = pipeline.run_ingest([source], source / "shards", small_config(archive), workers=0)
+        assert summary.files == reference[1].files
 
 
 def test_resume_refuses_a_different_config(archive, reference, tmp_path):

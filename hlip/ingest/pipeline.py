@@ -207,17 +207,27 @@ def _reusable_rows(path: Path) -> dict[tuple[str, int], dict]:
 
 
 def index_stage(
-    sources: Iterable[str | os.PathLike], path: Path, client=None, progress: Progress | None = None
+    sources: Iterable[str | os.PathLike],
+    path: Path,
+    client=None,
+    progress: Progress | None = None,
+    exclude: str | os.PathLike | None = None,
 ) -> pa.Table:
     """Index every file under ``sources`` (headers only) into the Parquet file ``path``.
 
-    Rows of files already in an existing ``path`` with the same size are reused, so a
-    re-run only parses new files. Rows are sorted by ``file_id``: the table depends only
-    on the files, not on the order tasks finished.
+    Files under ``exclude`` (the output directory, when it lies inside a source) are not
+    inputs. Rows of files already in an existing ``path`` with the same size are reused,
+    so a re-run only parses new files. Rows are sorted by ``file_id``: the table depends
+    only on the files, not on the order tasks finished.
     """
     progress = progress or Progress(disable=True)
     previous = _reusable_rows(Path(path))
     listed = list(index.iter_source_files([str(Path(source).resolve()) for source in sources]))
+    if exclude is not None:
+        excluded = Path(os.path.abspath(exclude))
+        listed = [
+            source_file for source_file in listed if not Path(source_file.path).is_relative_to(excluded)
+        ]
     rows, todo = [], []
     for source_file in listed:
         row = previous.get((source_file.file_id, source_file.size))
@@ -535,7 +545,7 @@ def run_ingest(
             config.report_table, config.report_key_column, config.report_text_columns
         )
     with _client(client, scheduler, workers, memory_limit) as client:
-        index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress)
+        index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
         keys = [task.key for task in tasks]
