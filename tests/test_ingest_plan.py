@@ -217,8 +217,11 @@ def test_gantry_tilt_is_flagged():
         ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "not_grayscale"),
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "localizer"),
         ({"SeriesDescription": "Head Scout"}, "localizer"),
+        ({"ProtocolName": "AAHead_Scout"}, "localizer"),
         ({"SeriesDescription": "3-Plane Localizer"}, "localizer"),
         ({"SeriesDescription": "Dose Report"}, "dose_screen"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "dose_screen"),
+        ({"ConversionType": "WSD"}, "secondary_capture"),
         ({"ImagePositionPatient": None}, "missing_geometry"),
         ({"PixelSpacing": None}, "missing_geometry"),
         ({"ImageOrientationPatient": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]}, "invalid_geometry"),
@@ -235,6 +238,18 @@ def test_file_level_rules(fields, reason):
     result = run(rows)
     assert reasons(result) == {"odd": reason}
     assert len(scans(result)) == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"SeriesDescription": "LOW DOSE CHEST 1.25mm"},
+        {"ImageType": ["DERIVED", "SECONDARY", "REFORMATTED"], "SeriesDescription": "Cor MPR"},
+        {"ProtocolName": "Head without contrast"},
+    ],
+)
+def test_ordinary_series_are_not_mistaken_for_captures_or_localizers(fields):
+    assert len(scans(run(series("a", 5, **fields)))) == 1
 
 
 def test_classic_images_without_sop_class_are_accepted_by_modality():

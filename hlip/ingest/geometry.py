@@ -339,7 +339,9 @@ def resample(
     out = array.astype(np.float32, copy=False)
     new_affine = affine.copy()
     spacing = affine_spacing(affine)
-    for axis in range(3):
+    # The axes are independent; shrinking the most-reduced axis first makes the others cheaper.
+    reduction = [(target_spacing[a] or spacing[a]) / spacing[a] for a in range(3)]
+    for axis in sorted(range(3), key=lambda a: -reduction[a]):
         positions = _axis_positions(out.shape[axis], spacing[axis], slice_offsets if axis == 0 else None)
         target = target_spacing[axis]
         even = _is_even(positions)

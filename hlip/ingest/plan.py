@@ -117,15 +117,22 @@ _VOLUME_MODALITIES = {"CT", "MR", "PT"}
 
 DEFAULT_LOCALIZER_HINTS = (
     r"locali[sz]er",
-    r"\bscout",
-    r"\bsurvey\b",
+    r"scout",  # no word boundary: Siemens names them "AAHead_Scout"
+    r"survey",
     r"surview",
     r"topogram",
     r"scanogram",
-    r"\b3[- ]?pl(ane)?\b",
-    r"tri[- ]?pilot",
+    r"\b3[- _]?pl(ane)?\b",
+    r"tri[- _]?pilot",
 )
-DEFAULT_DOSE_HINTS = (r"\bdose\b", r"dose (report|info|summary)", r"patient protocol", r"\bdosis\b")
+DEFAULT_DOSE_HINTS = (
+    r"dose[ _-]?(report|info|summary|record|sheet)",
+    r"patient protocol",
+    r"dosisprotokoll",
+    r"screen ?save",
+)
+"""Series descriptions of dose screens; a bare "dose" would also hit "Low Dose Chest" CTs."""
+_CAPTURE_IMAGE_TYPES = {"SCREEN SAVE", "DOSE_INFO", "DOSE INFO", "SCREENSHOT"}
 
 
 @dataclass(frozen=True)
@@ -337,8 +344,10 @@ def _image_verdict(
         return ("not_grayscale", photometric)
     if "LOCALIZER" in image_type or (localizer and localizer.search(descriptions)):
         return ("localizer", descriptions or "\\".join(image_type))
-    if dose and dose.search(descriptions):
-        return ("dose_screen", descriptions)
+    if (dose and dose.search(descriptions)) or _CAPTURE_IMAGE_TYPES & set(image_type):
+        return ("dose_screen", descriptions or "\\".join(image_type))
+    if row.get("ConversionType"):
+        return ("secondary_capture", f"ConversionType {row['ConversionType']}")
     return None
 
 

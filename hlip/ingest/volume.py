@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.pixels import pixel_array
 
 from hlip.ingest import geometry
 from hlip.ingest.index import open_source
@@ -176,11 +177,7 @@ def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with open_source(row["path"], row.get("member") or "") as fp:
-                ds = pydicom.dcmread(fp, force=True)
-            meta = ds.file_meta
-            if "TransferSyntaxUID" not in meta and row.get("TransferSyntaxUID"):
-                meta.TransferSyntaxUID = row["TransferSyntaxUID"]
-            pixels = np.asarray(ds.pixel_array)
+                pixels = _read_pixels(fp, row.get("TransferSyntaxUID"))
     except MemoryError as exc:
         raise ScanRejected("too_large", f"{row['file_id']}: {exc}") from exc
     except Exception as exc:  # codecs and parsers raise many types for broken streams
@@ -190,6 +187,19 @@ def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
     if pixels.ndim != 3 or not np.issubdtype(pixels.dtype, np.number):
         raise ScanRejected("decode_error", f"{row['file_id']}: pixel array of shape {pixels.shape}")
     return pixels
+
+
+def _read_pixels(fp: Any, transfer_syntax: str | None) -> np.ndarray:
+    """Decode with pydicom's reader of just the Image Pixel module (fast); files it cannot
+    take (no file meta, odd encodings) go through a full dataset read."""
+    try:
+        return np.asarray(pixel_array(fp))
+    except Exception:
+        fp.seek(0)
+    ds = pydicom.dcmread(fp, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta and transfer_syntax:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    return np.asarray(ds.pixel_array)
 
 
 def _pick(frames: np.ndarray, row: Mapping[str, Any], frame: int, tile: int) -> np.ndarray:
