@@ -87,7 +87,10 @@ FILES_SCHEMA = pa.schema(
 SECRET_CHECK = "hlip-ingest secret check"
 
 INDEX_BATCH_FILES = 256
-"""Files per index task: enough to hide task overhead, few enough to balance workers."""
+"""Most files per index task: enough to hide the per-task overhead."""
+INDEX_BATCHES_PER_WORKER = 4
+"""At least this many index tasks per worker when there are enough files, so that workers
+finish the index together."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,9 @@ def index_stage(
     for source_file in listed:
         row = previous.get((source_file.file_id, source_file.size))
         (rows.append(row) if row is not None else todo.append(source_file))
-    batches = [todo[i : i + INDEX_BATCH_FILES] for i in range(0, len(todo), INDEX_BATCH_FILES)]
+    workers = sum(client.nthreads().values()) if client is not None else 1
+    size = max(1, min(INDEX_BATCH_FILES, -(-len(todo) // (INDEX_BATCHES_PER_WORKER * workers))))
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     bar = progress.add_task("index", total=len(listed), completed=len(rows))
     for batch_rows in map_unordered(client, _index_batch, batches):
         rows.extend(batch_rows)
@@ -548,6 +553,9 @@ def run_ingest(
         index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
+        # Largest studies first (tasks start in submission order): the last to start are
+        # the shortest, so workers finish together.
+        tasks.sort(key=lambda task: -task.index_rows.num_rows)
         keys = [task.key for task in tasks]
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
     return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes)
