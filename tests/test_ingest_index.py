@@ -83,6 +83,11 @@ def test_zip_members_and_list_files_and_missing_paths(tmp_path):
     assert by_id[str(tmp_path / "missing.dcm")]["error"].startswith("unreadable:")
 
 
+def test_a_file_named_by_two_sources_is_indexed_once(tmp_path):
+    shutil.copy(pydicom_file("CT_small.dcm"), tmp_path / "ct")
+    assert index_sources([tmp_path, tmp_path / "ct"]).num_rows == 1
+
+
 def test_zip_member_row_equals_file_row(tmp_path):
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -582,12 +582,16 @@ def index_sources(
     client: Any = None,
     batch_size: int = 256,
 ) -> pa.Table:
-    """Index every file under ``sources`` into one table sorted by ``file_id``.
+    """Index every file under ``sources`` into one table sorted by ``file_id``, one row per
+    file even when several sources name it.
 
     With a ``dask.distributed`` client the files are indexed in batches on its workers;
     otherwise in this process.
     """
-    files = list(iter_source_files(sources))
+    unique: dict[str, SourceFile] = {}
+    for source_file in iter_source_files(sources):
+        unique.setdefault(source_file.file_id, source_file)
+    files = list(unique.values())
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
     if client is not None and batches:
         results = client.gather(client.map(_index_batch, batches))

@@ -91,20 +91,23 @@ def build_scan(
     """
     config = config or VolumeConfig()
     rows = index_rows if isinstance(index_rows, Mapping) else {r["file_id"]: r for r in index_rows}
+    target = config.spacing_for(scan_plan.modality)
+    if scan_plan.uneven_spacing and target is None:
+        raise ScanRejected("uneven_spacing", "uneven slice positions and a native grid requested")
     n_voxels = len(scan_plan.slices) * scan_plan.rows * scan_plan.columns
     if n_voxels > config.max_voxels:
         raise ScanRejected("too_large", f"{n_voxels} voxels > max_voxels={config.max_voxels}")
     stored, slopes, intercepts = read_slices(scan_plan, rows)
     encoded = encode_intensity(stored, slopes, intercepts, scan_plan.modality)
     array, affine, offsets = _place(encoded.array, scan_plan)
-    target = config.spacing_for(scan_plan.modality)
-    if offsets is not None and target is None:
-        raise ScanRejected("uneven_spacing", f"slice steps {np.round(np.diff(offsets), 3).tolist()} mm")
     perm, flips = (
         geometry.canonical_transform(affine) if config.canonical_orientation else ((0, 1, 2), (False,) * 3)
     )
+    resampled = False
     if target is not None or offsets is not None:
+        grid = (array.shape, affine)
         array, affine = _resample(array, affine, target, perm, offsets, config)
+        resampled = array.shape != grid[0] or not np.array_equal(affine, grid[1])
     array, affine = geometry.reorient(array, affine, perm, flips)
     return Scan(
         name=scan_plan.name,
@@ -118,7 +121,7 @@ def build_scan(
         intensity_slope=encoded.slope,
         intensity_intercept=encoded.intercept,
         source_file_count=len(scan_plan.files),
-        extra=_extra(scan_plan, encoded, resampled=target is not None or offsets is not None),
+        extra=_extra(scan_plan, encoded, resampled=resampled),
     )
 
 
