@@ -235,26 +235,35 @@ def test_output_bytes_do_not_depend_on_worker_count(archive, reference, tmp_path
 
 def test_scans_refused_at_build_time_reject_their_files(archive, tmp_path, monkeypatch):
     """A refused scan rejects its files with its reason; a study left without scans rejects
-    its report files as no_usable_scan and is not written."""
+    its report files as no_usable_scan and is not written. Series descriptions (typed by
+    operators, sometimes with the patient's name) are scrubbed like reports."""
     real_build_scan = pipeline.build_scan
     mr_uid = next(s.study_uid for s in archive.studies if s.modality == "MR")
+    names = {s.study_uid: s.phi["PatientName"] for s in archive.studies}
 
     def refuse_some(scan_plan, rows, config):
         if scan_plan.study_uid == mr_uid or scan_plan.name == "2":
             raise ScanRejected("decode_error", "refused by the test")
-        return real_build_scan(scan_plan, rows, config)
+        scan = real_build_scan(scan_plan, rows, config)
+        scan.series_description = f"{names[scan_plan.study_uid]} {scan.series_description}"
+        return scan
 
     monkeypatch.setattr(pipeline, "build_scan", refuse_some)
     summary = pipeline.run_ingest([archive.root], tmp_path / "out", small_config(archive), workers=0)
     mr_key = deid.study_key(mr_uid, b"test-secret")
     rows = files_table(tmp_path / "out")
-    assert mr_key not in ShardDataset(tmp_path / "out")
+    dataset = ShardDataset(tmp_path / "out")
+    assert mr_key not in dataset
     assert summary.studies_rejected == 1
     mr_rows = [row for row in rows if row["study_key"] == mr_key]
     assert mr_rows and all(row["outcome"] == pipeline.REJECTED for row in mr_rows)
     assert {row["reason"] for row in mr_rows} <= {"decode_error", "no_usable_scan"}
     assert not [row for row in rows if row["outcome"] == pipeline.SCAN and "2" in row["scan"].split(",")]
     assert [row for row in rows if row["reason"] == "decode_error" and row["study_key"] != mr_key]
+    descriptions = [
+        scan.series_description for key in sorted(dataset.keys()) for scan in dataset.open(key).scans
+    ]
+    assert descriptions and all(d.startswith("[NAME] ") for d in descriptions), descriptions
 
 
 def test_studies_without_report(archive, tmp_path):

@@ -337,8 +337,9 @@ def _build_scans(
 
 def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, list[FileOutcome]]:
     """Build one study in memory; ``None`` when it is rejected. Every file of the study
-    gets its outcome. The report is scrubbed of the study's header PHI values and only
-    allow-listed header fields reach ``Study.meta``."""
+    gets its outcome. The report and the series descriptions (free text an operator
+    typed) are scrubbed of the study's header PHI values, and only allow-listed header
+    fields reach ``Study.meta``."""
     text, labels, report_outcomes = _report_text(task)
     if not text and not config.allow_missing_report:
         message = "no report in the report table and no SR text in the study"
@@ -348,13 +349,15 @@ def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, li
     if not scans:
         message = "every scan of the study was rejected"
         return None, scan_outcomes + _rejected(task.plan.report_files, task.key, "no_usable_scan", message)
-    header = rows[task.plan.scans[0].files[0]]
-    meta = deid.allowed_meta(header)
+    phi = deid.phi_values(rows.values())
+    for scan in scans:
+        scan.series_description = deid.scrub_report(scan.series_description, phi)
+    meta = deid.allowed_meta(rows[task.plan.scans[0].files[0]])
     study = Study(
         key=task.key,
         modality=task.plan.modality,
         scans=scans,
-        report=deid.scrub_report(text, deid.phi_values(rows.values())),
+        report=deid.scrub_report(text, phi),
         labels=labels,
         body_part=meta.get("BodyPartExamined", ""),
         meta=meta,
