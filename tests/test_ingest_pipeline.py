@@ -214,18 +214,21 @@ def test_no_fake_phi_outside_ingest_dir(archive, reference):
 
 
 def test_output_bytes_do_not_depend_on_worker_count(archive, reference, tmp_path):
+    """1 and 2 workers (the second reached by scheduler address, as ``--scheduler`` does)
+    write the bytes of the serial run."""
     from distributed import Client, LocalCluster
 
     expected = output_bytes(reference[0])
     for workers in (1, 2):
         out = tmp_path / f"workers{workers}"
-        with (
-            LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=":0"
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            pipeline.run_ingest([archive.root], out, small_config(archive), client=client)
+        with LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster:
+            if workers == 1:
+                with Client(cluster) as client:
+                    pipeline.run_ingest([archive.root], out, small_config(archive), client=client)
+            else:
+                pipeline.run_ingest([archive.root], out, small_config(archive), cluster.scheduler_address)
         assert output_bytes(out) == expected, workers
         assert files_table(out) == files_table(reference[0])
 
