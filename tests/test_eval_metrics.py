@@ -37,7 +37,7 @@ def test_auc_matches_sklearn_including_ties(data):
 def test_threshold_metrics_match_sklearn(data, threshold):
     y, s = map(np.array, data)
     pred = (s >= threshold).astype(int)
-    rows = m.threshold_rows(y, pred)
+    rows = m.weighted_threshold_metrics(y, pred, np.ones((1, y.size)))
     if 0 < y.sum() < y.size:
         assert rows["sensitivity"][0] == pytest.approx(skm.recall_score(y, pred))
         assert rows["specificity"][0] == pytest.approx(skm.recall_score(1 - y, 1 - pred))
@@ -62,12 +62,24 @@ def test_missing_labels_are_left_out():
     assert out["counts"] == {"tp": 1, "fn": 1, "fp": 0, "tn": 2}
 
 
-def test_masked_auc_equals_auc_on_the_annotated_subset():
+@settings(max_examples=15, deadline=None)
+@given(labels_and_scores, st.integers(0, 2**32 - 1))
+def test_resample_weights_give_sklearn_auc_of_the_resampled_arrays(data, seed):
+    y, s = map(np.array, data)
+    rng = np.random.default_rng(seed)
+    idx = m.bootstrap_indices(y.size, 10, rng)
+    weights = m.resample_weights(y.size, 10, np.random.default_rng(seed))
+    expected = [skm.roc_auc_score(y[r], s[r]) if 0 < y[r].sum() < y.size else np.nan for r in idx]
+    np.testing.assert_allclose(m.weighted_auc(y, s, weights), expected, atol=1e-12)
+
+
+def test_zero_weight_equals_leaving_the_study_out():
     rng = np.random.default_rng(3)
-    y, s = rng.integers(0, 2, (5, 30)), rng.random((5, 30))
-    valid = rng.random((5, 30)) > 0.3
-    expected = [skm.roc_auc_score(y[i][valid[i]], s[i][valid[i]]) for i in range(5)]
-    np.testing.assert_allclose(m.auc_rows(y, s, valid), expected, atol=1e-12)
+    y, s = rng.integers(0, 2, 30), np.round(rng.random(30), 1)
+    keep = rng.random(30) > 0.3
+    assert m.weighted_auc(y, s, keep[None])[0] == pytest.approx(
+        skm.roc_auc_score(y[keep], s[keep]), abs=1e-12
+    )
 
 
 def test_single_class_gives_nan_with_a_warning():
@@ -127,7 +139,7 @@ def test_multiclass_balanced_accuracy_and_confusion_match_sklearn(pairs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns when pred has classes absent from y
         expected = skm.balanced_accuracy_score(y, pred)
-    assert m.balanced_accuracy_rows(y, pred, 4)[0] == pytest.approx(expected)
+    assert m.weighted_balanced_accuracy(y, pred, 4)[0] == pytest.approx(expected)
     np.testing.assert_array_equal(
         m.confusion_matrix(y, pred, 4), skm.confusion_matrix(y, pred, labels=range(4))
     )
@@ -158,3 +170,11 @@ def test_retrieval_ranks_count_ties_against_the_query():
     assert m.retrieval_ranks(np.ones((4, 4))).tolist() == [4, 4, 4, 4]
     with pytest.raises(ValueError, match="square"):
         m.retrieval_ranks(np.ones((2, 3)))
+
+
+def test_no_bootstrap_gives_point_estimates_only():
+    y, s = np.array([0, 1, 0, 1, 1]), np.array([0.1, 0.9, 0.3, 0.6, 0.2])
+    out = m.binary_metrics(y, s, threshold=0.5, n_boot=0)
+    assert out["auc"]["value"] == pytest.approx(5 / 6) and np.isnan(out["auc"]["ci_low"])
+    macro = m.macro_metrics(np.stack([y, y], 1), np.stack([s, s], 1), [0.5, None], n_boot=0)
+    assert macro["auc"]["value"] == pytest.approx(5 / 6) and np.isnan(macro["auc"]["ci_high"])

@@ -1,15 +1,20 @@
 """Classification and retrieval metrics with seeded bootstrap confidence intervals.
 
 Everything here is plain numpy on already-computed scores, so it can be checked against
-scikit-learn and by hand without a model. The AUC is computed from ranks (the
-Mann-Whitney statistic, ties counted as one half), vectorised over bootstrap resamples:
-1000 resamples of a few thousand studies take milliseconds, where calling
-``sklearn.metrics.roc_auc_score`` per resample takes seconds per label.
+scikit-learn and by hand without a model.
+
+A bootstrap resample is represented by *weights*: how many times each study was drawn.
+Every statistic is a function of fixed labels and scores and a ``[B, n]`` weight matrix,
+so B resamples cost a few weighted sums instead of B re-sorts, the point estimate is the
+all-ones row, and a study that is not annotated for a label simply has weight 0. The AUC
+is the Mann-Whitney statistic (ties count one half) computed from per-score-value weight
+totals; it equals ``sklearn.metrics.roc_auc_score`` on the resampled arrays
+(``bench/evaluate.py`` times the two).
 
 Conventions:
 
 * binary labels are float arrays of 0/1 with NaN for "not annotated"; studies without an
-  annotation are dropped per label before any metric is computed;
+  annotation take no part in that label's metrics;
 * a metric that is undefined on the data (AUC with one class present, sensitivity with no
   positives, anything on an empty label) is NaN and a :class:`MetricWarning` says why;
 * confidence intervals are percentile bootstrap intervals (2.5th and 97.5th percentiles of
@@ -26,11 +31,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 DEFAULT_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
 BINARY_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
+
+Statistic = Callable[[np.ndarray], np.ndarray]
+"""Maps ``[B, n]`` study weights to ``[B]`` values of a metric."""
 
 
 class MetricWarning(UserWarning):
@@ -59,40 +66,54 @@ def bootstrap_indices(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarr
     return rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), dtype=np.int64)
 
 
+def resample_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """``[n_boot, n]``: how often each of ``n`` studies is drawn in each resample."""
+    idx = bootstrap_indices(n, n_boot, rng)
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _ones(n: int) -> np.ndarray:
+    return np.ones((1, n))
+
+
 # --- binary ---------------------------------------------------------------------------------
 
 
-def auc_rows(y_true: np.ndarray, y_score: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-    """ROC AUC of each row of ``[B, n]`` 0/1 labels and scores; NaN where a row has one class.
+def weighted_auc(y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC for each row of study weights; NaN where a row weighs only one class.
 
-    AUC = (sum of positive ranks - n1 (n1 + 1) / 2) / (n1 n0) with average ranks, i.e. the
-    probability that a random positive outscores a random negative, ties counting 1/2.
-    Entries where ``valid`` is False (not annotated) take no part: their scores are moved
-    above every real score, where they cannot change the ranks of the others.
+    With P_g and N_g the weight of positives and negatives whose score is the g-th smallest
+    distinct value, AUC = sum_g P_g (N_<g + N_g / 2) / (P N): the probability that a random
+    positive outscores a random negative, ties counting 1/2.
     """
-    y_true, valid = _rows(y_true, valid)
-    scores = np.atleast_2d(np.asarray(y_score, dtype=np.float64))
-    ranks = rankdata(np.where(valid, scores, np.inf), axis=1)
-    positive = y_true & valid
-    n_pos = positive.sum(axis=1).astype(np.float64)
-    n_neg = valid.sum(axis=1) - n_pos
-    rank_sum = np.where(positive, ranks, 0.0).sum(axis=1)
+    y = np.asarray(y_true, dtype=bool).ravel()
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if not y.size:
+        return np.full(w.shape[0], np.nan)
+    _, group = np.unique(np.asarray(y_score, dtype=np.float64).ravel(), return_inverse=True)
+    size = int(group.max()) + 1
+    flat = (np.arange(w.shape[0])[:, None] * size + group[None, :]).ravel()
+    pos = np.bincount(flat, weights=(w * y).ravel(), minlength=w.shape[0] * size).reshape(-1, size)
+    neg = np.bincount(flat, weights=(w * ~y).ravel(), minlength=w.shape[0] * size).reshape(-1, size)
+    below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        auc = (pos * (below + neg / 2)).sum(axis=1) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-def threshold_rows(
-    y_true: np.ndarray, y_pred: np.ndarray, valid: np.ndarray | None = None
+def weighted_threshold_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Sensitivity, specificity and balanced accuracy of each row of 0/1 labels and predictions."""
-    y_true, valid = _rows(y_true, valid)
-    y_pred = np.atleast_2d(np.asarray(y_pred, dtype=bool))
-    positive, negative = y_true & valid, ~y_true & valid
-    n_pos, n_neg = positive.sum(axis=1), negative.sum(axis=1)
+    """Sensitivity, specificity and balanced accuracy for each row of study weights."""
+    y = np.asarray(y_true, dtype=bool).ravel()
+    pred = np.asarray(y_pred, dtype=bool).ravel()
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n_pos, n_neg = w @ y, w @ ~y
     with np.errstate(invalid="ignore", divide="ignore"):
-        sensitivity = np.where(n_pos > 0, (positive & y_pred).sum(axis=1) / n_pos, np.nan)
-        specificity = np.where(n_neg > 0, (negative & ~y_pred).sum(axis=1) / n_neg, np.nan)
+        sensitivity = np.where(n_pos > 0, (w @ (y & pred)) / n_pos, np.nan)
+        specificity = np.where(n_neg > 0, (w @ (~y & ~pred)) / n_neg, np.nan)
     return {
         "sensitivity": sensitivity,
         "specificity": specificity,
@@ -100,19 +121,23 @@ def threshold_rows(
     }
 
 
-def _rows(y_true: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    y_true = np.atleast_2d(np.asarray(y_true, dtype=bool))
-    valid = np.ones_like(y_true) if valid is None else np.atleast_2d(np.asarray(valid, dtype=bool))
-    return y_true, valid
-
-
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC of one label (NaN and a :class:`MetricWarning` when only one class is present)."""
     y_true, y_score = _annotated(y_true, y_score)
-    value = float(auc_rows(y_true, y_score)[0]) if y_true.size else float("nan")
+    value = float(weighted_auc(y_true, y_score, _ones(y_true.size))[0])
     if np.isnan(value):
         _warn_classes("AUC", y_true)
     return value
+
+
+def binary_statistic(
+    metric: str, y_true: np.ndarray, y_score: np.ndarray, threshold: float | None
+) -> Statistic:
+    """The weights -> values function of one binary metric on fixed labels and scores."""
+    if metric == "auc":
+        return lambda w: weighted_auc(y_true, y_score, w)
+    predicted = np.asarray(y_score) >= threshold
+    return lambda w: weighted_threshold_metrics(y_true, predicted, w)[metric]
 
 
 def binary_metrics(
@@ -143,9 +168,9 @@ def binary_metrics(
             "fp": int((predicted & (y_true == 0)).sum()),
             "tn": int((~predicted & (y_true == 0)).sum()),
         }
-    idx = bootstrap_indices(y_true.size, n_boot, label_rng(seed, name))
+    weights = resample_weights(y_true.size, n_boot, label_rng(seed, name))
     for metric in BINARY_METRICS if threshold is not None else ("auc",):
-        out[metric] = _bootstrap(_binary_stat(metric, threshold), y_true, y_score, idx).as_dict()
+        out[metric] = bootstrap(binary_statistic(metric, y_true, y_score, threshold), weights).as_dict()
     return out
 
 
@@ -162,60 +187,43 @@ def macro_metrics(
     ``y_true`` and ``y_score`` are ``[n_studies, n_labels]`` (NaN = not annotated). Labels
     where a metric is undefined are left out of its mean (``n_labels`` says how many
     counted). The interval resamples *studies*, shared by all labels, so it reflects the
-    correlation between labels of one study.
+    correlation between labels of one study; a study weighs 0 for the labels it lacks.
     """
     y_true = np.asarray(y_true, dtype=np.float64)
     y_score = np.asarray(y_score, dtype=np.float64)
-    valid = ~np.isnan(y_true)
+    annotated = ~np.isnan(y_true)
     hits = np.nan_to_num(y_true).astype(bool)
-    idx = bootstrap_indices(y_true.shape[0], n_boot, label_rng(seed, "macro"))
+    weights = resample_weights(y_true.shape[0], n_boot, label_rng(seed, "macro"))
     out: dict = {}
     for metric in BINARY_METRICS:
         labels = [i for i, t in enumerate(thresholds) if metric == "auc" or t is not None]
         if not labels:
             continue
+        stats = [binary_statistic(metric, hits[:, i], y_score[:, i], thresholds[i]) for i in labels]
 
-        def per_label(
-            rows: np.ndarray | slice, metric: str = metric, labels: list[int] = labels
-        ) -> np.ndarray:
+        def per_label(w: np.ndarray, stats=stats, labels=labels) -> np.ndarray:
             return np.stack(
-                [
-                    _binary_stat(metric, thresholds[i])(hits[rows, i], y_score[rows, i], valid[rows, i])
-                    for i in labels
-                ],
-                axis=-1,
+                [stat(w * annotated[:, i]) for stat, i in zip(stats, labels, strict=True)], axis=-1
             )
 
-        point = per_label(np.arange(y_true.shape[0])[None])[0]
+        point = per_label(_ones(y_true.shape[0]))[0]
         counted = ~np.isnan(point)
         value = float(point[counted].mean()) if counted.any() else float("nan")
-        if y_true.shape[0] and counted.any():
-            resampled = per_label(idx)[:, counted].mean(axis=1)
-            low, high = _percentile_interval(resampled)
-        else:
-            low = high = float("nan")
-        out[metric] = {**Estimate(value, low, high).as_dict(), "n_labels": int(counted.sum())}
+        interval = (
+            _percentile_interval(per_label(weights)[:, counted].mean(axis=1))
+            if counted.any()
+            else (np.nan,) * 2
+        )
+        out[metric] = {**Estimate(value, *interval).as_dict(), "n_labels": int(counted.sum())}
     return out
 
 
-def _binary_stat(metric: str, threshold: float | None) -> Callable[..., np.ndarray]:
-    if metric == "auc":
-        return auc_rows
-    return lambda y, s, valid=None: threshold_rows(y, np.asarray(s) >= threshold, valid)[metric]
-
-
-def _bootstrap(
-    stat: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    idx: np.ndarray,
-) -> Estimate:
-    """Point estimate on all studies plus the percentile interval over the resamples ``idx``."""
-    value = float(stat(y_true[None], y_score[None])[0]) if y_true.size else float("nan")
-    if not y_true.size or np.isnan(value):
+def bootstrap(stat: Statistic, weights: np.ndarray) -> Estimate:
+    """Point estimate (all studies once) plus the percentile interval over the resample ``weights``."""
+    value = float(stat(_ones(weights.shape[1]))[0])
+    if np.isnan(value):
         return Estimate(value, float("nan"), float("nan"))
-    values = stat(y_true[idx], y_score[idx])
-    return Estimate(value, *_percentile_interval(values))
+    return Estimate(value, *_percentile_interval(stat(weights)))
 
 
 def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
@@ -258,16 +266,19 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def balanced_accuracy_rows(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Mean per-class recall of each row, over the classes present in that row's labels.
+def weighted_balanced_accuracy(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean per-class recall for each row of study weights, over the classes present.
 
     This is scikit-learn's ``balanced_accuracy_score`` (classes predicted but absent from
-    the labels do not count), vectorised over bootstrap rows.
+    the labels do not count). Without ``weights``, every study counts once.
     """
-    y_true = np.atleast_2d(np.asarray(y_true, dtype=np.int64))
-    hits = y_true == np.atleast_2d(np.asarray(y_pred, dtype=np.int64))
-    support = np.stack([(y_true == c).sum(axis=1) for c in range(n_classes)], axis=1)
-    correct = np.stack([((y_true == c) & hits).sum(axis=1) for c in range(n_classes)], axis=1)
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    w = _ones(y.size) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    member = y[:, None] == np.arange(n_classes)[None, :]
+    support = w @ member
+    correct = w @ (member & (y == np.asarray(y_pred).ravel())[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = correct / support  # NaN for classes absent from the row's labels
     with warnings.catch_warnings():
@@ -290,28 +301,28 @@ def multiclass_metrics(
     the prediction is the arg-max of ``probabilities`` ``[n, K]``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(len(y_true), len(class_names))
     n_classes = len(class_names)
     if not y_true.size:
         warnings.warn(
             f"metrics of task {name!r} undefined (NaN): no study is annotated", MetricWarning, stacklevel=2
         )
     y_pred = probabilities.argmax(axis=1) if y_true.size else y_true
-    idx = bootstrap_indices(y_true.size, n_boot, label_rng(seed, name))
-
-    def stat(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-        return balanced_accuracy_rows(y, p, n_classes)
-
-    per_class = {}
-    for c, class_name in enumerate(class_names):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            auc = _bootstrap(auc_rows, (y_true == c).astype(np.int64), probabilities[:, c], idx)
-        per_class[class_name] = {"n": int((y_true == c).sum()), "auc": auc.as_dict()}
+    weights = resample_weights(y_true.size, n_boot, label_rng(seed, name))
+    per_class = {
+        class_name: {
+            "n": int((y_true == c).sum()),
+            "auc": bootstrap(
+                lambda w, c=c: weighted_auc(y_true == c, probabilities[:, c], w), weights
+            ).as_dict(),
+        }
+        for c, class_name in enumerate(class_names)
+    }
+    accuracy = bootstrap(lambda w: weighted_balanced_accuracy(y_true, y_pred, n_classes, w), weights)
     return {
         "n": int(y_true.size),
         "classes": list(class_names),
-        "balanced_accuracy": _bootstrap(stat, y_true, y_pred, idx).as_dict(),
+        "balanced_accuracy": accuracy.as_dict(),
         "accuracy": float((y_true == y_pred).mean()) if y_true.size else float("nan"),
         "confusion_matrix": confusion_matrix(y_true, y_pred, n_classes).tolist(),
         "per_class": per_class,

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from hlip.evaluate.labels import binary_targets, class_targets
-from hlip.evaluate.metrics import MetricWarning, auc_rows, balanced_accuracy_rows
+from hlip.evaluate.metrics import MetricWarning, weighted_auc, weighted_balanced_accuracy
 from hlip.evaluate.prompts import PromptSet
 
 DEFAULT_FOLDS = 5
@@ -69,8 +69,9 @@ def _fold_score(
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
     model.fit(features[train], y[train])
     if multiclass:
-        return float(balanced_accuracy_rows(y[test], model.predict(features[test]), int(y.max()) + 1)[0])
-    return float(auc_rows(y[test] == 1, model.predict_proba(features[test])[:, 1])[0])
+        return float(weighted_balanced_accuracy(y[test], model.predict(features[test]), int(y.max()) + 1)[0])
+    ones = np.ones((1, test.size))
+    return float(weighted_auc(y[test] == 1, model.predict_proba(features[test])[:, 1], ones)[0])
 
 
 def run_probe(
