@@ -78,6 +78,9 @@ class TrainConfig:
     intensity_std: float = HLIP_INTENSITY_STD
     text_mode: str = "sentence"
     """Training text: "full" report, "shuffle" its sentences, or one random "sentence" per step."""
+    text_sections: list[str] = field(default_factory=list)
+    """Report sections to train on, by heading (e.g. ["findings", "impression"]); empty = all text.
+    A report with none of these headings is used whole."""
     text_prefix: str = ""
     """Prepended to every text, e.g. "This MRI study shows: " as HLIP does for brain MRI."""
 

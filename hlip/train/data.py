@@ -41,7 +41,10 @@ MAX_EMPTY_EPOCHS = 16
 """A reader that finds no study in this many epochs in a row stops (it has no share of the
 data: fewer studies than ranks x workers); the other readers of its rank carry on."""
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\d\.)(?<!\b[A-Z]\.)(?<!\b[A-Z][a-z]\.)\s+|\s*\n+\s*")
+"""After . ! ? (not after an enumerator "1.", an initial "J." or a title "Dr.") or at a line break."""
+_HEADING = re.compile(r"^\s*([A-Za-z][A-Za-z &/-]{0,40}):\s*(.*)$")
+"""A report section heading line ("FINDINGS:", "Clinical information: ..."), maybe with text."""
 
 
 # --- per-study transform ----------------------------------------------------------------------
@@ -50,6 +53,32 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
 def split_sentences(report: str) -> list[str]:
     """Sentences of a report (split after . ! ? and at line breaks), empty ones dropped."""
     return [s.strip() for s in _SENTENCE_END.split(report) if s and s.strip()]
+
+
+def report_sections(report: str) -> dict[str, str]:
+    """Sections of a report by lower-case heading ("findings", "impression", ...); text
+    before the first heading is under ``""``."""
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in report.splitlines():
+        heading = _HEADING.match(line)
+        if heading:
+            current = heading.group(1).strip().lower()
+            sections.setdefault(current, [])
+            line = heading.group(2)
+        if line.strip():
+            sections[current].append(line.strip())
+    return {name: "\n".join(lines) for name, lines in sections.items() if lines}
+
+
+def select_sections(report: str, names: Sequence[str]) -> str:
+    """The named sections of a report in the given order, or the whole report when it has
+    none of them (reports without headings pass unchanged)."""
+    if not names:
+        return report
+    sections = report_sections(report)
+    chosen = [sections[name.lower()] for name in names if name.lower() in sections]
+    return "\n".join(chosen) if chosen else report
 
 
 def study_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -84,34 +113,71 @@ def crop_axes(
     return axes
 
 
-def read_window(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
-    """The crop's voxels in physical units (HU for CT) as float32.
+def read_crop(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
+    """The crop's stored int16 voxels.
 
     The lazy zarr array is indexed with the window before anything is converted, so only the
     slabs of slices the window overlaps are decompressed.
     """
-    region = np.asarray(scan.array[tuple(slice(a.start, a.stop) for a in axes)])
-    values = region.astype(np.float32)
-    if scan.intensity_slope != 1.0 or scan.intensity_intercept != 0.0:
-        values = values * np.float32(scan.intensity_slope) + np.float32(scan.intensity_intercept)
-    return values
+    return np.asarray(scan.array[tuple(slice(a.start, a.stop) for a in axes)])
 
 
-def apply_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """CT window: ``low`` HU -> 0, ``high`` HU -> 1, clipped."""
-    return np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+@dataclass(frozen=True)
+class UnitMap:
+    """``stored value -> clip(stored * scale + offset, 0, 1)``: a scan's intensities to [0, 1].
 
-
-def percentile_normalize(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """MR (or any non-HU) intensity: the ``low``/``high`` percentiles -> 0/1, clipped.
-
-    Percentiles are taken over the cropped region (reading the whole scan to normalise a crop
-    would defeat the slab-wise reading); a constant region maps to zeros.
+    Windowing and percentile normalisation are both affine then clipped, so each is one
+    UnitMap, and with the standardisation folded in the whole intensity path is three
+    in-place passes over the crop (multiply while casting to float32, add, clip).
     """
-    lo, hi = np.percentile(values, [low, high])
+
+    scale: float
+    offset: float
+
+
+def window_map(scan: Scan, low: float, high: float) -> UnitMap:
+    """CT window in physical units (``low`` HU -> 0, ``high`` HU -> 1) on stored values."""
+    width = high - low
+    return UnitMap(scan.intensity_slope / width, (scan.intensity_intercept - low) / width)
+
+
+PERCENTILE_SAMPLE = 1 << 17
+"""Voxels sampled (a regular stride through the crop) to estimate percentiles quickly."""
+
+
+def percentile_map(region: np.ndarray, low: float, high: float) -> UnitMap:
+    """MR (or any non-HU) intensity: the ``low``/``high`` percentiles of the crop -> 0/1.
+
+    Percentiles are estimated on a regular sample of the cropped region (reading the whole
+    scan to normalise a crop would defeat slab-wise reading); they do not depend on the
+    stored-to-physical scaling, so stored values are used as is. A constant crop maps to 0.
+    """
+    flat = region.reshape(-1)
+    sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLE)]
+    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
     if not hi > lo:
-        return np.zeros_like(values)
-    return np.clip((values - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+        return UnitMap(0.0, 0.0)
+    return UnitMap(1.0 / (hi - lo), -lo / (hi - lo))
+
+
+def render(
+    region: np.ndarray, unit_map: UnitMap, axes: Sequence[AxisCrop], mean: float, std: float
+) -> np.ndarray:
+    """``(clip(region * scale + offset, 0, 1) - mean) / std``, padded where ``axes`` say.
+
+    Padding is the value of intensity 0 (as the reference pads [0, 1] volumes with 0 before
+    standardising).
+    """
+    low, high = -mean / std, (1.0 - mean) / std
+    shape = [a.before + (a.stop - a.start) + a.after for a in axes]
+    out = (
+        np.full(shape, low, dtype=np.float32) if shape != list(region.shape) else np.empty(shape, np.float32)
+    )
+    inner = out[tuple(slice(a.before, a.before + a.stop - a.start) for a in axes)]
+    np.multiply(region, np.float32(unit_map.scale / std), out=inner, casting="unsafe")
+    np.add(inner, np.float32((unit_map.offset - mean) / std), out=inner)
+    np.clip(inner, np.float32(low), np.float32(high), out=inner)
+    return out
 
 
 def is_hounsfield(scan: Scan) -> bool:
@@ -171,24 +237,21 @@ class StudyTransform:
     def scan_tensors(self, scan: Scan, rng: np.random.Generator | None) -> list[torch.Tensor]:
         crop_rng = rng if self.config.random_crop else None
         axes = crop_axes(scan.shape, self.config.img_size, crop_rng, pad=self.config.pad_to_size)
-        values = read_window(scan, axes)
-        if is_hounsfield(scan):
-            windows = [apply_window(values, low, high) for low, high in self.config.ct_windows]
-            if self.config.ct_window_mode == "mean":
-                windows = [np.mean(windows, axis=0, dtype=np.float32)]
+        region = read_crop(scan, axes)
+        mean, std = self.config.intensity_mean, self.config.intensity_std
+        if not is_hounsfield(scan):
+            maps = [percentile_map(region, *self.config.mr_percentiles)]
         else:
-            windows = [percentile_normalize(values, *self.config.mr_percentiles)]
-        return [self.finish(w, axes) for w in windows]
-
-    def finish(self, unit: np.ndarray, axes: Sequence[AxisCrop]) -> torch.Tensor:
-        """Pad a [0, 1] crop to the window and standardise it."""
-        padded = np.pad(unit, [(a.before, a.after) for a in axes])
-        mean, std = np.float32(self.config.intensity_mean), np.float32(self.config.intensity_std)
-        return torch.from_numpy(np.ascontiguousarray((padded - mean) / std, dtype=np.float32))
+            maps = [window_map(scan, low, high) for low, high in self.config.ct_windows]
+        if len(maps) > 1 and self.config.ct_window_mode == "mean":
+            units = [render(region, unit_map, axes, 0.0, 1.0) for unit_map in maps]
+            return [torch.from_numpy((np.mean(units, axis=0, dtype=np.float32) - mean) / std)]
+        return [torch.from_numpy(render(region, unit_map, axes, mean, std)) for unit_map in maps]
 
     def text(self, report: str, rng: np.random.Generator | None) -> str:
-        """The report (evaluation, ``full``), its sentences shuffled, or one random sentence."""
-        report = report.strip()
+        """The report (evaluation, ``full``), its sentences shuffled, or one random sentence,
+        from the ``text_sections`` of the report when it has them."""
+        report = select_sections(report, self.config.text_sections).strip()
         sentences = split_sentences(report)
         if rng is not None and sentences and self.config.text_mode == "shuffle":
             report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))

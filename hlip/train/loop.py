@@ -375,7 +375,12 @@ def zero_shot_metrics(model: nn.Module, tokenizer: Any, config: TrainConfig, dev
         return model.encode_text(tokenizer(list(sentences)), normalize=True).float().cpu().numpy()
 
     result = run_zeroshot(
-        images, labels, load_prompts(config.prompts), encode, float(model.logit_scale.exp()), n_boot=0
+        images,
+        labels,
+        load_prompts(config.prompts),
+        encode,
+        float(model.logit_scale.detach().exp()),
+        n_boot=0,
     )
     return flatten_metrics(result.metrics)
 
@@ -458,7 +463,7 @@ class RunLog:
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(f"val/{name}", value, step)
-        aucs = {k: round(v, 4) for k, v in metrics.items() if k.endswith("auc")}
+        aucs = {k: round(v, 4) for k, v in metrics.items() if k.endswith("auc/value")}
         log.info("step %d zero-shot: %s", step, aucs)
 
     def _append(self, record: dict[str, Any]) -> None:
