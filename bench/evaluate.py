@@ -10,6 +10,7 @@ values must agree to rounding; the benchmark checks that and prints both times a
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -52,7 +53,7 @@ def main() -> None:
     print(f"{args.labels} labels x {args.studies} studies x {args.resamples} bootstrap resamples (AUC)")
     print(f"  baseline sklearn roc_auc_score per resample: {t_sklearn:8.2f} s")
     print(f"  hlip resample-weight AUC (incl. drawing):    {t_ours:8.2f} s")
-    print(f"  speed-up: {t_sklearn / t_ours:.1f}x (identical values)")
+    print(f"  speed-up: {t_sklearn / t_ours:.1f}x (identical values); load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

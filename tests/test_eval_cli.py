@@ -104,7 +104,7 @@ def test_run_on_a_published_layout_checkpoint_end_to_end(tmp_path, shards, promp
         "--bootstrap", "50", "--batch-size", "5", "--set", SMALL,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "macro auc" in result.output and str(out / "report.md") in result.output
+    assert "macro AUC" in result.output and str(out / "report.md") in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["studies"] == 12 and metrics["run"]["preset"] == PRESET
     assert metrics["zeroshot"]["binary"]["finding"]["n"] == 12

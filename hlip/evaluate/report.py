@@ -21,6 +21,12 @@ import numpy as np
 from hlip.evaluate.zeroshot import ZeroShotResult
 
 PLOTS_DIR = "plots"
+METRIC_NAMES = {
+    "auc": "AUC",
+    "balanced_accuracy": "balanced accuracy",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+}
 BINARY_CONFUSION = "binary labels at the threshold"
 
 
@@ -71,7 +77,8 @@ def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     zeroshot = metrics.get("zeroshot", {})
     for measure, estimate in zeroshot.get("macro", {}).items():
-        rows.append(("zero-shot", f"macro {measure} ({estimate['n_labels']} labels)", fmt_estimate(estimate)))
+        name = f"macro {METRIC_NAMES[measure]} ({estimate['n_labels']} labels)"
+        rows.append(("zero-shot", name, fmt_estimate(estimate)))
     for name, task in zeroshot.get("multiclass", {}).items():
         rows.append(("zero-shot", f"{name}: balanced accuracy", fmt_estimate(task["balanced_accuracy"])))
     for direction, values in metrics.get("retrieval", {}).items():
