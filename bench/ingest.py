@@ -30,6 +30,7 @@ archives in DIR and reuse them).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import resource
 import shutil
@@ -65,7 +66,7 @@ class Timing:
 ARCHIVES = {
     "uncompressed": dict(
         n_studies=8,
-        sizes=Sizes(ct_matrix=512, ct_coverage_mm=112.0),
+        sizes=Sizes(ct_matrix=512, ct_coverage_mm=80.0),
         transfer_syntaxes=[ExplicitVRLittleEndian],
     ),
     "mixed syntaxes": dict(n_studies=8, sizes=Sizes(ct_matrix=512, ct_coverage_mm=112.0)),
@@ -80,8 +81,10 @@ QUICK_ARCHIVES = {
 """CT-only studies of equal size, an even number so that 2 workers get equal work."""
 
 
-def synthetic_archive(folder: Path, settings: dict) -> Path:
-    """Make the archive unless ``folder`` already holds it (from an earlier ``--cache`` run)."""
+def synthetic_archive(cache: Path, name: str, settings: dict) -> Path:
+    """The archive in ``cache``, made unless an earlier run with the same settings made it."""
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:10]
+    folder = cache / f"{name.replace(' ', '-')}-{digest}"
     if not folder.exists():
         start = time.perf_counter()
         make_archive(folder, seed=0, modalities=("CT",), **settings)
@@ -114,7 +117,12 @@ def time_dcm2niix(folder: Path, compress: str) -> Timing:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's own peak resident set (VmHWM). ``ru_maxrss`` would not do: it survives
+    ``execve``, so a spawned worker reports its parent's peak when that is higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _cluster_cpu(client: Client) -> float:
@@ -190,10 +198,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-ingest-archive-"))
     try:
         for name, settings in (QUICK_ARCHIVES if args.quick else ARCHIVES).items():
-            folder = synthetic_archive(
-                (args.cache or scratch) / f"{name.replace(' ', '-')}-{'quick' if args.quick else 'full'}",
-                settings,
-            )
+            folder = synthetic_archive(args.cache or scratch, name, settings)
             # The report table is the archive's reports.csv; dcm2niix skips it as not DICOM.
             result = bench_folder(
                 f"synthetic CT archive, {name}", folder, folder / "reports.csv", args.workers, args.repeat

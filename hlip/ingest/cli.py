@@ -94,7 +94,7 @@ def run(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
     out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
     reports: Path | None = typer.Option(
-        None, "--reports", exists=True, help="Report table (CSV or Parquet)."
+        None, "--reports", exists=True, help="Report table (CSV, TSV, Parquet or JSON lines)."
     ),
     report_key: str = typer.Option(
         "StudyInstanceUID", help="Report table column: StudyInstanceUID|AccessionNumber."
