@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import hlip, torch, zarr, webdataset" && touch $(STAMP)
 
 test: $(STAMP)
-	@$(PY) -m pytest -q -n 2 tests
+	@$(PY) -m pytest -q -n 2 --durations=15 tests
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check hlip tests bench
