@@ -11,7 +11,7 @@
 Each configuration runs in its own subprocess so that peak RSS (ru_maxrss, minus the RSS before
 the measured step) belongs to it alone.
 
-    .venv/bin/python bench/model.py            # about 4 minutes
+    .venv/bin/python bench/model.py            # about 5 minutes on an idle machine
     .venv/bin/python bench/model.py --quick    # 2 scans only, one repeat: under a minute
 """
 
