@@ -14,7 +14,9 @@ deflate), and for the real sets under ../shared/data, it measures:
 * for each: wall time, files/s and MB/s of input, and CPU seconds (of dcm2niix; of the
   client plus every worker for hlip-ingest), which other load on the machine barely
   changes; the ratios of hlip-ingest's throughput to each dcm2niix mode, by wall time and
-  by CPU time; the scaling from 1 to 2 workers (wall time); the peak RSS of each worker.
+  by CPU time; the scaling from 1 to 2 workers (wall time), and the bound the CPU split
+  allows (Amdahl: the client's share is serial), which other load on the machine does
+  not change; the peak RSS of each worker.
 
 Goals (on the uncompressed archive): with one worker at least 2.0x the throughput of
 ``dcm2niix -z y``; at least 1.8x from 1 to 2 workers. Both programs read the same files
@@ -61,6 +63,7 @@ class Timing:
     cpu: float
     startup: float = 0.0
     rss_mb: float = 0.0
+    client_cpu: float = 0.0
 
 
 ARCHIVES = {
@@ -125,8 +128,9 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def _cluster_cpu(client: Client) -> float:
-    return _cpu_seconds() + sum(client.run(_cpu_seconds).values())
+def _cluster_cpu(client: Client) -> tuple[float, float]:
+    """CPU seconds of this process (client and scheduler) and of all workers."""
+    return _cpu_seconds(), sum(client.run(_cpu_seconds).values())
 
 
 def time_ingest(folder: Path, reports: Path | None, workers: int) -> Timing:
@@ -143,12 +147,13 @@ def time_ingest(folder: Path, reports: Path | None, workers: int) -> Timing:
             Client(cluster) as client,
         ):
             client.run(importlib.import_module, "hlip.ingest.pipeline")
-            cpu, started = _cluster_cpu(client), time.perf_counter()
+            (own, workers_cpu), started = _cluster_cpu(client), time.perf_counter()
             run_ingest([folder], Path(out) / "ds", config, client=client)
             wall = time.perf_counter() - started
-            cpu = _cluster_cpu(client) - cpu
+            own_after, workers_after = _cluster_cpu(client)
             rss = max(client.run(_peak_rss_mb).values())
-    return Timing(wall, cpu, started - start, rss)
+    client_cpu = own_after - own
+    return Timing(wall, client_cpu + workers_after - workers_cpu, started - start, rss, client_cpu)
 
 
 def best(runs) -> Timing:
@@ -177,10 +182,17 @@ def bench_folder(name: str, folder: Path, reports: Path | None, counts: list[int
             for mode, base in baselines.items()
         )
         print(_line(f"hlip-ingest {workers} worker(s)", run, n_files, n_bytes) + f"  {ratios}")
-        print(f"{'':24s} cluster start {run.startup:.1f} s, peak RSS per worker {run.rss_mb:.0f} MB")
-    if len(counts) > 1:
         print(
-            f"scaling {counts[0]} -> {counts[-1]} workers: x{runs[counts[0]].wall / runs[counts[-1]].wall:.2f}"
+            f"{'':24s} of which client CPU {run.client_cpu:.2f} s (listing, plan, scheduler, shard writing); "
+            f"cluster start {run.startup:.1f} s; peak RSS per worker {run.rss_mb:.0f} MB"
+        )
+    if len(counts) > 1:
+        first, last = runs[counts[0]], runs[counts[-1]]
+        parallel = 1 - first.client_cpu / first.cpu
+        bound = 1 / ((1 - parallel) + parallel * counts[0] / counts[-1])
+        print(
+            f"scaling {counts[0]} -> {counts[-1]} workers: x{first.wall / last.wall:.2f} measured; "
+            f"x{bound:.2f} bound from CPU ({parallel:.0%} of the CPU time is in workers)"
         )
     return {"baselines": baselines, "runs": runs}
 
