@@ -86,11 +86,9 @@ FILES_SCHEMA = pa.schema(
 
 SECRET_CHECK = "hlip-ingest secret check"
 
-INDEX_BATCH_FILES = 256
-"""Most files per index task: enough to hide the per-task overhead."""
-INDEX_BATCHES_PER_WORKER = 4
-"""At least this many index tasks per worker when there are enough files, so that workers
-finish the index together."""
+INDEX_BATCH_FILES = 64
+"""Files per index task: enough to hide the per-task overhead (about a millisecond), few
+enough that workers start while the sources are listed and finish together."""
 
 
 @dataclass(frozen=True)
@@ -175,11 +173,12 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         yield client
 
 
-def map_unordered(client, function: Callable, items: Sequence, *args: Any) -> Iterator:
+def map_unordered(client, function: Callable, items: Iterable, *args: Any) -> Iterator:
     """``function(item, *args)`` for every item, yielded as they finish.
 
-    On a Dask client each item is one task, and each result is released as soon as it is
-    read; without a client the items run here, one after the other.
+    On a Dask client each item is one task, submitted as soon as ``items`` yields it, and
+    each result is released as soon as it is read; without a client the items run here,
+    one after the other.
     """
     if client is None:
         yield from (function(item, *args) for item in items)
@@ -218,28 +217,38 @@ def index_stage(
 ) -> pa.Table:
     """Index every file under ``sources`` (headers only) into the Parquet file ``path``.
 
-    Files under ``exclude`` (the output directory, when it lies inside a source) are not
-    inputs. Rows of files already in an existing ``path`` with the same size are reused,
-    so a re-run only parses new files. Rows are sorted by ``file_id``: the table depends
-    only on the files, not on the order tasks finished.
+    Batches of files go to the workers while the sources are still being listed, so
+    listing a large archive overlaps with parsing it. Files under ``exclude`` (the output
+    directory, when it lies inside a source) are not inputs. Rows of files already in an
+    existing ``path`` with the same size are reused, so a re-run only parses new files.
+    Rows are sorted by ``file_id``: the table depends only on the files, not on the order
+    tasks finished.
     """
     progress = progress or Progress(disable=True)
     previous = _reusable_rows(Path(path))
-    listed = list(index.iter_source_files([str(Path(source).resolve()) for source in sources]))
-    if exclude is not None:
-        excluded = Path(os.path.abspath(exclude))
-        listed = [
-            source_file for source_file in listed if not Path(source_file.path).is_relative_to(excluded)
-        ]
-    rows, todo = [], []
-    for source_file in listed:
-        row = previous.get((source_file.file_id, source_file.size))
-        (rows.append(row) if row is not None else todo.append(source_file))
-    workers = sum(client.nthreads().values()) if client is not None else 1
-    size = max(1, min(INDEX_BATCH_FILES, -(-len(todo) // (INDEX_BATCHES_PER_WORKER * workers))))
-    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    bar = progress.add_task("index", total=len(listed), completed=len(rows))
-    for batch_rows in map_unordered(client, _index_batch, batches):
+    excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
+    bar = progress.add_task("index", total=0)
+    rows = []
+
+    def batches() -> Iterator[list[index.SourceFile]]:
+        batch = []
+        for source_file in index.iter_source_files([str(Path(source).resolve()) for source in sources]):
+            if excluded is not None and Path(source_file.path).is_relative_to(excluded):
+                continue
+            progress.update(bar, total=progress.tasks[bar].total + 1)
+            row = previous.get((source_file.file_id, source_file.size))
+            if row is not None:
+                rows.append(row)
+                progress.advance(bar)
+                continue
+            batch.append(source_file)
+            if len(batch) == INDEX_BATCH_FILES:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for batch_rows in map_unordered(client, _index_batch, batches()):
         rows.extend(batch_rows)
         progress.advance(bar, len(batch_rows))
     table = index.rows_to_table(sorted(rows, key=lambda row: row["file_id"]))
