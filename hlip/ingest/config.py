@@ -29,6 +29,13 @@ def default_target_spacing() -> dict[str, Spacing]:
     return dict(DEFAULT_TARGET_SPACING)
 
 
+def settings_hash(settings: dict) -> str:
+    """A sample's ``config_hash``: the first 16 hex digits of the sha256 of the settings
+    that shaped it, as canonical JSON."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """Settings of one ingest run.
@@ -71,9 +78,7 @@ class IngestConfig:
         }
 
     def config_hash(self) -> str:
-        """First 16 hex digits of the sha256 of :meth:`hashed_fields`."""
-        canonical = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return settings_hash(self.hashed_fields())
 
     def resume_fields(self) -> dict:
         """What must match for a run to resume in an existing output directory."""

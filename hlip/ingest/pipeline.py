@@ -23,7 +23,6 @@ secret); nothing else does.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections import Counter
@@ -38,7 +37,7 @@ import pydicom
 from rich.progress import Progress
 
 from hlip.ingest import deid, index, reports
-from hlip.ingest.config import IngestConfig
+from hlip.ingest.config import IngestConfig, settings_hash
 from hlip.ingest.nifti import (
     NiftiStudyPlan,
     NiftiTableSpec,
@@ -658,7 +657,7 @@ def run_nifti_ingest(
     out, key_secret = _prepare(out_dir, secret, settings)
     plans = plan_nifti_studies(table if isinstance(table, pa.Table) else Path(table), spec)
     keys = [deid.study_key(study_plan.study_id, key_secret) for study_plan in plans]
-    config_hash = hashlib.sha256(json.dumps(nifti_settings(spec), sort_keys=True).encode()).hexdigest()[:16]
+    config_hash = settings_hash(nifti_settings(spec))
     with _client(client, scheduler, workers, memory_limit) as client:
         tasks = list(zip(keys, plans, strict=True))
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash)
