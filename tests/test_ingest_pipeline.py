@@ -114,6 +114,7 @@ def test_config_hash_covers_content_settings_only():
         IngestConfig(secret="x"),
         IngestConfig(report_table="/a/b.csv"),
         IngestConfig(max_shard_bytes=1),
+        IngestConfig(target_spacing={**base.target_spacing, "MR": "native"}),
     ):
         assert same.config_hash() == base.config_hash(), same
 

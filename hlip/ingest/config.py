@@ -41,8 +41,9 @@ class IngestConfig:
     """Settings of one ingest run.
 
     ``secret`` (the key of the pseudonymous study ids) is resolved by
-    :func:`hlip.ingest.deid.resolve_secret` and never hashed or recorded. The report
-    table's path is not hashed either: where a file lives does not change a sample.
+    :func:`hlip.ingest.deid.resolve_secret`; it is not part of ``config_hash``, and a run
+    records only a keyed check of it. The report table's path is not hashed either: where
+    a file lives does not change a sample.
     """
 
     target_spacing: Mapping[str, Spacing] = field(default_factory=default_target_spacing)
@@ -64,10 +65,12 @@ class IngestConfig:
                 raise ValueError(f"target spacing of {modality} must be 'native' or three positive mm values")
 
     def hashed_fields(self) -> dict:
-        """The settings that change a sample's content, in canonical JSON-able form."""
+        """The settings that change a sample's content, in canonical JSON-able form
+        (a modality set to "native" is left out: unlisted modalities stay native)."""
         spacing = {
-            modality: s if s == NATIVE else [None if v is None else float(v) for v in s]
+            modality: [None if v is None else float(v) for v in s]
             for modality, s in sorted(self.target_spacing.items())
+            if s != NATIVE
         }
         return {
             "target_spacing": spacing,
