@@ -133,19 +133,19 @@ def _print_summary(outcome) -> None:
 
     table = Table(title="hlip-eval", show_lines=False)
     for column in ("task", "measure", "value"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for row in summary_rows(outcome.metrics):
         table.add_row(*row)
     console.print(table)
     for warning in outcome.metrics.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    console.print(f"report:     {outcome.files.report}")
-    console.print(f"metrics:    {outcome.files.metrics}")
-    console.print(f"embeddings: {outcome.embeddings}")
+    console.print(f"report:     {outcome.files.report}", soft_wrap=True)
+    console.print(f"metrics:    {outcome.files.metrics}", soft_wrap=True)
+    console.print(f"embeddings: {outcome.embeddings}", soft_wrap=True)
     for path in outcome.extra:
-        console.print(f"scores:     {path}")
+        console.print(f"scores:     {path}", soft_wrap=True)
     for path in outcome.files.plots:
-        console.print(f"plot:       {path}")
+        console.print(f"plot:       {path}", soft_wrap=True)
 
 
 @app.command()
