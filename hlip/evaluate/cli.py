@@ -42,16 +42,30 @@ DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
 SETTINGS = typer.Option([], "--set", help="Transform setting key=value (e.g. max_scans=4); repeatable.")
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]embedding studies"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+class _EmbeddingProgress:
+    """A progress bar that appears with the first embedded batch, so that input errors
+    (reported before any study is embedded) are not preceded by an empty bar."""
+
+    def __enter__(self):
+        self.bar = Progress(
+            TextColumn("[bold]embedding studies"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = None
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("embed", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
 
 
 def _fail(error: Exception) -> None:
@@ -118,11 +132,8 @@ def run(
         seed=seed,
     )
     try:
-        with _progress() as bar:
-            task = bar.add_task("embed", total=None)
-            outcome = run_evaluation(
-                options, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+        with _EmbeddingProgress() as progress:
+            outcome = run_evaluation(options, progress=progress)
     except _user_errors() as error:
         _fail(error)
     _print_summary(outcome)
@@ -167,14 +178,9 @@ def embed(
         loaded = load_model(
             checkpoint, preset=preset, text_path=text_model, overrides=settings, device=device
         )
-        with _progress() as bar:
-            task = bar.add_task("embed", total=None)
+        with _EmbeddingProgress() as progress:
             embeddings = embed_dataset(
-                loaded,
-                data,
-                batch_size=batch_size,
-                num_workers=workers,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                loaded, data, batch_size=batch_size, num_workers=workers, progress=progress
             )
     except _user_errors() as error:
         _fail(error)
