@@ -135,7 +135,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
     xformers = "yes" if xformers_available() else "no"
     lines = [
-        f"#### GPU check: {name}, torch {torch.__version__}, xformers importable: {xformers}, {preset}",
+        f"#### GPU check: {name}, torch {torch.__version__}, xformers kernels run: {xformers}, {preset}",
         "",
         "| backend comparison (pooled embeddings, packed studies of 1/3/2/4 scans) | max abs diff |",
         "|---|---|",

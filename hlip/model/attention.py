@@ -9,7 +9,7 @@ backends compute this:
   reshapes to [G, heads, L, head_dim] without any gather.
 - ``xformers``: ``memory_efficient_attention`` with ``fmha.BlockDiagonalMask`` (CUDA only; imported
   lazily, never needed on CPU).
-- ``auto``: xformers for CUDA tensors when it imports, else sdpa.
+- ``auto``: xformers for CUDA tensors when its kernels run on this GPU, else sdpa.
 
 Parameter names follow timm's ``Block`` (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) so
 published state_dicts load unchanged.
@@ -101,10 +101,17 @@ def _xformers_fmha():
 
 @functools.cache
 def xformers_available() -> bool:
-    """True when xformers imports (and so can serve CUDA tensors)."""
+    """True when xformers' memory-efficient kernels run on this machine's GPU.
+
+    Importing is not enough: a wheel built for another torch or CUDA version imports with a
+    warning and has no kernels, failing only at the first call. One tiny call decides instead.
+    """
+    if not torch.cuda.is_available():
+        return False
     try:
-        _xformers_fmha()
-    except Exception:  # any import-time failure (missing wheel, ABI mismatch) means unavailable
+        x = torch.zeros(1, 2, 1, 64, device="cuda", dtype=torch.float16)
+        _xformers_fmha().memory_efficient_attention(x, x, x)
+    except Exception:  # missing wheel, ABI mismatch, kernels not built for this GPU
         return False
     return True
 
