@@ -4,19 +4,15 @@ exactly-once split over ranks and readers, resumable positions, and skipped bad 
 from __future__ import annotations
 
 import dataclasses
-import io
-import struct
-import zipfile
 from collections import Counter
 from itertools import islice
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from train_support import fake_study, tiny_config, write_fake_dataset
+from train_support import corrupt_chunks, corrupt_json, fake_study, tiny_config, write_fake_dataset
 
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import ShardDataset
@@ -28,6 +24,9 @@ from hlip.train.data import (
     build_train_loader,
     count_studies,
     crop_axes,
+    percentile_map,
+    report_sections,
+    select_sections,
     split_sentences,
 )
 
@@ -267,37 +266,6 @@ tokenizer = _Tokenizer()
 # --- bad studies -------------------------------------------------------------------------------------
 
 
-def locate(dataset, key: str, member: str) -> tuple[str, int, int]:
-    row = next(r for r in pq.read_table(dataset / "manifest.parquet").to_pylist() if r["key"] == key)
-    return row["shard"], row[f"{member}_offset"], row[f"{member}_size"]
-
-
-def corrupt_json(dataset, key: str) -> None:
-    """Zero the first bytes of a study's JSON member inside its tar shard."""
-    shard, offset, _ = locate(dataset, key, "json")
-    with open(dataset / shard, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(16))
-
-
-def corrupt_chunks(dataset, key: str) -> None:
-    """Zero the compressed voxel chunks of a study's zarr.zip, leaving its metadata intact:
-    the study decodes, and fails only when a crop reads voxels."""
-    shard, offset, size = locate(dataset, key, "zarr_zip")
-    with open(dataset / shard, "r+b") as f:
-        f.seek(offset)
-        member = bytearray(f.read(size))
-        for info in zipfile.ZipFile(io.BytesIO(bytes(member))).infolist():
-            if "/c/" in info.filename:
-                name_len, extra_len = struct.unpack(
-                    "<HH", member[info.header_offset + 26 : info.header_offset + 30]
-                )
-                start = info.header_offset + 30 + name_len + extra_len
-                member[start : start + info.compress_size] = bytes(info.compress_size)
-        f.seek(offset)
-        f.write(member)
-
-
 def test_undecodable_studies_are_skipped_and_counted(tmp_path, config, caplog):
     dataset = write_fake_dataset(tmp_path / "bad", 10, max_shard_bytes=60_000)
     keys = sorted(ShardDataset(dataset).keys())
@@ -311,3 +279,31 @@ def test_undecodable_studies_are_skipped_and_counted(tmp_path, config, caplog):
     assert samples[-1]["skipped"] == {0: 4}  # the same two, again in epoch 1
     warned = {(r.name, k) for r in caplog.records for k in (keys[2], keys[5]) if k in r.getMessage()}
     assert ("hlip.train.data", keys[5]) in warned and ("hlip.shards.stream", keys[2]) in warned
+
+
+def test_report_sections_pick_findings_and_impression():
+    report = (
+        "EXAMINATION:\nCT CHEST, [DATE].\n\nFINDINGS:\nNo pulmonary nodules.\nSmall left effusion.\n\n"
+        "Impression: 1. Small left effusion.\n2. No nodule."
+    )
+    sections = report_sections(report)
+    assert sections["examination"] == "CT CHEST, [DATE]."
+    assert sections["impression"] == "1. Small left effusion.\n2. No nodule."
+    chosen = select_sections(report, ["Findings", "impression"])
+    assert split_sentences(chosen) == [
+        "No pulmonary nodules.",
+        "Small left effusion.",
+        "1. Small left effusion.",
+        "2. No nodule.",
+    ]
+    assert select_sections("Plain text without headings.", ["findings"]) == "Plain text without headings."
+    assert select_sections(report, []) == report
+
+
+def test_percentiles_are_estimated_on_a_sample_of_large_crops():
+    rng = np.random.default_rng(1)
+    region = rng.normal(500, 100, size=(48, 96, 96)).astype(np.int16)  # 442368 voxels: every 3rd is read
+    unit = percentile_map(region, 0.5, 99.5)
+    lo, hi = np.percentile(region, [0.5, 99.5])
+    assert -unit.offset / unit.scale == pytest.approx(lo, rel=0.02)
+    assert (1 - unit.offset) / unit.scale == pytest.approx(hi, rel=0.02)

@@ -6,12 +6,16 @@ states, written with the real shard writer, so the training tests read real shar
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from hlip.shards.format import Scan, Study
 from hlip.shards.writer import write_dataset
@@ -77,6 +81,7 @@ def tiny_overrides(data: Path | list, out: Path, *overrides: str) -> list[str]:
         "tensorboard=false",
         "lr=1e-3",
         "lock_text=true",  # the 22M-parameter MiniLM stays frozen: small optimizer state, fast steps
+        "lock_text_unlocked_layers=0",
         *overrides,
     ]
 
@@ -99,3 +104,37 @@ def subprocess_env() -> dict[str, str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- damaged shards ---------------------------------------------------------------------
+
+
+def locate(dataset, key: str, member: str) -> tuple[str, int, int]:
+    row = next(r for r in pq.read_table(dataset / "manifest.parquet").to_pylist() if r["key"] == key)
+    return row["shard"], row[f"{member}_offset"], row[f"{member}_size"]
+
+
+def corrupt_json(dataset, key: str) -> None:
+    """Zero the first bytes of a study's JSON member inside its tar shard."""
+    shard, offset, _ = locate(dataset, key, "json")
+    with open(dataset / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(16))
+
+
+def corrupt_chunks(dataset, key: str) -> None:
+    """Zero the compressed voxel chunks of a study's zarr.zip, leaving its metadata intact:
+    the study decodes, and fails only when a crop reads voxels."""
+    shard, offset, size = locate(dataset, key, "zarr_zip")
+    with open(dataset / shard, "r+b") as f:
+        f.seek(offset)
+        member = bytearray(f.read(size))
+        for info in zipfile.ZipFile(io.BytesIO(bytes(member))).infolist():
+            if "/c/" in info.filename:
+                name_len, extra_len = struct.unpack(
+                    "<HH", member[info.header_offset + 26 : info.header_offset + 30]
+                )
+                start = info.header_offset + 30 + name_len + extra_len
+                member[start : start + info.compress_size] = bytes(info.compress_size)
+        f.seek(offset)
+        f.write(member)
