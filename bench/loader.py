@@ -13,7 +13,7 @@ batches of 4 studies delivered to the main process. They read the same phantom s
   the batch into patch order (``pack_studies``, which the reference leaves to the GPU);
 * **shards, Blosc lz4**: the same shards written with Blosc lz4 instead of the format's
   zstd. Decompression is the largest cost of the shards row, and lz4 decompresses several
-  times faster for about 35% more bytes: the row says what that trade is worth. Readers
+  times faster for about 40% more bytes: the row says what that trade is worth. Readers
   need no change (zarr records the codec with each array);
 * **reference**: HLIP's layout, one float32 ``.pt`` per scan: ``torch.load`` each scan,
   window the volume, crop, standardise, stack (no tokenizing, no packing).
