@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,11 +14,12 @@ import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
+from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from hlip.ingest import index as index_module
 from hlip.ingest.index import (
     INDEX_SCHEMA,
     SourceFile,
@@ -345,3 +347,47 @@ def test_index_sources_with_a_dask_client(tmp_path):
 def test_rows_to_table_fills_missing_columns_with_nulls():
     table = rows_to_table([{"file_id": "a", "path": "a", "member": "", "size": 0, "error": "empty: x"}])
     assert isinstance(table, pa.Table) and table.column("Rows").to_pylist() == [None]
+
+
+# --------------------------------------------------------------------------- raw field conversion
+
+
+def _reference_fields(path: Path) -> dict | None:
+    """Every plain header field as pydicom converts it, from a parse of the whole header."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:
+        return None
+    fields = {name: index_module._value(ds, name, kind) for name, _, kind in index_module._HEADER_FIELDS}
+    meta = ds.file_meta
+    fields["SOPClassUID"] = fields["SOPClassUID"] or index_module._text(meta.get("MediaStorageSOPClassUID"))
+    fields["SOPInstanceUID"] = fields["SOPInstanceUID"] or index_module._text(
+        meta.get("MediaStorageSOPInstanceUID")
+    )
+    return fields
+
+
+def _sample_files() -> list[Path]:
+    """Files of every real set (every 7th of the large fMRI sets) and pydicom's own test
+    files, which cover other character sets, big endian and odd encodings."""
+    sets = [shared("dicom2nifti"), shared("pydicom_data"), shared("dcm_qa_ts")]
+    files = [p for root in sets for p in sorted(root.rglob("*")) if p.is_file()]
+    for fmri in ("dcm_qa_nih", "dcm_qa_table"):
+        files += [p for p in sorted(shared(fmri).rglob("*")) if p.is_file()][::7]
+    files += [Path(p) for p in get_testdata_files() if p.endswith(".dcm")]
+    return files
+
+
+def test_fields_read_from_raw_bytes_equal_pydicom_conversion():
+    """The index converts plain values itself; every field must equal pydicom's value."""
+    compared = 0
+    for path in _sample_files():
+        row = index_path(path)
+        reference = _reference_fields(path)
+        if row["error"] is not None or reference is None:
+            continue
+        assert {name: row[name] for name in reference} == reference, path
+        compared += 1
+    assert compared > 500

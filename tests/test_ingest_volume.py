@@ -6,16 +6,18 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, generate_uid
 
-from hlip.ingest import geometry
-from hlip.ingest.index import index_sources
+from hlip.ingest import geometry, volume
+from hlip.ingest.index import index_sources, open_source
 from hlip.ingest.plan import PlanConfig, plan
 from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan, encode_intensity
 
@@ -371,3 +373,33 @@ def test_rows_missing_from_the_mapping_are_a_rejection(tmp_path):
     result = plan(index_sources(tmp_path), PlanConfig())
     with pytest.raises(ScanRejected):
         build_scan(result.studies[0].scans[0], {}, VolumeConfig.native())
+
+
+# --------------------------------------------------------------------------- native pixel reads
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def test_native_pixels_read_at_the_indexed_offset_equal_pydicom():
+    """The build reads native pixel data at the offset the index recorded; the values must
+    be pydicom's (dtype, frames, unused high bits masked or sign-extended)."""
+    if not SHARED.is_dir():
+        raise FileNotFoundError(f"shared test data missing: {SHARED}")
+    sources = [SHARED / "dicom2nifti", SHARED / "pydicom_data", SHARED / "dcm_qa_ts"]
+    sources += [Path(p) for p in get_testdata_files() if p.endswith(".dcm")]
+    table = index_sources(sources)
+    compared = 0
+    for row in table.filter(pc.is_valid(table.column("PixelDataOffset"))).to_pylist():
+        with open_source(row["path"], row["member"]) as fp:
+            fast = volume._read_native(fp, row)
+            if fast is None:
+                continue
+            try:
+                reference = volume._read_pixels(fp, row["TransferSyntaxUID"])
+            except Exception:
+                continue  # pydicom refuses the file as a whole; so does the plan
+        reference = reference.reshape(fast.shape)
+        assert fast.dtype == reference.dtype and np.array_equal(fast, reference), row["file_id"]
+        compared += 1
+    assert compared > 100

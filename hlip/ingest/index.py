@@ -31,10 +31,17 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from hlip.ingest.mosaic import csa_mosaic_info
+from hlip.ingest.mosaic import (
+    CSA_IMAGE_HEADER_TAG,
+    CSA_SERIES_HEADER_TAG,
+    NUMBER_OF_IMAGES_IN_MOSAIC_TAG,
+    csa_mosaic_info,
+)
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 ZIP_SEPARATOR = "::"
@@ -173,6 +180,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("TransferSyntaxUID", _STR),
         *(pa.field(name, kind) for name, kind, _ in _HEADER_FIELDS),
         pa.field("HasPixelData", _BOOL),
+        pa.field("PixelDataOffset", _INT),
+        pa.field("PixelDataLength", _INT),
         pa.field("IsDICOMDIR", _BOOL),
         pa.field("IsEnhanced", _BOOL),
         pa.field("IsMosaic", _BOOL),
@@ -184,7 +193,10 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 """One row per input file. ``error`` is ``"<code>: <message>"`` with code one of
-``empty``, ``not_dicom``, ``truncated``, ``unreadable``; other columns are null then."""
+``empty``, ``not_dicom``, ``truncated``, ``unreadable``; other columns are null then.
+``PixelDataOffset`` / ``PixelDataLength``: where the value of a native (uncompressed,
+little endian, not deflated) Pixel Data element lies in the file, so that the build reads
+those pixels directly instead of parsing the header a second time."""
 
 ERROR_CODES = ("empty", "not_dicom", "truncated", "unreadable")
 
@@ -301,13 +313,13 @@ def _read_header(fp: BinaryIO, size: int) -> dict[str, Any]:
         raise IndexError_("empty", "zero-byte file")
     _sniff_dicom(fp)
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=_SPECIFIC_TAGS)
     except EOFError as exc:
         raise IndexError_("truncated", f"header ends early: {exc}") from exc
     if not _looks_like_dicom(ds):
         raise IndexError_("not_dicom", "no DICOM attributes found")
     row = _header_fields(ds)
-    row["HasPixelData"] = _check_pixel_data(fp, ds, size)
+    row.update(_pixel_data_fields(fp, ds, size, row))
     row.update(_frame_fields(ds))
     row.update(_mosaic_fields(ds, row))
     return row
@@ -334,7 +346,7 @@ def _looks_like_dicom(ds: Dataset) -> bool:
 
 def _header_fields(ds: Dataset) -> dict[str, Any]:
     meta = getattr(ds, "file_meta", None) or Dataset()
-    row = {name: _value(ds, name, kind) for name, _, kind in _HEADER_FIELDS}
+    row = {name: _field_value(ds, tag, name, vr, kind) for tag, name, vr, kind in _FIELD_TAGS}
     row["TransferSyntaxUID"] = _text(meta.get("TransferSyntaxUID")) or _implied_transfer_syntax(ds)
     row["SOPClassUID"] = row["SOPClassUID"] or _text(meta.get("MediaStorageSOPClassUID"))
     row["SOPInstanceUID"] = row["SOPInstanceUID"] or _text(meta.get("MediaStorageSOPInstanceUID"))
@@ -363,6 +375,86 @@ def _value(ds: Dataset, keyword: str, kind: str) -> Any:
         return _convert(element, kind)
     except Exception:
         return None
+
+
+# (tag, keyword, dictionary VR, kind) of every plain header field.
+_FIELD_TAGS = tuple(
+    (Tag(tag_for_keyword(name)), name, dictionary_VR(tag_for_keyword(name)), kind)
+    for name, _, kind in _HEADER_FIELDS
+)
+_SPECIFIC_TAGS = [
+    *(tag for tag, _, _, _ in _FIELD_TAGS),
+    *(
+        Tag(tag_for_keyword(name))
+        for name in (
+            "SpecificCharacterSet",
+            "DirectoryRecordSequence",
+            "SourceImageSequence",
+            "SharedFunctionalGroupsSequence",
+            "PerFrameFunctionalGroupsSequence",
+        )
+    ),
+    *(Tag(*tag) for tag in (CSA_IMAGE_HEADER_TAG, CSA_SERIES_HEADER_TAG, NUMBER_OF_IMAGES_IN_MOSAIC_TAG)),
+]
+"""The elements the index reads: ``dcmread`` skips the values of all others (GE and
+Philips headers carry hundreds of private elements)."""
+_STRING_VRS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", "UC", "PN", "ST", "LT", "UT"}
+_BINARY_FORMATS = {"US": "H", "FD": "d"}
+
+
+def _field_value(ds: Dataset, tag: Tag, keyword: str, vr: str, kind: str) -> Any:
+    """Field ``keyword`` of the header as :func:`_value` gives it, converted from the raw
+    bytes where that is plain (ASCII text, one binary number): pydicom's element
+    conversion costs more than the parse of the whole header. Anything else (other
+    character sets, a VR other than the dictionary's, sequences) goes through pydicom."""
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr) or raw.value is None:
+        return _value(ds, keyword, kind)
+    value = raw.value
+    if vr in _BINARY_FORMATS:
+        width = struct.calcsize(_BINARY_FORMATS[vr])
+        if len(value) != width:
+            return _value(ds, keyword, kind)
+        return _convert(
+            struct.unpack(("<" if raw.is_little_endian else ">") + _BINARY_FORMATS[vr], value)[0], kind
+        )
+    plain = (vr in _STRING_VRS or vr in ("IS", "DS")) and value.isascii() and b"\x1b" not in value
+    if not plain or (kind == "str" and b"\\" in value):
+        return _value(ds, keyword, kind)  # pydicom trims the values of each VR its own way
+    return _convert_text(value.decode("ascii").rstrip(" \x00"), kind)
+
+
+def _convert_text(text: str, kind: str) -> Any:
+    """:func:`_convert` of a decoded single-valued string, or of a multi-valued one of a
+    kind other than ``str`` (trailing padding removed), without pydicom's value objects."""
+    if kind == "str":
+        return _text(text)
+    values = text.split("\\")
+    if kind == "strs":
+        return [_text(v) or "" for v in values] if text else []
+    if len(values) > 1 and kind != "floats":
+        return None
+    try:
+        if kind == "int":
+            return _int_string(text)
+        if kind == "float":
+            return float(text) if text else None
+        return [float(v) for v in values] if text else None
+    except ValueError:
+        return None
+
+
+def _int_string(text: str) -> int | None:
+    """An Integer String as pydicom reads it: a float spelling is accepted when integral."""
+    if not text.strip():
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        return int(number) if number.is_integer() else None
 
 
 def _convert(value: Any, kind: str) -> Any:
@@ -415,25 +507,32 @@ def _referenced_uids(sequence: Any) -> list[str]:
 # --------------------------------------------------------------------------- pixel data
 
 
-def _check_pixel_data(fp: BinaryIO, ds: Dataset, size: int) -> bool:
-    """Whether the file has pixel data; raise ``truncated`` when the file ends inside it.
+_NATIVE_LITTLE_ENDIAN = {pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian}
+
+
+def _pixel_data_fields(fp: BinaryIO, ds: Dataset, size: int, row: dict[str, Any]) -> dict[str, Any]:
+    """``HasPixelData``, and where a native little endian Pixel Data value lies; raise
+    ``truncated`` when the file ends inside the pixel data.
 
     ``dcmread(stop_before_pixels=True)`` leaves the stream at the pixel data element, so
     its header gives the declared length (native) or the fragment items (encapsulated).
     """
+    fields: dict[str, Any] = {"HasPixelData": False}
     if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) == _DEFLATED:
-        return True  # the stream is deflated; pydicom reads (and checks) it whole when decoding
+        fields["HasPixelData"] = True  # deflated stream: pydicom reads (and checks) it whole when decoding
+        return fields
     little = getattr(ds, "original_encoding", (None, True))[1] is not False
     endian = "<" if little else ">"
     start = fp.tell()
     header = fp.read(12)
     if len(header) < 8:
-        if "Rows" in ds and "Columns" in ds:
+        if row["Rows"] is not None and row["Columns"] is not None:
             raise IndexError_("truncated", "image header without pixel data: the file ends early")
-        return False
+        return fields
     group, element = struct.unpack(endian + "HH", header[:4])
     if Tag(group, element) not in PIXEL_DATA_TAGS:
-        return False
+        return fields
+    fields["HasPixelData"] = True
     # Decide explicit/implicit at the element itself: some files switch encoding mid-stream.
     if header[4:6] in _PIXEL_VRS and header[6:8] == b"\0\0":
         if len(header) < 12:
@@ -445,13 +544,15 @@ def _check_pixel_data(fp: BinaryIO, ds: Dataset, size: int) -> bool:
         value_start = start + 8
     if length == 0xFFFFFFFF:
         _check_fragments(fp, value_start, size, endian)
-        return True
+        return fields
     if value_start + length > size:
         raise IndexError_("truncated", f"pixel data declares {length} bytes, file has {size - value_start}")
-    expected = _native_pixel_bytes(ds)
+    expected = _native_pixel_bytes(row)
     if expected and length < expected:
         raise IndexError_("truncated", f"pixel data has {length} bytes, the image needs {expected}")
-    return True
+    if little and element == 0x0010 and row["TransferSyntaxUID"] in _NATIVE_LITTLE_ENDIAN:
+        fields.update(PixelDataOffset=value_start, PixelDataLength=length)
+    return fields
 
 
 def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str) -> None:
@@ -472,30 +573,36 @@ def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str) -> Non
             raise IndexError_("truncated", "file ends inside a pixel data fragment")
 
 
-def _native_pixel_bytes(ds: Dataset) -> int:
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
-            samples = 2  # chroma subsampled horizontally: 2 samples per pixel on average
-        pixels = int(ds.Rows) * int(ds.Columns) * samples * frames
-    except Exception:
+def _native_pixel_bytes(row: dict[str, Any]) -> int:
+    """Bytes of native pixel data the image attributes of index row ``row`` call for (0:
+    unknown)."""
+    if not (row.get("BitsAllocated") and row.get("Rows") and row.get("Columns")):
         return 0
-    return (pixels * bits + 7) // 8
+    samples = row.get("SamplesPerPixel") or 1
+    if row.get("PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # chroma subsampled horizontally: 2 samples per pixel on average
+    pixels = row["Rows"] * row["Columns"] * samples * max(1, row.get("NumberOfFrames") or 1)
+    return (pixels * row["BitsAllocated"] + 7) // 8
 
 
 # --------------------------------------------------------------------------- enhanced frames
 
 
 def _functional_group_items(ds: Dataset) -> list[Dataset]:
+    if _SHARED_GROUPS not in ds and _PER_FRAME_GROUPS not in ds:
+        return []
     shared = ds.get("SharedFunctionalGroupsSequence", None)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
     return list(shared or []) + list(per_frame or [])
 
 
+_SHARED_GROUPS, _PER_FRAME_GROUPS = Tag(0x5200, 0x9229), Tag(0x5200, 0x9230)
+
+
 def _frame_fields(ds: Dataset) -> dict[str, Any]:
     """Flatten the shared and per-frame functional groups into one list per attribute."""
+    if _SHARED_GROUPS not in ds and _PER_FRAME_GROUPS not in ds:
+        return {"IsEnhanced": False}
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", None)
     shared_seq = ds.get("SharedFunctionalGroupsSequence", None)
     if not per_frame and not shared_seq:

@@ -180,7 +180,9 @@ def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with open_source(row["path"], row.get("member") or "") as fp:
-                pixels = _read_pixels(fp, row.get("TransferSyntaxUID"))
+                pixels = _read_native(fp, row)
+                if pixels is None:
+                    pixels = _read_pixels(fp, row.get("TransferSyntaxUID"))
     except MemoryError as exc:
         raise ScanRejected("too_large", f"{row['file_id']}: {exc}") from exc
     except Exception as exc:  # codecs and parsers raise many types for broken streams
@@ -189,6 +191,36 @@ def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
         pixels = pixels[None]
     if pixels.ndim != 3 or not np.issubdtype(pixels.dtype, np.number):
         raise ScanRejected("decode_error", f"{row['file_id']}: pixel array of shape {pixels.shape}")
+    return pixels
+
+
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _read_native(fp: Any, row: Mapping[str, Any]) -> np.ndarray | None:
+    """``[frames, rows, cols]`` read straight from the Pixel Data value the index located
+    (native little endian, one sample, 8/16/32 bits): what pydicom's pixel array gives,
+    unused high bits masked or sign-extended included, without parsing the header again.
+    None when the file takes the general path."""
+    offset, bits, stored = row.get("PixelDataOffset"), row.get("BitsAllocated"), row.get("BitsStored")
+    if (
+        offset is None
+        or bits not in (8, 16, 32)
+        or not stored
+        or stored > bits
+        or row.get("PixelRepresentation") not in (0, 1)
+        or (row.get("SamplesPerPixel") or 1) != 1
+        or row.get("PhotometricInterpretation") not in _MONOCHROME
+    ):
+        return None
+    dtype = np.dtype(f"<{'i' if row['PixelRepresentation'] else 'u'}{bits // 8}")
+    pixels = np.empty((max(1, row.get("NumberOfFrames") or 1), row["Rows"], row["Columns"]), dtype)
+    fp.seek(offset)
+    if fp.readinto(memoryview(pixels).cast("B")) != pixels.nbytes:
+        raise EOFError("the file ends inside its pixel data")
+    if stored < bits:  # as pydicom: the bits above BitsStored are not part of the value
+        np.left_shift(pixels, bits - stored, out=pixels)
+        np.right_shift(pixels, bits - stored, out=pixels)
     return pixels
 
 
