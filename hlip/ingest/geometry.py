@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between two IOP components that still counts as one orientation."""
@@ -251,12 +252,6 @@ def _apply_weights(array: np.ndarray, weights: _Weights, axis: int) -> np.ndarra
     return lo + (hi - lo) * frac
 
 
-def interpolate_axis(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
-    """Linear interpolation of ``array`` along ``axis`` at fractional indices ``coords``
-    (clamped to the first and last sample)."""
-    return _apply_weights(array, _linear_weights(coords, array.shape[axis]), axis)
-
-
 # --------------------------------------------------------------------------- reorientation
 
 
@@ -315,6 +310,10 @@ def reorient(
 # --------------------------------------------------------------------------- resampling
 
 
+_SparseWeights = scipy.sparse.csr_matrix
+"""``[outputs, inputs]`` float32 weights of one axis."""
+
+
 def resample(
     array: np.ndarray,
     affine: np.ndarray,
@@ -335,14 +334,16 @@ def resample(
     really are; the ``d`` column of ``affine`` then only gives the direction. An axis whose
     spacing already matches is left untouched, so native grids stay bit-exact. Returns
     float32 data and the exact affine of the new grid.
+
+    Each axis is one sparse weight matrix (a few non-zeros per output sample) applied where
+    its axis leads the memory layout: the in-plane axes slice by slice (a slice stays in
+    cache), the slice axis on the whole volume, first when it shrinks the volume, else last.
     """
-    out = array.astype(np.float32, copy=False)
     new_affine = affine.copy()
     spacing = affine_spacing(affine)
-    # The axes are independent; shrinking the most-reduced axis first makes the others cheaper.
-    reduction = [(target_spacing[a] or spacing[a]) / spacing[a] for a in range(3)]
-    for axis in sorted(range(3), key=lambda a: -reduction[a]):
-        positions = _axis_positions(out.shape[axis], spacing[axis], slice_offsets if axis == 0 else None)
+    weights: list[_SparseWeights | None] = [None, None, None]
+    for axis in range(3):
+        positions = _axis_positions(array.shape[axis], spacing[axis], slice_offsets if axis == 0 else None)
         target = target_spacing[axis]
         even = _is_even(positions)
         if target is None and not even:
@@ -350,38 +351,72 @@ def resample(
         elif target is None or (even and np.isclose(spacing[axis], target, rtol=1e-6, atol=0)):
             continue
         new_positions = _new_positions(positions, float(target))
-        if antialias and len(positions) > 1 and target > np.max(np.diff(positions)) * (1 + 1e-6):
-            out = _average_axis(out, axis, positions, new_positions, float(target))
-        else:
-            out = interpolate_axis(out, axis, np.interp(new_positions, positions, np.arange(len(positions))))
+        weights[axis] = _axis_weights(positions, new_positions, float(target), antialias)
         direction = affine[:3, axis] / np.linalg.norm(affine[:3, axis])
         new_affine[:3, 3] += direction * new_positions[0]
         new_affine[:3, axis] = direction * float(target)
+    out = array.astype(np.float32, copy=False)
+    slices = weights[0]
+    if slices is not None and slices.shape[0] < slices.shape[1]:
+        out, slices = _apply_leading(slices, out), None
+    out = _apply_in_plane(out, weights[1], weights[2])
+    if slices is not None:
+        out = _apply_leading(slices, out)
     return out, new_affine
 
 
-def _average_axis(
-    array: np.ndarray, axis: int, source: np.ndarray, target: np.ndarray, support: float
-) -> np.ndarray:
-    """Tent-weighted average along ``axis``: output ``j`` weighs input ``i`` by
-    ``max(0, 1 - |source_i - target_j| / support)`` (weights normalised to sum 1).
+def _axis_weights(source: np.ndarray, target: np.ndarray, support: float, antialias: bool) -> _SparseWeights:
+    """Weights of the inputs at ``source`` (mm) in each output at ``target``.
 
-    Only the few inputs within ``support`` of an output count, so the sum runs over a
-    band of ``k`` neighbours (one gather per band offset) rather than a dense matrix."""
-    first = np.searchsorted(source, target - support, side="right")
-    last = np.searchsorted(source, target + support, side="left")
-    band = max(1, int(np.max(last - first)))
-    index = first[:, None] + np.arange(band)[None, :]
-    valid = index < len(source)
-    index = np.minimum(index, len(source) - 1)
-    weights = np.where(valid, 1.0 - np.abs(source[index] - target[:, None]) / support, 0.0)
-    np.clip(weights, 0.0, None, out=weights)
-    weights /= weights.sum(axis=1, keepdims=True)
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    out = np.zeros(array.shape[:axis] + (len(target),) + array.shape[axis + 1 :], dtype=np.float32)
-    for k in range(band):
-        out += np.take(array, index[:, k], axis=axis) * weights[:, k].astype(np.float32).reshape(shape)
+    Downsampling with ``antialias``: a tent, input ``i`` weighs
+    ``max(0, 1 - |source_i - target_j| / support)`` in output ``j`` (normalised to sum 1),
+    over the inputs strictly within ``support``. Otherwise linear interpolation between
+    the two nearest inputs, clamped to the first and last."""
+    n_in, n_out = len(source), len(target)
+    if antialias and n_in > 1 and support > np.max(np.diff(source)) * (1 + 1e-6):
+        first = np.searchsorted(source, target - support, side="right")
+        last = np.searchsorted(source, target + support, side="left")
+        band = max(1, int(np.max(last - first)))
+        index = first[:, None] + np.arange(band)[None, :]
+        valid = index < n_in
+        index = np.minimum(index, n_in - 1)
+        values = np.where(valid, 1.0 - np.abs(source[index] - target[:, None]) / support, 0.0)
+        np.clip(values, 0.0, None, out=values)
+        values /= values.sum(axis=1, keepdims=True)
+    else:
+        linear = _linear_weights(np.interp(target, source, np.arange(n_in)), n_in)
+        index = np.stack([linear.lo, linear.hi], axis=1)
+        values = np.stack([1.0 - linear.frac, linear.frac], axis=1)
+    rows = np.repeat(np.arange(n_out), index.shape[1])
+    # Duplicate (row, column) pairs (a clamped edge) are summed.
+    return scipy.sparse.csr_matrix(
+        (values.astype(np.float32).ravel(), (rows, index.ravel())), shape=(n_out, n_in)
+    )
+
+
+def _apply_leading(weights: _SparseWeights, array: np.ndarray) -> np.ndarray:
+    """Resample along axis 0: one sparse product over the volume seen as ``[d, h * w]``."""
+    flat = weights @ array.reshape(array.shape[0], -1)
+    return np.asarray(flat, dtype=np.float32).reshape((weights.shape[0], *array.shape[1:]))
+
+
+def _apply_in_plane(
+    array: np.ndarray, rows: _SparseWeights | None, cols: _SparseWeights | None
+) -> np.ndarray:
+    """Resample axes 1 and 2 (either may be None: kept) one slice at a time."""
+    if rows is None and cols is None:
+        return array
+    shape = (
+        array.shape[0],
+        *(w.shape[0] if w is not None else n for w, n in zip((rows, cols), array.shape[1:], strict=True)),
+    )
+    out = np.empty(shape, dtype=np.float32)
+    for k, plane in enumerate(array):
+        if rows is not None:
+            plane = rows @ plane
+        if cols is not None:
+            plane = (cols @ plane.T).T
+        out[k] = plane
     return out
 
 
