@@ -257,11 +257,13 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-def test_same_seed_same_bytes(tmp_path):
+def test_same_seed_same_bytes(tmp_path, monkeypatch):
     small = Sizes(ct_matrix=32, mr_matrix=32, ct_coverage_mm=80)
     first = tree_digest(make_archive(tmp_path / "a", n_studies=4, seed=1, sizes=small).root)
     second = tree_digest(make_archive(tmp_path / "b", n_studies=4, seed=1, sizes=small).root)
     assert first == second
+    monkeypatch.chdir(tmp_path)  # a relative output directory writes the same archive
+    assert tree_digest(make_archive("relative", n_studies=4, seed=1, sizes=small).root) == first
     other = make_archive(tmp_path / "c", n_studies=1, seed=2, sizes=small).reports_csv.read_text()
     assert (tmp_path / "a" / "reports.csv").read_text().splitlines()[1] != other.splitlines()[1]
     with pytest.raises(FileExistsError):

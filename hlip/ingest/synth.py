@@ -1652,7 +1652,7 @@ def make_archive(
     ``transfer_syntaxes`` in turn (default: :data:`TRANSFER_SYNTAX_CYCLE`, where encodable);
     ``[ExplicitVRLittleEndian]`` gives an uncompressed archive.
     """
-    root = Path(out_dir)
+    root = Path(out_dir).absolute()  # files are written, and recorded, relative to it
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; a synthetic archive needs an empty directory")
     root.mkdir(parents=True, exist_ok=True)
