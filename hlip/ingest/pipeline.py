@@ -23,6 +23,8 @@ secret); nothing else does.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import os
 from collections import Counter
@@ -190,10 +192,37 @@ def map_unordered(client, function: Callable, items: Iterable, *args: Any) -> It
         future.release()
 
 
+ALLOCATOR_THRESHOLD = 32 << 20
+"""glibc's mmap and trim thresholds in processes that run ingest tasks (32 MiB, its
+largest mmap threshold)."""
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Let glibc reuse freed memory for the large temporary arrays of a build.
+
+    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's
+    mmap threshold at 128 KiB: then every array above that is a fresh mapping whose pages
+    fault in one by one, and an ingest worker spent as much time in the kernel as in its
+    own code. Memory freed above the thresholds still goes back to the system. Returns
+    whether the settings took (False off glibc); runs once per process.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(
+        libc.mallopt(m_mmap_threshold, ALLOCATOR_THRESHOLD)
+        and libc.mallopt(m_trim_threshold, ALLOCATOR_THRESHOLD)
+    )
+
+
 # --- index -----------------------------------------------------------------------------
 
 
 def _index_batch(files: list[index.SourceFile]) -> list[dict]:
+    tune_allocator()
     return [index.index_file(source_file) for source_file in files]
 
 
@@ -400,6 +429,7 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
     The outcome record is written before the sample is staged, so a study counts as done
     only once both exist (:func:`pending_tasks`); a run killed in between rebuilds it.
     """
+    tune_allocator()
     study, files = build_study(task, config)
     members = None
     if study is not None:
@@ -619,6 +649,7 @@ def stage_nifti_study(
 ) -> StudyOutcome:
     """Read one study of a collection and stage it; a volume that cannot be read rejects
     the study's files with ``unreadable_nifti``."""
+    tune_allocator()
     key, study_plan = task
     paths = [str(volume.path) for volume in study_plan.volumes]
     try:

@@ -148,17 +148,26 @@ def read_slices(
     scan_plan: ScanPlan, rows: Mapping[str, Mapping[str, Any]]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stored pixel values ``[n, rows, cols]`` of the planned slices (in plan order) and the
-    RescaleSlope / RescaleIntercept of each slice."""
+    RescaleSlope / RescaleIntercept of each slice.
+
+    A native single-frame file is read straight into its place in the stack; other files
+    are decoded whole and their planned frames or tiles copied in."""
+    n = len(scan_plan.slices)
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, ref in enumerate(scan_plan.slices):
         by_file[ref.file_id].append(i)
-    stored: list[np.ndarray | None] = [None] * len(scan_plan.slices)
-    slopes = np.ones(len(scan_plan.slices))
-    intercepts = np.zeros(len(scan_plan.slices))
+    stored: np.ndarray | None = None
+    slopes, intercepts = np.ones(n), np.zeros(n)
     for file_id, positions in by_file.items():
         row = rows.get(file_id)
         if row is None:
             raise ScanRejected("decode_error", f"{file_id}: not in the index rows given")
+        for i in positions:
+            slopes[i], intercepts[i] = _rescale(row, scan_plan.slices[i].frame)
+        if stored is not None and _reads_in_place(row, positions, stored):
+            target = stored[positions[0] : positions[0] + 1]
+            _decode(row, lambda fp, row=row, target=target: _read_native(fp, row, target))
+            continue
         frames = decode_frames(row)
         for i in positions:
             ref = scan_plan.slices[i]
@@ -168,25 +177,29 @@ def read_slices(
                     "decode_error",
                     f"{file_id}: image {image.shape} in a {scan_plan.rows}x{scan_plan.columns} stack",
                 )
+            if stored is None:
+                stored = np.empty((n, *image.shape), image.dtype)
+            elif not np.can_cast(image.dtype, stored.dtype, "safe"):
+                stored = stored.astype(np.result_type(stored, image))
             stored[i] = image
-            slopes[i], intercepts[i] = _rescale(row, ref.frame)
-    return np.stack(stored), slopes, intercepts
+    return stored, slopes, intercepts
+
+
+def _reads_in_place(row: Mapping[str, Any], positions: list[int], stored: np.ndarray) -> bool:
+    """Whether the one slice of this file can be read straight into ``stored``."""
+    return (
+        len(positions) == 1
+        and not row.get("IsMosaic")
+        and (row.get("NumberOfFrames") or 1) == 1
+        and _native_dtype(row) == stored.dtype
+        and (row.get("Rows"), row.get("Columns")) == stored.shape[1:]
+    )
 
 
 def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
     """All frames of the file of index row ``row`` as ``[frames, rows, cols]`` stored values
     (no rescale applied). Raises :class:`ScanRejected` when the pixels cannot be decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with open_source(row["path"], row.get("member") or "") as fp:
-                pixels = _read_native(fp, row)
-                if pixels is None:
-                    pixels = _read_pixels(fp, row.get("TransferSyntaxUID"))
-    except MemoryError as exc:
-        raise ScanRejected("too_large", f"{row['file_id']}: {exc}") from exc
-    except Exception as exc:  # codecs and parsers raise many types for broken streams
-        raise ScanRejected("decode_error", f"{row['file_id']}: {type(exc).__name__}: {exc}") from exc
+    pixels = _decode(row, lambda fp: _read_all(fp, row))
     if pixels.ndim == 2:
         pixels = pixels[None]
     if pixels.ndim != 3 or not np.issubdtype(pixels.dtype, np.number):
@@ -194,17 +207,38 @@ def decode_frames(row: Mapping[str, Any]) -> np.ndarray:
     return pixels
 
 
+def _decode(row: Mapping[str, Any], read: Any) -> Any:
+    """``read(file)`` on the source file of ``row``, with decoder failures as
+    :class:`ScanRejected`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_source(row["path"], row.get("member") or "") as fp:
+                return read(fp)
+    except MemoryError as exc:
+        raise ScanRejected("too_large", f"{row['file_id']}: {exc}") from exc
+    except Exception as exc:  # codecs and parsers raise many types for broken streams
+        raise ScanRejected("decode_error", f"{row['file_id']}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_all(fp: Any, row: Mapping[str, Any]) -> np.ndarray:
+    dtype = _native_dtype(row)
+    if dtype is None:
+        return _read_pixels(fp, row.get("TransferSyntaxUID"))
+    pixels = np.empty((max(1, row.get("NumberOfFrames") or 1), row["Rows"], row["Columns"]), dtype)
+    _read_native(fp, row, pixels)
+    return pixels
+
+
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
-def _read_native(fp: Any, row: Mapping[str, Any]) -> np.ndarray | None:
-    """``[frames, rows, cols]`` read straight from the Pixel Data value the index located
-    (native little endian, one sample, 8/16/32 bits): what pydicom's pixel array gives,
-    unused high bits masked or sign-extended included, without parsing the header again.
-    None when the file takes the general path."""
-    offset, bits, stored = row.get("PixelDataOffset"), row.get("BitsAllocated"), row.get("BitsStored")
+def _native_dtype(row: Mapping[str, Any]) -> np.dtype | None:
+    """The dtype of the native pixel data the index located (little endian, one sample,
+    8/16/32 bits allocated), or None when the file takes pydicom's general path."""
+    bits, stored = row.get("BitsAllocated"), row.get("BitsStored")
     if (
-        offset is None
+        row.get("PixelDataOffset") is None
         or bits not in (8, 16, 32)
         or not stored
         or stored > bits
@@ -213,15 +247,20 @@ def _read_native(fp: Any, row: Mapping[str, Any]) -> np.ndarray | None:
         or row.get("PhotometricInterpretation") not in _MONOCHROME
     ):
         return None
-    dtype = np.dtype(f"<{'i' if row['PixelRepresentation'] else 'u'}{bits // 8}")
-    pixels = np.empty((max(1, row.get("NumberOfFrames") or 1), row["Rows"], row["Columns"]), dtype)
-    fp.seek(offset)
-    if fp.readinto(memoryview(pixels).cast("B")) != pixels.nbytes:
+    return np.dtype(f"<{'i' if row['PixelRepresentation'] else 'u'}{bits // 8}")
+
+
+def _read_native(fp: Any, row: Mapping[str, Any], out: np.ndarray) -> None:
+    """Fill ``out`` (``[frames, rows, cols]`` of :func:`_native_dtype`) from the Pixel Data
+    value at the offset the index recorded: what pydicom's pixel array gives, unused high
+    bits masked or sign-extended included, without parsing the header again."""
+    fp.seek(row["PixelDataOffset"])
+    if fp.readinto(memoryview(out).cast("B")) != out.nbytes:
         raise EOFError("the file ends inside its pixel data")
-    if stored < bits:  # as pydicom: the bits above BitsStored are not part of the value
-        np.left_shift(pixels, bits - stored, out=pixels)
-        np.right_shift(pixels, bits - stored, out=pixels)
-    return pixels
+    unused = row["BitsAllocated"] - row["BitsStored"]
+    if unused:  # as pydicom: the bits above BitsStored are not part of the value
+        np.left_shift(out, unused, out=out)
+        np.right_shift(out, unused, out=out)
 
 
 def _read_pixels(fp: Any, transfer_syntax: str | None) -> np.ndarray:
@@ -307,6 +346,9 @@ def _encode_hounsfield(stored: np.ndarray, slopes: np.ndarray, intercepts: np.nd
     Integer slopes and intercepts (the usual 1 and -1024) take an exact integer path."""
     integral = np.all(slopes == np.rint(slopes)) and np.all(intercepts == np.rint(intercepts))
     if integral and np.issubdtype(stored.dtype, np.integer) and stored.dtype.itemsize <= 2:
+        exact = _int16_hounsfield(stored, slopes.astype(np.int64), intercepts.astype(np.int64))
+        if exact is not None:
+            return EncodedIntensity(exact, 1.0, 0.0, "HU", True)
         hounsfield = stored.astype(np.int32) * slopes.astype(np.int32) + intercepts.astype(np.int32)
         lossless = _fits_int16(hounsfield)
         return EncodedIntensity(
@@ -315,6 +357,25 @@ def _encode_hounsfield(stored: np.ndarray, slopes: np.ndarray, intercepts: np.nd
     physical = stored * slopes + intercepts
     lossless = bool(np.array_equal(np.rint(physical), physical) and _fits_int16(physical))
     return EncodedIntensity(_to_int16(physical), 1.0, 0.0, "HU", lossless)
+
+
+def _int16_hounsfield(stored: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray | None:
+    """``stored * slope + intercept`` computed in int16 when every result fits int16, else None.
+
+    The extremes of each slice bound its results, so the check needs no wide copy; when
+    they fit, int16 arithmetic (which wraps modulo 2**16, like the cast of uint16 values
+    above 32767) gives the exact results in one array."""
+    low = stored.min(axis=(1, 2), keepdims=True).astype(np.int64)
+    high = stored.max(axis=(1, 2), keepdims=True).astype(np.int64)
+    ends = np.concatenate([low * slopes + intercepts, high * slopes + intercepts])
+    if stored.size == 0 or not _fits_int16(ends):
+        return None
+    out = stored.astype(np.int16)
+    if np.any(slopes != 1):
+        np.multiply(out, slopes.astype(np.int16), out=out)
+    if np.any(intercepts != 0):
+        np.add(out, intercepts.astype(np.int16), out=out)
+    return out
 
 
 def _fits_int16(values: np.ndarray) -> bool:
