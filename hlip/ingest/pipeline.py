@@ -221,19 +221,23 @@ def tune_allocator() -> bool:
 # --- index -----------------------------------------------------------------------------
 
 
-def _index_batch(files: list[index.SourceFile]) -> list[dict]:
+def _index_batch(files: list[index.SourceFile]) -> pa.Table:
+    """Index rows of a batch of files, as a table: it travels back to the client as a few
+    Arrow buffers rather than as pickled dicts."""
     tune_allocator()
-    return [index.index_file(source_file) for source_file in files]
+    return index.rows_to_table([index.index_file(source_file) for source_file in files])
 
 
-def _reusable_rows(path: Path) -> dict[tuple[str, int], dict]:
-    """Rows of an earlier index, by (file_id, size), for files that can skip re-parsing."""
+def _previous_index(path: Path) -> tuple[pa.Table | None, dict[tuple[str, int], int]]:
+    """An earlier index, and the position of each of its rows by (file_id, size), so that
+    files indexed before can skip re-parsing."""
     if not path.exists():
-        return {}
+        return None, {}
     table = pq.read_table(path)
     if table.schema != index.INDEX_SCHEMA:
-        return {}
-    return {(row["file_id"], row["size"]): row for row in table.to_pylist()}
+        return None, {}
+    keys = zip(table.column("file_id").to_pylist(), table.column("size").to_pylist(), strict=True)
+    return table, {key: i for i, key in enumerate(keys)}
 
 
 def index_stage(
@@ -253,10 +257,10 @@ def index_stage(
     tasks finished.
     """
     progress = progress or Progress(disable=True)
-    previous = _reusable_rows(Path(path))
+    previous, previous_rows = _previous_index(Path(path))
     excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
     bar = progress.add_task("index", total=0)
-    rows = []
+    reused: list[int] = []
 
     def batches() -> Iterator[list[index.SourceFile]]:
         batch = []
@@ -264,9 +268,9 @@ def index_stage(
             if excluded is not None and Path(source_file.path).is_relative_to(excluded):
                 continue
             progress.update(bar, total=progress.tasks[bar].total + 1)
-            row = previous.get((source_file.file_id, source_file.size))
-            if row is not None:
-                rows.append(row)
+            position = previous_rows.get((source_file.file_id, source_file.size))
+            if position is not None:
+                reused.append(position)
                 progress.advance(bar)
                 continue
             batch.append(source_file)
@@ -276,10 +280,13 @@ def index_stage(
         if batch:
             yield batch
 
-    for batch_rows in map_unordered(client, _index_batch, batches()):
-        rows.extend(batch_rows)
-        progress.advance(bar, len(batch_rows))
-    table = index.rows_to_table(sorted(rows, key=lambda row: row["file_id"]))
+    tables = []
+    for batch_table in map_unordered(client, _index_batch, batches()):
+        tables.append(batch_table)
+        progress.advance(bar, batch_table.num_rows)
+    if previous is not None:
+        tables.append(previous.take(reused))
+    table = pa.concat_tables(tables or [index.rows_to_table([])]).sort_by("file_id").combine_chunks()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(Path(path), parquet_bytes(table))
     return table

@@ -544,14 +544,13 @@ def _group_stacks(slices: list[_Slice], config: PlanConfig) -> list[_Stack]:
         for s in by_series[series_key]:
             group = _orientation_group(s.orientation, orientations, config.orientation_tolerance)
             groups[(group, *_identity(s))].append(s)
-        stacks.extend(
-            _Stack(series_key, key[0], members) for key, members in sorted(groups.items(), key=_sort_key)
-        )
+        stacks.extend(_Stack(series_key, key[0], groups[key]) for key in sorted(groups, key=_sort_key))
     return stacks
 
 
-def _sort_key(item: Any) -> str:
-    return repr(item)
+def _sort_key(key: tuple) -> str:
+    """An order for keys whose values may be None or of mixed types."""
+    return repr(key)
 
 
 def _orientation_group(
