@@ -223,6 +223,36 @@ def test_pack_studies_patch_rows_follow_conv_kernel_order():
     assert torch.equal(packed.patches[(z * 2 + y) * 3 + x], want)
 
 
+class _OneBatch(torch.utils.data.Dataset):
+    """One item, packed by the collate: what a DataLoader worker sends for it."""
+
+    def __init__(self, studies: list[list[torch.Tensor]]) -> None:
+        self.studies = studies
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> list[list[torch.Tensor]]:
+        return self.studies
+
+
+def _pack_and_report(items):
+    """Packs in the worker and reports whether the patches were allocated in shared memory."""
+    patches = pack_studies(items[0], PATCH).patches
+    return patches.is_shared(), patches
+
+
+def test_pack_studies_in_a_worker_allocates_shared_memory():
+    """The worker hands the main process its buffer (no copy into shared memory on send)."""
+    studies = make_studies([[(8, 16, 24), (5, 9, 17)], [(12, 8, 8)]], seed=3)
+    loader = torch.utils.data.DataLoader(_OneBatch(studies), num_workers=1, collate_fn=_pack_and_report)
+    ((shared_in_worker, patches),) = list(loader)
+    assert shared_in_worker
+    here = pack_studies(studies, PATCH).patches
+    assert not here.is_shared()
+    assert torch.equal(patches, here)
+
+
 def test_backend_selection_on_cpu():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     with pytest.raises(ValueError, match="CUDA"):
