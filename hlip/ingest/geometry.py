@@ -337,7 +337,8 @@ def resample(
 
     Each axis is one sparse weight matrix (a few non-zeros per output sample) applied where
     its axis leads the memory layout: the in-plane axes slice by slice (a slice stays in
-    cache), the slice axis on the whole volume, first when it shrinks the volume, else last.
+    cache), the slice axis on the whole volume, first when it shrinks the volume more than
+    the in-plane axes do, else last.
     """
     new_affine = affine.copy()
     spacing = affine_spacing(affine)
@@ -355,14 +356,14 @@ def resample(
         direction = affine[:3, axis] / np.linalg.norm(affine[:3, axis])
         new_affine[:3, 3] += direction * new_positions[0]
         new_affine[:3, axis] = direction * float(target)
-    out = array.astype(np.float32, copy=False)
-    slices = weights[0]
-    if slices is not None and slices.shape[0] < slices.shape[1]:
+    # The products take the stored integers as they are (converting one slice at a time).
+    out, slices = array, weights[0]
+    if slices is not None and _shrinks(slices) < _shrinks(weights[1]) * _shrinks(weights[2]):
         out, slices = _apply_leading(slices, out), None
     out = _apply_in_plane(out, weights[1], weights[2])
     if slices is not None:
         out = _apply_leading(slices, out)
-    return out, new_affine
+    return out.astype(np.float32, copy=False), new_affine
 
 
 def _axis_weights(source: np.ndarray, target: np.ndarray, support: float, antialias: bool) -> _SparseWeights:
@@ -392,6 +393,11 @@ def _axis_weights(source: np.ndarray, target: np.ndarray, support: float, antial
     return scipy.sparse.csr_matrix(
         (values.astype(np.float32).ravel(), (rows, index.ravel())), shape=(n_out, n_in)
     )
+
+
+def _shrinks(weights: _SparseWeights | None) -> float:
+    """Outputs per input of an axis (1 for a kept axis)."""
+    return 1.0 if weights is None else weights.shape[0] / weights.shape[1]
 
 
 def _apply_leading(weights: _SparseWeights, array: np.ndarray) -> np.ndarray:

@@ -19,6 +19,8 @@ CSA image header (private element (0029,1010)) or from (0019,100A).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
 import struct
@@ -265,9 +267,16 @@ def _iter_zip(path: Path) -> Iterator[SourceFile]:
 def open_source(path: str, member: str = "") -> BinaryIO:
     """A seekable binary file object over one source file (zip members are read into memory)."""
     if member:
-        with zipfile.ZipFile(path) as zf:
-            return io.BytesIO(zf.read(member))
+        stat = os.stat(path)
+        return io.BytesIO(_open_zip(path, stat.st_mtime_ns, stat.st_size).read(member))
     return open(path, "rb")
+
+
+@functools.lru_cache(maxsize=4)
+def _open_zip(path: str, mtime_ns: int, size: int) -> zipfile.ZipFile:
+    """An open zip archive, kept for its next members: reading the central directory again
+    for every member cost more than the member itself. A changed archive is reopened."""
+    return zipfile.ZipFile(path)
 
 
 def split_file_id(file_id: str) -> tuple[str, str]:
@@ -291,9 +300,9 @@ def index_file(source_file: SourceFile) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with open_source(source_file.path, source_file.member) as fp:
-                row["size"] = _stream_size(fp)
-                row.update(_read_header(fp, row["size"]))
+            with _open_header(source_file) as (fp, size):
+                row["size"] = size
+                row.update(_read_header(fp, size))
     except IndexError_ as exc:
         row["error"] = str(exc)
     except Exception as exc:  # a broken file must never stop the index
@@ -301,11 +310,18 @@ def index_file(source_file: SourceFile) -> dict[str, Any]:
     return row
 
 
-def _stream_size(fp: BinaryIO) -> int:
-    fp.seek(0, os.SEEK_END)
-    size = fp.tell()
-    fp.seek(0)
-    return size
+@contextlib.contextmanager
+def _open_header(source_file: SourceFile) -> Iterator[tuple[BinaryIO, int]]:
+    """The file and its size. A zip member is decompressed as far as it is read, which for
+    the header is a small part of it."""
+    if not source_file.member:
+        with open(source_file.path, "rb") as fp:
+            yield fp, os.fstat(fp.fileno()).st_size
+        return
+    stat = os.stat(source_file.path)
+    archive = _open_zip(source_file.path, stat.st_mtime_ns, stat.st_size)
+    with archive.open(source_file.member) as fp:
+        yield fp, archive.getinfo(source_file.member).file_size
 
 
 def _read_header(fp: BinaryIO, size: int) -> dict[str, Any]:
