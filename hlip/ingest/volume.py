@@ -18,6 +18,7 @@ Steps, in order (documented in docs/ingest.md, "Volumes and geometry"):
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.pixels import pixel_array
+from pydicom.pixels.decoders.base import get_decoder
 
 from hlip.ingest import geometry
 from hlip.ingest.index import open_source
@@ -263,11 +266,34 @@ def _read_native(fp: Any, row: Mapping[str, Any], out: np.ndarray) -> None:
         np.right_shift(out, unused, out=out)
 
 
+_FASTEST_DECODERS = {
+    uid.JPEGLSLossless: ("pyjpegls", "gdcm"),
+    uid.JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+    uid.RLELossless: ("pylibjpeg",),
+    uid.JPEG2000Lossless: ("pylibjpeg",),
+    uid.JPEG2000: ("pylibjpeg",),
+}
+"""Decoders by speed where pydicom's default order is slower (measured on 512x512 CT:
+JPEG-LS CharLS 5.7 ms, GDCM 8.3 ms, libjpeg 19 ms; RLE pylibjpeg-rle 1.2 ms, numpy 2.3 ms;
+JPEG 2000 openjpeg 28.6 ms, GDCM 31.5 ms). JPEG lossless keeps the default (GDCM 4.8 ms)."""
+
+
+@functools.cache
+def _decoding_plugin(transfer_syntax: str | None) -> str:
+    """The fastest installed decoder of ``transfer_syntax``; "" for pydicom's own order."""
+    preferred = _FASTEST_DECODERS.get(transfer_syntax, ())
+    if not preferred:
+        return ""
+    available = get_decoder(uid.UID(transfer_syntax)).available_plugins
+    return next((name for name in preferred if name in available), "")
+
+
 def _read_pixels(fp: Any, transfer_syntax: str | None) -> np.ndarray:
-    """Decode with pydicom's reader of just the Image Pixel module (fast); files it cannot
-    take (no file meta, odd encodings) go through a full dataset read."""
+    """Decode with pydicom's reader of just the Image Pixel module (fast), by the fastest
+    installed decoder; files it cannot take (no file meta, odd encodings, a stream only
+    another decoder reads) go through a full dataset read with every decoder."""
     try:
-        return np.asarray(pixel_array(fp))
+        return np.asarray(pixel_array(fp, decoding_plugin=_decoding_plugin(transfer_syntax)))
     except Exception:
         fp.seek(0)
     ds = pydicom.dcmread(fp, force=True)
