@@ -360,9 +360,12 @@ def resample(
     out, slices = array, weights[0]
     if slices is not None and _shrinks(slices) < _shrinks(weights[1]) * _shrinks(weights[2]):
         out, slices = _apply_leading(slices, out), None
-    out = _apply_in_plane(out, weights[1], weights[2])
+    out, swapped = _apply_in_plane(out, weights[1], weights[2])
     if slices is not None:
         out = _apply_leading(slices, out)
+    # In-plane results are stored as [d, w, h]; the view puts them back in [d, h, w] order
+    # (the reorientation that follows makes the array contiguous in its final order).
+    out = out.transpose(0, 2, 1) if swapped else out
     return out.astype(np.float32, copy=False), new_affine
 
 
@@ -408,22 +411,26 @@ def _apply_leading(weights: _SparseWeights, array: np.ndarray) -> np.ndarray:
 
 def _apply_in_plane(
     array: np.ndarray, rows: _SparseWeights | None, cols: _SparseWeights | None
-) -> np.ndarray:
-    """Resample axes 1 and 2 (either may be None: kept) one slice at a time."""
-    if rows is None and cols is None:
-        return array
-    shape = (
-        array.shape[0],
-        *(w.shape[0] if w is not None else n for w, n in zip((rows, cols), array.shape[1:], strict=True)),
-    )
-    out = np.empty(shape, dtype=np.float32)
+) -> tuple[np.ndarray, bool]:
+    """Resample axes 1 and 2 (either may be None: kept) one slice at a time.
+
+    Returns the result and whether it is stored ``[d, w, h]``: resampling the columns
+    needs each slice transposed, and its result is kept that way rather than transposed
+    back, a copy the final reorientation makes anyway."""
+    if cols is None:
+        if rows is None:
+            return array, False
+        out = np.empty((array.shape[0], rows.shape[0], array.shape[2]), dtype=np.float32)
+        for k, plane in enumerate(array):
+            out[k] = rows @ plane
+        return out, False
+    height = array.shape[1] if rows is None else rows.shape[0]
+    out = np.empty((array.shape[0], cols.shape[0], height), dtype=np.float32)
     for k, plane in enumerate(array):
         if rows is not None:
             plane = rows @ plane
-        if cols is not None:
-            plane = (cols @ plane.T).T
-        out[k] = plane
-    return out
+        out[k] = cols @ np.ascontiguousarray(plane.T)
+    return out, True
 
 
 def _axis_positions(n: int, spacing: float, offsets: np.ndarray | None) -> np.ndarray:
