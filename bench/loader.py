@@ -18,25 +18,35 @@ batches of 4 studies delivered to the main process. They read the same phantom s
 * **reference**: HLIP's layout, one float32 ``.pt`` per scan: ``torch.load`` each scan,
   window the volume, crop, standardise, stack (no tokenizing, no packing).
 
-The page cache is warm for both: the files were just written and a warm-up pass reads all
-of them before the timed passes. Real datasets are larger than memory, where the reference
-also reads 2-3x more bytes per study from storage than the shards (the MB column).
+Two regimes, the same for both sides:
+
+* **warm**: the files were just written and a warm-up pass reads all of them before the
+  timed passes, so every read is a memory copy from the page cache;
+* **cold**: the worker evicts the benchmark's own files from the page cache
+  (``fsync`` + ``posix_fadvise(POSIX_FADV_DONTNEED)``; the rest of the machine's cache is left
+  alone) at the start of every pass, so every pass reads its bytes from storage. This is
+  pre-training's regime: hundreds of thousands of studies, terabytes, do not fit the page
+  cache. ``--dir`` must be on a disk (on tmpfs the eviction does nothing).
 
 Reported per side: studies per wall-second of the loader, and studies per CPU-second of the
 worker plus the main process (CPU time does not count what other programs on a loaded
-machine take, so it is the steadier number and the one to size cores by); the ratio
-column compares CPU rates. Linux only (worker CPU time comes from /proc). Run:
+machine take, so it is the steadier number and the one to size cores by; time waiting for
+storage is not CPU time), each as a ratio to the reference; and the study's size on disk
+with, in parentheses, the MB per study the worker actually read from storage over the timed
+passes (about 0 warm; about the size cold, which checks the eviction). Linux only (worker
+CPU time and reads come from /proc). Run:
 ``.venv/bin/python bench/loader.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -50,7 +60,7 @@ from hlip.shards import format as fmt
 from hlip.shards.synthetic import synthetic_study
 from hlip.shards.writer import write_dataset
 from hlip.train.config import HLIP_INTENSITY_MEAN, HLIP_INTENSITY_STD, load_config
-from hlip.train.data import DataState, build_train_loader
+from hlip.train.data import DataState, TrainStream, build_train_loader
 
 CROP = (48, 224, 224)
 WINDOW = (-1150.0, 350.0)
@@ -58,16 +68,34 @@ PATCH = (8, 16, 16)
 CONTEXT_LENGTH = 256
 
 
-class ReferenceStudies(Dataset):
-    """HLIP's loader: per study, load, window, crop and standardise each float32 scan."""
+def evict(files: Iterable[Path]) -> None:
+    """Drop these files' pages from the page cache (theirs only: the machine is shared), so
+    the next read comes from storage. Dirty pages cannot be dropped, hence the fsync."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
-    def __init__(self, studies: list[list[Path]], length: int) -> None:
-        self.studies, self.length = studies, length
+
+class ReferenceStudies(Dataset):
+    """HLIP's loader: per study, load, window, crop and standardise each float32 scan.
+
+    With ``cold_files``, they are evicted from the page cache whenever a pass over the
+    studies starts (in the worker, so prefetching cannot read ahead of the eviction).
+    """
+
+    def __init__(self, studies: list[list[Path]], length: int, cold_files: tuple[Path, ...] = ()) -> None:
+        self.studies, self.length, self.cold_files = studies, length, cold_files
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if index % len(self.studies) == 0:
+            evict(self.cold_files)
         rng = np.random.default_rng(index)
         scans = []
         for path in self.studies[index % len(self.studies)]:
@@ -117,19 +145,41 @@ def shard_loader(shards: Path, scans: int, batch: int) -> DataLoader:
     return build_train_loader(config, tokenizer, PATCH, 0, 1, DataState(), pin_memory=False)
 
 
-def reference_loader(pt_root: Path, batch: int, length: int) -> DataLoader:
+def reference_loader(pt_root: Path, batch: int, length: int, cold: bool) -> DataLoader:
     studies = [sorted(d.glob("*.pt")) for d in sorted(pt_root.iterdir())]
-    return DataLoader(ReferenceStudies(studies, length), batch_size=batch, num_workers=1)
+    cold_files = tuple(path for study in studies for path in study) if cold else ()
+    return DataLoader(ReferenceStudies(studies, length, cold_files), batch_size=batch, num_workers=1)
 
 
-def children_cpu_seconds() -> float:
-    """User + system CPU time of this process's live children (the DataLoader worker)."""
+@contextlib.contextmanager
+def cold_epochs(shards: Path, cold: bool) -> Iterator[None]:
+    """With ``cold``, the training stream evicts the shards from the page cache whenever it
+    starts an epoch (a pass over the studies), in the worker like the reference does."""
+    if not cold:
+        yield
+        return
+    files = tuple(sorted(shards.glob("*.tar")))
+    studies = TrainStream.studies
+
+    def evicting(self: TrainStream, *args: int) -> Iterator:
+        evict(files)
+        return studies(self, *args)
+
+    with mock.patch.object(TrainStream, "studies", evicting):
+        yield
+
+
+def children_stats() -> tuple[float, int]:
+    """CPU seconds (user + system) and bytes read from storage of this process's live
+    children (the DataLoader worker)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    cpu, read = 0, 0
     for child in multiprocessing.active_children():
         fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+        cpu += int(fields[11]) + int(fields[12])  # utime, stime
+        io = dict(line.split(": ") for line in Path(f"/proc/{child.pid}/io").read_text().splitlines())
+        read += int(io["read_bytes"])
+    return cpu / ticks, read
 
 
 @dataclass(frozen=True)
@@ -138,6 +188,8 @@ class Rate:
     """studies per wall-second"""
     cpu: float
     """studies per CPU-second (worker + main process)"""
+    storage_mb: float
+    """MB per study the worker read from storage (not from the page cache)"""
 
 
 def measure(loader: Iterable, batch: int, warm_batches: int, timed_batches: int) -> Rate:
@@ -145,18 +197,41 @@ def measure(loader: Iterable, batch: int, warm_batches: int, timed_batches: int)
     batches = iter(loader)
     for _ in range(warm_batches):
         next(batches)
-    wall, cpu = time.perf_counter(), time.process_time() + children_cpu_seconds()
+    cpu, read = children_stats()
+    wall, cpu = time.perf_counter(), time.process_time() + cpu
     for _ in range(timed_batches):
         next(batches)
     wall = time.perf_counter() - wall
-    cpu = time.process_time() + children_cpu_seconds() - cpu
+    end_cpu, end_read = children_stats()
+    cpu = time.process_time() + end_cpu - cpu
     del batches  # stops the worker
     studies = batch * timed_batches
-    return Rate(studies / wall, studies / cpu)
+    return Rate(studies / wall, studies / cpu, (end_read - read) / studies / 1e6)
 
 
 def megabytes_per_study(root: Path, pattern: str, studies: int) -> float:
     return sum(p.stat().st_size for p in root.glob(pattern)) / studies / 1e6
+
+
+def measure_regime(paths: dict[str, Path], args: argparse.Namespace, cold: bool) -> list[tuple[str, Rate]]:
+    """The three rows, with the page cache warm or each timed pass read from storage."""
+    per_pass = args.studies // args.batch
+    timed = per_pass * args.passes
+    length = args.batch * (per_pass + timed)
+    rows = [
+        (
+            "reference (.pt float32: load, window, crop, standardise)",
+            measure(reference_loader(paths["pt"], args.batch, length, cold), args.batch, per_pass, timed),
+        )
+    ]
+    for name, key in (
+        (f"shards, Blosc {fmt.BLOSC_CNAME} (decode, window, tokenize, pack)", "shards"),
+        ("shards, Blosc lz4 (same)", "shards-lz4"),
+    ):
+        with cold_epochs(paths[key], cold):
+            loader = shard_loader(paths[key], args.scans, args.batch)
+            rows.append((name, measure(loader, args.batch, per_pass, timed)))
+    return rows
 
 
 def main() -> None:
@@ -166,42 +241,31 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[56, 240, 240])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--passes", type=int, default=8, help="timed passes over the studies")
+    parser.add_argument("--dir", default=None, help="where to write the data (a disk, not tmpfs)")
     args = parser.parse_args()
     if args.studies % args.batch:
         parser.error("--studies must be a multiple of --batch")
-    per_pass = args.studies // args.batch
-    timed = per_pass * args.passes
-    with tempfile.TemporaryDirectory(prefix="hlip-bench-loader-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hlip-bench-loader-", dir=args.dir) as tmp:
         paths = make_data(Path(tmp), args.studies, args.scans, tuple(args.shape))
-        length = args.batch * (per_pass + timed)
-        rows = [
-            (
-                "reference (.pt float32: load, window, crop, normalize)",
-                measure(reference_loader(paths["pt"], args.batch, length), args.batch, per_pass, timed),
-                megabytes_per_study(paths["pt"], "*/*.pt", args.studies),
-            ),
-            (
-                f"shards, Blosc {fmt.BLOSC_CNAME} (decode, crop, window, tokenize, pack)",
-                measure(shard_loader(paths["shards"], args.scans, args.batch), args.batch, per_pass, timed),
-                megabytes_per_study(paths["shards"], "*.tar", args.studies),
-            ),
-            (
-                "shards, Blosc lz4 (same)",
-                measure(
-                    shard_loader(paths["shards-lz4"], args.scans, args.batch), args.batch, per_pass, timed
-                ),
-                megabytes_per_study(paths["shards-lz4"], "*.tar", args.studies),
-            ),
+        sizes = [
+            megabytes_per_study(paths[key], pattern, args.studies)
+            for key, pattern in (("pt", "*/*.pt"), ("shards", "*.tar"), ("shards-lz4", "*.tar"))
         ]
+        regimes = {cold: measure_regime(paths, args, cold) for cold in (False, True)}
     print(
         f"{args.studies} studies x {args.scans} scans of {tuple(args.shape)} int16 -> crops {CROP}, "
-        f"batches of {args.batch}, one DataLoader worker, {args.passes} timed passes, warm page cache; "
+        f"batches of {args.batch}, one DataLoader worker, {args.passes} timed passes; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'':62s} studies/s  studies/CPU-s  vs reference  MB/study")
-    reference = rows[0][1].cpu
-    for name, rate, size in rows:
-        print(f"{name:62s} {rate.wall:9.2f}  {rate.cpu:13.2f}  {rate.cpu / reference:11.2f}x  {size:8.1f}")
+    for cold, rows in regimes.items():
+        regime = "cold: each pass read from storage" if cold else "warm page cache"
+        print(f"\n{regime:58s} studies/s  studies/CPU-s  vs reference (wall, CPU)  MB/study (read)")
+        reference = rows[0][1]
+        for (name, rate), size in zip(rows, sizes, strict=True):
+            ratios = f"{rate.wall / reference.wall:5.2f}x, {rate.cpu / reference.cpu:5.2f}x"
+            print(
+                f"{name:58s} {rate.wall:9.2f}  {rate.cpu:13.2f}  {ratios:>25s}  {size:8.1f} ({rate.storage_mb:4.1f})"
+            )
 
 
 if __name__ == "__main__":
