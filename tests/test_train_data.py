@@ -17,14 +17,17 @@ from train_support import corrupt_chunks, corrupt_json, fake_study, tiny_config,
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import ShardDataset
 from hlip.train.data import (
+    AxisCrop,
     DataState,
     StudyFilter,
     StudyTransform,
     TrainStream,
+    UnitMap,
     build_train_loader,
     count_studies,
     crop_axes,
     percentile_map,
+    render,
     report_sections,
     select_sections,
     split_sentences,
@@ -68,6 +71,28 @@ def test_crop_window_stays_inside_and_fills_the_grid(shape, size, seed, pad):
         assert abs(axis.before - axis.after) <= 1
         if rng is None and n >= s:
             assert axis.start == (n - s) // 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=3, max_size=3),
+    pads=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=3, max_size=3),
+    scale=st.floats(-0.01, 0.01),
+    offset=st.floats(-2, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_render_is_the_float32_formula_exactly(shape, pads, scale, offset, seed):
+    """``clip(float32(stored) * scale' + offset', low, high)`` voxel for voxel, bit for bit
+    (in float32, as the reference computes it), and the value of intensity 0 in the padding."""
+    region = np.random.default_rng(seed).integers(-32768, 32767, shape, endpoint=True).astype(np.int16)
+    axes = [AxisCrop(0, n, before, after) for n, (before, after) in zip(shape, pads, strict=True)]
+    out = render(region, UnitMap(scale, offset), axes, MEAN, STD)
+    low, high = np.float32(-MEAN / STD), np.float32((1 - MEAN) / STD)
+    want = np.full([n + a + b for n, (a, b) in zip(shape, pads, strict=True)], low, np.float32)
+    inner = tuple(slice(a, a + n) for n, (a, _) in zip(shape, pads, strict=True))
+    scaled = region.astype(np.float32) * np.float32(scale / STD) + np.float32((offset - MEAN) / STD)
+    want[inner] = np.clip(scaled, low, high)
+    assert out.dtype == np.float32 and np.array_equal(out.view(np.int32), want.view(np.int32))
 
 
 def ct_scan(values: np.ndarray, name: str = "ct") -> Scan:

@@ -127,8 +127,8 @@ class UnitMap:
     """``stored value -> clip(stored * scale + offset, 0, 1)``: a scan's intensities to [0, 1].
 
     Windowing and percentile normalisation are both affine then clipped, so each is one
-    UnitMap, and with the standardisation folded in the whole intensity path is three
-    in-place passes over the crop (multiply while casting to float32, add, clip).
+    UnitMap, and with the standardisation folded in the whole intensity path is four
+    in-place passes over the crop (cast to float32, multiply, add, clip).
     """
 
     scale: float
@@ -174,7 +174,9 @@ def render(
         np.full(shape, low, dtype=np.float32) if shape != list(region.shape) else np.empty(shape, np.float32)
     )
     inner = out[tuple(slice(a.before, a.before + a.stop - a.start) for a in axes)]
-    np.multiply(region, np.float32(unit_map.scale / std), out=inner, casting="unsafe")
+    # Convert, then scale in place: numpy's casting multiply is slower than both passes.
+    np.copyto(inner, region, casting="unsafe")
+    np.multiply(inner, np.float32(unit_map.scale / std), out=inner)
     np.add(inner, np.float32((unit_map.offset - mean) / std), out=inner)
     np.clip(inner, np.float32(low), np.float32(high), out=inner)
     return out
