@@ -30,6 +30,7 @@ from hlip.ingest.index import (
     split_file_id,
 )
 from hlip.ingest.mosaic import csa_mosaic_info, parse_csa_header, untile
+from hlip.ingest.synth import make_archive
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -391,3 +392,28 @@ def test_fields_read_from_raw_bytes_equal_pydicom_conversion():
         assert {name: row[name] for name in reference} == reference, path
         compared += 1
     assert compared > 500
+
+
+def test_plain_headers_read_without_pydicom_give_pydicom_rows(monkeypatch, tmp_path):
+    """Files the index reads on its own (plain headers) get the row pydicom's parse gives,
+    every column included; a synthetic archive makes sure many files take that path."""
+    make_archive(tmp_path / "archive", 2, seed=3)
+    sources = [SourceFile(str(p), "", p.stat().st_size) for p in _sample_files()]
+    sources += list(iter_source_files(tmp_path / "archive"))
+    plain_rows = [index_file(source) for source in sources]
+    taken = sum(1 for row in plain_rows if row["error"] is None) - _count_pydicom_reads(sources, monkeypatch)
+    monkeypatch.setattr(index_module, "_plain_header", lambda fp, size: None)
+    for source, row in zip(sources, plain_rows, strict=True):
+        assert row == index_file(source), source.file_id
+    assert taken > 300
+
+
+def _count_pydicom_reads(sources: list[SourceFile], monkeypatch) -> int:
+    """How many of ``sources`` the index hands to pydicom."""
+    calls = []
+    original = pydicom.dcmread
+    with monkeypatch.context() as patch:
+        patch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(1) or original(*a, **k))
+        for source in sources:
+            index_file(source)
+    return len(calls)

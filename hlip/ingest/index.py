@@ -328,6 +328,11 @@ def _read_header(fp: BinaryIO, size: int) -> dict[str, Any]:
     if size == 0:
         raise IndexError_("empty", "zero-byte file")
     _sniff_dicom(fp)
+    row = _plain_header(fp, size)
+    if row is not None:
+        row.update(_pixel_data_fields(fp, size, row, little=True))
+        return row
+    fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True, specific_tags=_SPECIFIC_TAGS)
     except EOFError as exc:
@@ -335,7 +340,8 @@ def _read_header(fp: BinaryIO, size: int) -> dict[str, Any]:
     if not _looks_like_dicom(ds):
         raise IndexError_("not_dicom", "no DICOM attributes found")
     row = _header_fields(ds)
-    row.update(_pixel_data_fields(fp, ds, size, row))
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    row.update(_pixel_data_fields(fp, size, row, little))
     row.update(_frame_fields(ds))
     row.update(_mosaic_fields(ds, row))
     return row
@@ -420,26 +426,18 @@ _BINARY_FORMATS = {"US": "H", "FD": "d"}
 
 def _field_value(ds: Dataset, tag: Tag, keyword: str, vr: str, kind: str) -> Any:
     """Field ``keyword`` of the header as :func:`_value` gives it, converted from the raw
-    bytes where that is plain (ASCII text, one binary number): pydicom's element
-    conversion costs more than the parse of the whole header. Anything else (other
-    character sets, a VR other than the dictionary's, sequences) goes through pydicom."""
+    bytes where that is plain: pydicom's element conversion costs more than the parse of
+    the whole header. Anything else (a VR other than the dictionary's, sequences, values
+    :func:`_raw_value` refuses) goes through pydicom."""
     raw = ds.get_item(tag)
     if raw is None:
         return None
     if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr) or raw.value is None:
         return _value(ds, keyword, kind)
-    value = raw.value
-    if vr in _BINARY_FORMATS:
-        width = struct.calcsize(_BINARY_FORMATS[vr])
-        if len(value) != width:
-            return _value(ds, keyword, kind)
-        return _convert(
-            struct.unpack(("<" if raw.is_little_endian else ">") + _BINARY_FORMATS[vr], value)[0], kind
-        )
-    plain = (vr in _STRING_VRS or vr in ("IS", "DS")) and value.isascii() and b"\x1b" not in value
-    if not plain or (kind == "str" and b"\\" in value):
-        return _value(ds, keyword, kind)  # pydicom trims the values of each VR its own way
-    return _convert_text(value.decode("ascii").rstrip(" \x00"), kind)
+    try:
+        return _raw_value(raw.value, vr, kind, raw.is_little_endian)
+    except _NotPlain:
+        return _value(ds, keyword, kind)
 
 
 def _convert_text(text: str, kind: str) -> Any:
@@ -520,24 +518,156 @@ def _referenced_uids(sequence: Any) -> list[str]:
     return [uid for item in sequence or [] if (uid := _text(item.get("ReferencedSOPInstanceUID")))]
 
 
+# --------------------------------------------------------------------------- plain headers
+
+_PLAIN_HEADER_BYTES = 1 << 16
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_META_FIELDS = {
+    0x00020002: "MediaStorageSOPClassUID",
+    0x00020003: "MediaStorageSOPInstanceUID",
+    0x00020010: "TransferSyntaxUID",
+}
+_FIELD_BY_TAG = {int(tag): (name, vr, kind) for tag, name, vr, kind in _FIELD_TAGS}
+_NOT_PLAIN = {int(tag) for tag in _SPECIFIC_TAGS} - set(_FIELD_BY_TAG) - {0x00080005}
+"""Sequences, DICOMDIR records and Siemens private headers: pydicom reads those files."""
+_PIXEL_TAG_VALUES = {int(tag) for tag in PIXEL_DATA_TAGS}
+
+
+class _NotPlain(Exception):
+    """The header needs pydicom (a reason not to take the plain path)."""
+
+
+def _plain_header(fp: BinaryIO, size: int) -> dict[str, Any] | None:
+    """The index row of a plain file, read without pydicom, or None for pydicom to read.
+
+    Plain: a preamble and file meta, Explicit or Implicit VR Little Endian, a header
+    within the first 64 KiB, no sequence or private header the index reads, one value
+    per text field and only ASCII text. That is nearly every classic CT or MR slice;
+    the walk over the elements and the conversion of a few dozen values cost a fraction
+    of building pydicom's dataset. Leaves ``fp`` at the pixel data element."""
+    data = fp.read(_PLAIN_HEADER_BYTES)
+    try:
+        if data[128:132] != b"DICM":
+            return None
+        meta, position = _plain_elements(data, 132, explicit=True, meta=True)
+        syntax = _text(meta.get(0x00020010, (None, b""))[1].decode("ascii"))
+        if syntax not in _NATIVE_LITTLE_ENDIAN:
+            return None
+        elements, position = _plain_elements(
+            data, position, explicit=syntax == pydicom.uid.ExplicitVRLittleEndian
+        )
+        if position is None and len(data) < size:
+            return None  # the header goes on beyond what was read
+        row = _plain_fields(meta, elements, syntax)
+    except (_NotPlain, struct.error, UnicodeDecodeError):
+        return None
+    fp.seek(position if position is not None else size)
+    return row
+
+
+def _plain_elements(
+    data: bytes, position: int, *, explicit: bool, meta: bool = False
+) -> tuple[dict[int, tuple[bytes | None, bytes]], int | None]:
+    """``{tag: (VR or None, value)}`` of the elements the index reads, from ``position``
+    to the pixel data (its position is returned; None when the data ends first), or to
+    the end of group 0002 with ``meta``."""
+    wanted = _META_FIELDS if meta else _FIELD_BY_TAG
+    found: dict[int, tuple[bytes | None, bytes]] = {}
+    end = len(data)
+    while position + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, position)
+        tag = group << 16 | element
+        if meta and group != 0x0002:
+            return found, position
+        if tag in _PIXEL_TAG_VALUES:
+            return found, position
+        if tag in _NOT_PLAIN:
+            raise _NotPlain(f"{tag:08X}")
+        vr = data[position + 4 : position + 6] if explicit else None
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, position + 8)
+            position += 12
+        elif explicit:
+            (length,) = struct.unpack_from("<H", data, position + 6)
+            position += 8
+        else:
+            (length,) = struct.unpack_from("<I", data, position + 4)
+            position += 8
+        if length == 0xFFFFFFFF:
+            raise _NotPlain("undefined length")
+        if tag in wanted:
+            found[tag] = (vr, data[position : position + length])
+        position += length
+    if meta:
+        raise _NotPlain("file meta runs past the data read")
+    return found, None
+
+
+def _plain_fields(
+    meta: dict[int, tuple[bytes | None, bytes]], elements: dict[int, tuple[bytes | None, bytes]], syntax: str
+) -> dict[str, Any]:
+    """The header columns of a plain file, as :func:`_header_fields` gives them."""
+    row: dict[str, Any] = dict.fromkeys(_FIELD_NAMES)
+    for tag, (vr, value) in elements.items():
+        name, dictionary_vr, kind = _FIELD_BY_TAG[tag]
+        if vr is not None and vr.decode("ascii") != dictionary_vr:
+            raise _NotPlain(f"{name} has VR {vr!r}")
+        row[name] = _raw_value(value, dictionary_vr, kind)
+    meta_text = {
+        name: _text(meta[tag][1].decode("ascii")) for tag, name in _META_FIELDS.items() if tag in meta
+    }
+    if not (meta_text.get("MediaStorageSOPClassUID") or elements.keys() & _IDENTIFYING_TAGS):
+        raise _NotPlain("no DICOM attributes")
+    row["TransferSyntaxUID"] = syntax
+    row["SOPClassUID"] = row["SOPClassUID"] or meta_text.get("MediaStorageSOPClassUID")
+    row["SOPInstanceUID"] = row["SOPInstanceUID"] or meta_text.get("MediaStorageSOPInstanceUID")
+    row["IsDICOMDIR"] = row["SOPClassUID"] == DICOMDIR_SOP_CLASS
+    row["ReferencedSOPInstanceUIDs"] = None
+    row["IsEnhanced"] = False
+    if "MOSAIC" in [v.upper() for v in row["ImageType"] or []]:
+        raise _NotPlain("mosaic")
+    row["IsMosaic"] = False
+    return row
+
+
+_FIELD_NAMES = [name for name, _, _ in _HEADER_FIELDS]
+_IDENTIFYING_TAGS = {
+    int(Tag(tag_for_keyword(k))) for k in ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID")
+}
+
+
+def _raw_value(value: bytes, vr: str, kind: str, little: bool = True) -> Any:
+    """:func:`_value` of one raw value of dictionary VR ``vr``, converted directly where
+    that is plain (ASCII text, one binary number); raise :class:`_NotPlain` where
+    pydicom's conversion is needed (other character sets, several text values, which
+    pydicom trims per VR)."""
+    if vr in _BINARY_FORMATS:
+        if len(value) != struct.calcsize(_BINARY_FORMATS[vr]):
+            raise _NotPlain(f"{vr} of {len(value)} bytes")
+        return _convert(struct.unpack(("<" if little else ">") + _BINARY_FORMATS[vr], value)[0], kind)
+    plain = (vr in _STRING_VRS or vr in ("IS", "DS")) and value.isascii() and b"\x1b" not in value
+    if not plain or (kind == "str" and b"\\" in value):
+        raise _NotPlain("text pydicom must decode")
+    return _convert_text(value.decode("ascii").rstrip(" \x00"), kind)
+
+
 # --------------------------------------------------------------------------- pixel data
 
 
 _NATIVE_LITTLE_ENDIAN = {pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRLittleEndian}
 
 
-def _pixel_data_fields(fp: BinaryIO, ds: Dataset, size: int, row: dict[str, Any]) -> dict[str, Any]:
+def _pixel_data_fields(fp: BinaryIO, size: int, row: dict[str, Any], little: bool) -> dict[str, Any]:
     """``HasPixelData``, and where a native little endian Pixel Data value lies; raise
     ``truncated`` when the file ends inside the pixel data.
 
-    ``dcmread(stop_before_pixels=True)`` leaves the stream at the pixel data element, so
-    its header gives the declared length (native) or the fragment items (encapsulated).
+    The stream stands where the header ended, at the pixel data element, so its header
+    gives the declared length (native) or the fragment items (encapsulated).
     """
     fields: dict[str, Any] = {"HasPixelData": False}
-    if getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) == _DEFLATED:
+    if row["TransferSyntaxUID"] == _DEFLATED:
         fields["HasPixelData"] = True  # deflated stream: pydicom reads (and checks) it whole when decoding
         return fields
-    little = getattr(ds, "original_encoding", (None, True))[1] is not False
     endian = "<" if little else ">"
     start = fp.tell()
     header = fp.read(12)
