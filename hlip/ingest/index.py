@@ -51,6 +51,7 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 PIXEL_DATA_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
 _ITEM_TAG = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
+_ITEM_DELIMITER = 0xFFFEE00D
 _PIXEL_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"UN"}
 _DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 _PLAUSIBLE_FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
@@ -540,26 +541,25 @@ class _NotPlain(Exception):
 def _plain_header(fp: BinaryIO, size: int) -> dict[str, Any] | None:
     """The index row of a plain file, read without pydicom, or None for pydicom to read.
 
-    Plain: a preamble and file meta, Explicit or Implicit VR Little Endian, a header
-    within the first 64 KiB, no sequence or private header the index reads, one value
-    per text field and only ASCII text. That is nearly every classic CT or MR slice;
-    the walk over the elements and the conversion of a few dozen values cost a fraction
-    of building pydicom's dataset. Leaves ``fp`` at the pixel data element."""
+    Plain: a preamble and file meta, a little endian transfer syntax that is not deflated
+    (the native ones and every compressed one), a header within the first 64 KiB, no
+    sequence or private header the index reads, one value per text field and only ASCII
+    text: nearly every classic CT or MR slice. Walking the elements and converting a few
+    dozen values costs a fraction of building pydicom's dataset. Leaves ``fp`` at the
+    pixel data element."""
     data = fp.read(_PLAIN_HEADER_BYTES)
     try:
         if data[128:132] != b"DICM":
             return None
         meta, position = _plain_elements(data, 132, explicit=True, meta=True)
-        syntax = _text(meta.get(0x00020010, (None, b""))[1].decode("ascii"))
-        if syntax not in _NATIVE_LITTLE_ENDIAN:
+        syntax = pydicom.uid.UID(_text(meta.get(0x00020010, (None, b""))[1].decode("ascii")) or "")
+        if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
             return None
-        elements, position = _plain_elements(
-            data, position, explicit=syntax == pydicom.uid.ExplicitVRLittleEndian
-        )
+        elements, position = _plain_elements(data, position, explicit=not syntax.is_implicit_VR)
         if position is None and len(data) < size:
             return None  # the header goes on beyond what was read
-        row = _plain_fields(meta, elements, syntax)
-    except (_NotPlain, struct.error, UnicodeDecodeError):
+        row = _plain_fields(meta, elements, str(syntax))
+    except (_NotPlain, struct.error, UnicodeDecodeError, ValueError):
         return None
     fp.seek(position if position is not None else size)
     return row
@@ -570,37 +570,63 @@ def _plain_elements(
 ) -> tuple[dict[int, tuple[bytes | None, bytes]], int | None]:
     """``{tag: (VR or None, value)}`` of the elements the index reads, from ``position``
     to the pixel data (its position is returned; None when the data ends first), or to
-    the end of group 0002 with ``meta``."""
+    the end of group 0002 with ``meta``. Sequences nobody reads are skipped."""
     wanted = _META_FIELDS if meta else _FIELD_BY_TAG
     found: dict[int, tuple[bytes | None, bytes]] = {}
-    end = len(data)
-    while position + 8 <= end:
-        group, element = struct.unpack_from("<HH", data, position)
-        tag = group << 16 | element
-        if meta and group != 0x0002:
-            return found, position
-        if tag in _PIXEL_TAG_VALUES:
+    while position + 8 <= len(data):
+        tag = _tag_at(data, position)
+        if (meta and tag >> 16 != 0x0002) or tag in _PIXEL_TAG_VALUES:
             return found, position
         if tag in _NOT_PLAIN:
             raise _NotPlain(f"{tag:08X}")
-        vr = data[position + 4 : position + 6] if explicit else None
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, position + 8)
-            position += 12
-        elif explicit:
-            (length,) = struct.unpack_from("<H", data, position + 6)
-            position += 8
-        else:
-            (length,) = struct.unpack_from("<I", data, position + 4)
-            position += 8
+        vr, length, position = _element_header(data, position, explicit)
         if length == 0xFFFFFFFF:
-            raise _NotPlain("undefined length")
+            position = _skip_sequence(data, position, explicit and vr != b"UN")
+            continue
         if tag in wanted:
             found[tag] = (vr, data[position : position + length])
         position += length
     if meta:
         raise _NotPlain("file meta runs past the data read")
     return found, None
+
+
+def _tag_at(data: bytes, position: int) -> int:
+    group, element = struct.unpack_from("<HH", data, position)
+    return group << 16 | element
+
+
+def _element_header(data: bytes, position: int, explicit: bool) -> tuple[bytes | None, int, int]:
+    """VR (None when implicit), value length and value position of the element at ``position``."""
+    if not explicit:
+        return None, struct.unpack_from("<I", data, position + 4)[0], position + 8
+    vr = data[position + 4 : position + 6]
+    if vr in _LONG_VRS:
+        return vr, struct.unpack_from("<I", data, position + 8)[0], position + 12
+    return vr, struct.unpack_from("<H", data, position + 6)[0], position + 8
+
+
+def _skip_sequence(data: bytes, position: int, explicit: bool) -> int:
+    """The position after an undefined-length sequence whose items start at ``position``
+    (items of defined or undefined length, nested sequences included; the items of a UN
+    sequence are implicit VR)."""
+    while True:
+        tag, length = _tag_at(data, position), struct.unpack_from("<I", data, position + 4)[0]
+        position += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return position
+        if tag != _ITEM_TAG:
+            raise _NotPlain(f"{tag:08X} where a sequence item belongs")
+        if length != 0xFFFFFFFF:
+            position += length
+            continue
+        while _tag_at(data, position) != _ITEM_DELIMITER:
+            vr, length, position = _element_header(data, position, explicit)
+            if length == 0xFFFFFFFF:
+                position = _skip_sequence(data, position, explicit and vr != b"UN")
+            else:
+                position += length
+        position += 8
 
 
 def _plain_fields(
