@@ -77,6 +77,21 @@ def test_synth_index_and_plan_commands(tmp_path):
     assert "1 studies" in output and "rejected files" in output and "localizer" in output
 
 
+def test_synth_lesion_scale(tmp_path):
+    def archive_bytes(scale: str) -> dict[str, bytes]:
+        root = tmp_path / f"scale{scale}"
+        invoke(
+            "synth", "--out", root, "--studies", 4, "--seed", 0, "--ct-matrix", 64, "--lesion-scale", scale
+        )
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    plain, doubled = archive_bytes("1"), archive_bytes("2")
+    assert plain.keys() == doubled.keys() and plain != doubled  # same files, other lesions
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--lesion-scale", "3"])
+    assert result.exit_code == 2 and "--lesion-scale" in result.output
+    assert "less than or equal to 2" in result.output and "Traceback" not in result.output
+
+
 def test_run_prints_outcomes_and_reasons(archive, reference, tmp_path):
     output = invoke(*run_args(archive, tmp_path / "out"), "--workers", 0)
     summary = pipeline.summarize(pq.read_table(reference / "_ingest" / "files.parquet"), reference)

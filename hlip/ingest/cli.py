@@ -229,11 +229,18 @@ def synth(
     studies: int = typer.Option(24, "--studies", help="Number of studies."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     ct_matrix: int | None = typer.Option(None, "--ct-matrix", help="CT in-plane matrix (e.g. 512)."),
+    lesion_scale: float = typer.Option(
+        1.0,
+        "--lesion-scale",
+        min=0.25,
+        max=2.0,
+        help="Scale of the planted lesions' sizes (0.25-2; reports state the sizes).",
+    ),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
-    from hlip.ingest.synth import make_archive
+    from hlip.ingest.synth import Sizes, make_archive
 
-    make_archive(out, studies, seed, ct_matrix=ct_matrix)
+    make_archive(out, studies, seed, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix)
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")
 
 
