@@ -108,6 +108,9 @@ class TrainConfig:
     accum_steps: int = 1
     """Micro-batches per optimizer step (contrastive negatives come from one micro-batch)."""
     lr: float = 1e-4
+    text_lr: float = 0.0
+    """Peak learning rate of the text tower's trainable weights; 0 = ``lr``. A pretrained
+    encoder fine-tuned at a from-scratch vision trunk's rate loses what it knew (e.g. negation)."""
     min_lr: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.2

@@ -193,15 +193,17 @@ class WarmupCosine:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, biases, the temperature and the SigLIP bias (as CLIP)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on norms, biases, the temperature and the SigLIP bias (as CLIP);
+    the text tower's weights at ``text_lr`` when it is set (the schedule scales every group alike)."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or name.endswith(".bias") or name in ("logit_scale", "logit_bias")
-        (no_decay if exempt else decay).append(param)
+        lr = config.text_lr if config.text_lr and name.startswith("text.") else config.lr
+        groups.setdefault((lr, 0.0 if exempt else config.weight_decay), []).append(param)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
