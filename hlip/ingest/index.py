@@ -521,7 +521,6 @@ def _referenced_uids(sequence: Any) -> list[str]:
 
 # --------------------------------------------------------------------------- plain headers
 
-_PLAIN_HEADER_BYTES = 1 << 16
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _META_FIELDS = {
     0x00020002: "MediaStorageSOPClassUID",
@@ -545,24 +544,44 @@ def _plain_header(fp: BinaryIO, size: int) -> dict[str, Any] | None:
     (the native ones and every compressed one), a header within the first 64 KiB, no
     sequence or private header the index reads, one value per text field and only ASCII
     text: nearly every classic CT or MR slice. Walking the elements and converting a few
-    dozen values costs a fraction of building pydicom's dataset. Leaves ``fp`` at the
+    dozen values costs a fraction of building pydicom's dataset. A file that ends before
+    its pixel data (no pixels, or truncated) is left to pydicom. Leaves ``fp`` at the
     pixel data element."""
-    data = fp.read(_PLAIN_HEADER_BYTES)
-    try:
-        if data[128:132] != b"DICM":
+    for limit in _PLAIN_HEADER_READS:
+        fp.seek(0)
+        data = fp.read(limit)
+        try:
+            found = _plain_row(data)
+        except (_NotPlain, UnicodeDecodeError, ValueError):
             return None
+        if found is not None:
+            fp.seek(found[1])
+            return found[0]
+        if len(data) >= size:
+            return None
+    return None
+
+
+_PLAIN_HEADER_READS = (1 << 15, 1 << 16)
+"""Bytes read for a header: most fit the first, long private headers the second."""
+
+
+def _plain_row(data: bytes) -> tuple[dict[str, Any], int] | None:
+    """The row of the plain header in ``data`` and the position of its pixel data; None
+    when ``data`` ends first. Raises :class:`_NotPlain` for pydicom's files."""
+    if data[128:132] != b"DICM":
+        raise _NotPlain("no preamble")
+    try:
         meta, position = _plain_elements(data, 132, explicit=True, meta=True)
         syntax = pydicom.uid.UID(_text(meta.get(0x00020010, (None, b""))[1].decode("ascii")) or "")
         if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
-            return None
+            raise _NotPlain(f"transfer syntax {syntax}")
         elements, position = _plain_elements(data, position, explicit=not syntax.is_implicit_VR)
-        if position is None and len(data) < size:
-            return None  # the header goes on beyond what was read
-        row = _plain_fields(meta, elements, str(syntax))
-    except (_NotPlain, struct.error, UnicodeDecodeError, ValueError):
+    except struct.error:
+        return None  # an element header runs past the data
+    if position is None:
         return None
-    fp.seek(position if position is not None else size)
-    return row
+    return _plain_fields(meta, elements, str(syntax)), position
 
 
 def _plain_elements(
@@ -583,6 +602,8 @@ def _plain_elements(
         if length == 0xFFFFFFFF:
             position = _skip_sequence(data, position, explicit and vr != b"UN")
             continue
+        if position + length > len(data):
+            break
         if tag in wanted:
             found[tag] = (vr, data[position : position + length])
         position += length
