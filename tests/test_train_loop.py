@@ -53,12 +53,20 @@ def test_no_weight_decay_on_norms_biases_and_temperature():
 def test_text_lr_applies_to_the_text_tower_and_follows_the_schedule():
     model = nn.Module()
     model.visual = nn.Linear(4, 4)
-    model.text = nn.Linear(4, 4)
+    model.text = nn.Module()
+    model.text.transformer = nn.Linear(4, 4)
+    model.text.proj = nn.Linear(4, 4, bias=False)  # new weights: the trunk's rate
     config = load_config("demo-cpu", ["lr=1e-3", "text_lr=1e-5", "warmup_steps=2", "min_lr=0"])
     optimizer = build_optimizer(model, config)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     lr_of = {n: group_of[id(p)]["lr"] for n, p in model.named_parameters()}
-    assert lr_of == {"visual.weight": 1e-3, "visual.bias": 1e-3, "text.weight": 1e-5, "text.bias": 1e-5}
+    assert lr_of == {
+        "visual.weight": 1e-3,
+        "visual.bias": 1e-3,
+        "text.transformer.weight": 1e-5,
+        "text.transformer.bias": 1e-5,
+        "text.proj.weight": 1e-3,
+    }
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(config, 10))
     optimizer.step()  # no gradients: nothing moves
     scheduler.step()  # step 1 of the warmup: both at their peak

@@ -109,8 +109,8 @@ class TrainConfig:
     """Micro-batches per optimizer step (contrastive negatives come from one micro-batch)."""
     lr: float = 1e-4
     text_lr: float = 0.0
-    """Peak learning rate of the text tower's trainable weights; 0 = ``lr``. A pretrained
-    encoder fine-tuned at a from-scratch vision trunk's rate loses what it knew (e.g. negation)."""
+    """Peak learning rate of the pretrained text encoder's trainable layers; 0 = ``lr``. Fine-tuned
+    at a from-scratch vision trunk's rate, an encoder loses what it knew (e.g. negation)."""
     min_lr: float = 0.0
     warmup_steps: int = 10
     weight_decay: float = 0.2

@@ -194,13 +194,14 @@ class WarmupCosine:
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases, the temperature and the SigLIP bias (as CLIP);
-    the text tower's weights at ``text_lr`` when it is set (the schedule scales every group alike)."""
+    the pretrained text encoder at ``text_lr`` when it is set (its new projection learns at ``lr``;
+    the schedule scales every group alike)."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or name.endswith(".bias") or name in ("logit_scale", "logit_bias")
-        lr = config.text_lr if config.text_lr and name.startswith("text.") else config.lr
+        lr = config.text_lr if config.text_lr and name.startswith("text.transformer.") else config.lr
         groups.setdefault((lr, 0.0 if exempt else config.weight_decay), []).append(param)
     return torch.optim.AdamW(
         [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
