@@ -321,3 +321,12 @@ def test_lesion_scale_scales_planted_lesions_and_reports():
     assert diameters[2.0] == pytest.approx(2 * diameters[1.0], abs=1)
     with pytest.raises(ValueError, match="lesion_scale"):
         Sizes(lesion_scale=3.0, ct_coverage_mm=400)
+
+
+@pytest.mark.parametrize("radius", [7.5, 17.0, 34.0])  # smallest hematoma .. largest mass at scale 2
+def test_brain_sites_exist_for_every_lesion_size(radius):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        point, side, _lobe = synth._brain_site(rng, 0.0, 0.94, radius)
+        assert abs(point[0]) > min(radius * 0.5 + 22, 0.75 * (47 - radius * 0.6)) - 1e-9
+        assert side == ("left" if point[0] > 0 else "right")

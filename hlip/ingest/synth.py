@@ -443,10 +443,15 @@ def _brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int], 
 
 
 def _brain_site(rng, z0: float, s: float, radius: float) -> tuple[np.ndarray, str, str]:
-    """A point in a hemisphere's white matter, clear of the ventricles; with side and lobe."""
+    """A point in a hemisphere's white matter, clear of the ventricles; with side and lobe.
+
+    A large lesion keeps to the outer quarter of the hemisphere when clearing the ventricles by
+    its own half-size would leave no room (else the search would never end)."""
+    semi_x = 50 * s - radius * 0.6
+    clearance = min(radius * 0.5 + 22, 0.75 * semi_x)
     while True:
         point = _point_in(rng, (0, 0, z0 + 3), (50 * s, 68 * s, 55 * s), radius * 0.6)
-        if abs(point[0]) > radius * 0.5 + 22:
+        if abs(point[0]) > clearance:
             break
     side = "left" if point[0] > 0 else "right"  # LPS: +x is the patient's left
     if point[1] < -25:
