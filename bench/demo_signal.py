@@ -1,0 +1,172 @@
+"""Where the demo's zero-shot AUC is lost: the data, the vision trunk, or the text tower.
+
+Three upper bounds per planted finding, on held-out synthetic studies, for the demo recipe
+(configs/demo-cpu.toml transforms and crops):
+
+* **histogram**: logistic regression on intensity histograms of the evaluation crops (is the
+  finding in the voxels at all, at the demo's grid?);
+* **supervised**: the demo's vision trunk trained with the labels (masked BCE) instead of
+  reports, for ``--steps`` steps, scored every 50 (can this trunk learn the finding in the
+  budget, whatever the text side does?);
+* **report text**: the pretrained MiniLM embedding of each held-out report's findings against
+  the finding's prompts (how well the frozen text encoder separates positive from negative
+  reports; zero-shot can only approach this through the image).
+
+    python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
+
+The shards come from `hlip-ingest run` on `hlip-ingest synth` archives (see scripts/demo.sh).
+On a GPU machine the supervised part runs there (``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from hlip.ingest.synth import FINDINGS
+from hlip.model.text import TextTower, Tokenizer
+from hlip.shards.reader import ShardDataset
+from hlip.train.checkpoint import build_model
+from hlip.train.config import load_config
+from hlip.train.data import StudyTransform, select_sections
+
+LABELS = list(FINDINGS)
+
+
+def load_studies(path: str) -> list:
+    dataset = ShardDataset(path)
+    keys = dataset.keys()
+    return [dataset[key] for key in keys]
+
+
+def targets(studies) -> np.ndarray:
+    """[N, labels] of 0/1, -1 where a study has no such label (the other modality)."""
+    rows = [[study.labels.get(label) for label in LABELS] for study in studies]
+    return np.array([[-1 if v is None or v != v else int(v) for v in row] for row in rows])
+
+
+def aucs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    out = {}
+    for j, label in enumerate(LABELS):
+        known = y[:, j] >= 0
+        out[label] = roc_auc_score(y[known, j], scores[known, j])
+    return out
+
+
+def histogram_bound(train, heldout, transform) -> dict[str, float]:
+    def features(studies):
+        rows = []
+        for study in studies:
+            scans = transform(study)["scans"][:3]
+            hists = [np.histogram(t.numpy(), bins=48, range=(-2.2, 2.5))[0] / t.numel() for t in scans]
+            rows.append(np.concatenate(hists + [hists[-1]] * (3 - len(hists))))
+        return np.array(rows)
+
+    x_train, x_held, y_train, y_held = features(train), features(heldout), targets(train), targets(heldout)
+    scores = np.zeros(y_held.shape)
+    for j in range(len(LABELS)):
+        known = y_train[:, j] >= 0
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        scores[:, j] = model.fit(x_train[known], y_train[known, j]).decision_function(x_held)
+    return aucs(y_held, scores)
+
+
+def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tuple[int, dict]]:
+    torch.manual_seed(config.seed)
+    trunk = build_model(config, pretrained_text=False)[0].visual.trunk.to(device)
+    head = torch.nn.Linear(trunk.embed_dim, len(LABELS)).to(device)
+    params = [*trunk.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps, pct_start=0.05)
+    train_tf, eval_tf = StudyTransform(config, train=True), StudyTransform(config, train=False)
+    y_train, y_held = targets(train), targets(heldout)
+    held_scans = [eval_tf(study)["scans"] for study in heldout]
+    rng, curve = np.random.default_rng(config.seed), []
+
+    def logits(scans):
+        return head(trunk.forward_packed(trunk.pack(scans).to(device)))
+
+    for step in range(1, steps + 1):
+        batch = rng.choice(len(train), config.batch_size, replace=False)
+        y = torch.tensor(y_train[batch], dtype=torch.float32, device=device)
+        z = logits([train_tf(train[i], step)["scans"] for i in batch])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z[y >= 0], y[y >= 0])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            trunk.eval()
+            with torch.no_grad():
+                scores = torch.cat([logits(held_scans[i : i + 16]).cpu() for i in range(0, len(heldout), 16)])
+            trunk.train()
+            curve.append((step, aucs(y_held, scores.numpy())))
+            print(f"  supervised step {step}: " + row(curve[-1][1]), flush=True)
+    return curve
+
+
+def report_text_bound(heldout, sentences_of) -> dict[str, float]:
+    tower, tokenizer = TextTower.from_pretrained(None, 8, pooling="mean").eval(), Tokenizer(None, 128)
+
+    def embed(texts):
+        with torch.no_grad():
+            tokens = tokenizer(texts)
+            hidden = tower.transformer(**tokens).last_hidden_state
+            return torch.nn.functional.normalize(tower.pool(hidden, tokens["attention_mask"]), dim=-1).numpy()
+
+    with_report = [s for s in heldout if s.report.strip()]
+    reports = embed([select_sections(s.report, ["findings"]) or s.report for s in with_report])
+    scores = np.stack(
+        [
+            reports @ (embed(list(pos)).mean(0) - embed(list(neg)).mean(0))
+            for pos, neg in map(sentences_of, LABELS)
+        ],
+        axis=1,
+    )
+    return aucs(targets(with_report), scores)
+
+
+def row(values: dict[str, float]) -> str:
+    return (
+        " ".join(f"{values[label]:.2f}" for label in LABELS)
+        + f" | macro {np.mean(list(values.values())):.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("train")
+    parser.add_argument("heldout")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], help="demo-cpu config override, key=value")
+    args = parser.parse_args()
+    config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train, heldout = load_studies(args.train), load_studies(args.heldout)
+    print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
+    print("  " + " ".join(LABELS))
+    print(
+        "  histogram + logistic regression: "
+        + row(histogram_bound(train, heldout, StudyTransform(config, False)))
+    )
+    print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout, sentences)))
+    supervised_bound(train, heldout, config, args.steps, args.device)
+
+
+def sentences(label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    finding = FINDINGS[label]
+    return finding.positive_prompts, finding.negative_prompts
+
+
+if __name__ == "__main__":
+    main()
