@@ -16,7 +16,9 @@ deflate), and for the real sets under ../shared/data, it measures:
   changes; the ratios of hlip-ingest's throughput to each dcm2niix mode, by wall time and
   by CPU time; the scaling from 1 to 2 workers (wall time), and the bound the CPU split
   allows (Amdahl: the client's share is serial), which other load on the machine does
-  not change; the peak RSS of each worker.
+  not change, and how many cores the machine gave to as many busy processes just after
+  (on a shared machine fewer than the workers: the measured scaling then means little);
+  the peak RSS of each worker.
 
 Goals (on the uncompressed archive): with one worker at least 2.0x the throughput of
 ``dcm2niix -z y``; at least 1.8x from 1 to 2 workers. Both programs read the same files
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import multiprocessing
 import resource
 import shutil
 import subprocess
@@ -156,6 +159,27 @@ def time_ingest(folder: Path, reports: Path | None, workers: int) -> Timing:
     return Timing(wall, client_cpu + workers_after - workers_cpu, started - start, rss, client_cpu)
 
 
+def _spin(seconds: float, queue) -> None:
+    start, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+        pass
+    queue.put(time.process_time() - cpu)
+
+
+def available_cores(processes: int, seconds: float = 1.0) -> float:
+    """Cores this run gets now: CPU seconds that ``processes`` busy processes receive per
+    wall second. Other jobs on a shared machine can leave fewer cores than workers, and a
+    scaling measured then says nothing about the pipeline."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    spinners = [context.Process(target=_spin, args=(seconds, queue)) for _ in range(processes)]
+    for spinner in spinners:
+        spinner.start()
+    for spinner in spinners:
+        spinner.join()
+    return sum(queue.get() for _ in spinners) / seconds
+
+
 def best(runs) -> Timing:
     """The fastest of several runs: other load on the machine only ever slows one down."""
     return min(runs, key=lambda timing: timing.wall)
@@ -192,7 +216,8 @@ def bench_folder(name: str, folder: Path, reports: Path | None, counts: list[int
         bound = 1 / ((1 - parallel) + parallel * counts[0] / counts[-1])
         print(
             f"scaling {counts[0]} -> {counts[-1]} workers: x{first.wall / last.wall:.2f} measured; "
-            f"x{bound:.2f} bound from CPU ({parallel:.0%} of the CPU time is in workers)"
+            f"x{bound:.2f} bound from CPU ({parallel:.0%} of the CPU time is in workers); "
+            f"{available_cores(counts[-1]):.1f} cores available to {counts[-1]} busy processes just after"
         )
     return {"baselines": baselines, "runs": runs}
 
