@@ -192,6 +192,18 @@ def map_unordered(client, function: Callable, items: Iterable, *args: Any) -> It
         future.release()
 
 
+def ordered_map(client) -> Callable:
+    """A ``map(function, *iterables)`` that runs each call as a task on ``client`` (the
+    builtin ``map`` without one) and returns the results in order."""
+    if client is None:
+        return map
+
+    def run(function: Callable, *iterables: Iterable) -> list:
+        return client.gather(client.map(function, *iterables, pure=False))
+
+    return run
+
+
 ALLOCATOR_THRESHOLD = 32 << 20
 """glibc's mmap and trim thresholds in processes that run ingest tasks (32 MiB, its
 largest mmap threshold)."""
@@ -606,7 +618,7 @@ def run_ingest(
         tasks.sort(key=lambda task: -task.index_rows.num_rows)
         keys = [task.key for task in tasks]
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
-    return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes)
+        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client)
 
 
 def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:
@@ -632,10 +644,14 @@ def _stage_all(client, progress: Progress, out: Path, tasks: Sequence, keys: Seq
     return outcomes
 
 
-def _finish(out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes) -> IngestSummary:
-    """Write shards and manifests (unless an earlier run did), then the accounting."""
+def _finish(
+    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None
+) -> IngestSummary:
+    """Write shards and manifests (unless an earlier run did), then the accounting. Each
+    shard is written by one task on the workers: the client only plans the boundaries
+    and writes the manifests."""
     if not _is_finalized(out):
-        DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize()
+        DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
     files = account(index_table, rejects, outcomes)
     write_bytes_atomic(out / INGEST_DIR / FILES_FILE, parquet_bytes(files))
     return summarize(files, out)
@@ -699,5 +715,6 @@ def run_nifti_ingest(
     with _client(client, scheduler, workers, memory_limit) as client:
         tasks = list(zip(keys, plans, strict=True))
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash)
-    volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
-    return _finish(out, max_shard_bytes, pa.table({"file_id": pa.array(volumes, pa.string())}), [], outcomes)
+        volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
+        files = pa.table({"file_id": pa.array(volumes, pa.string())})
+        return _finish(out, max_shard_bytes, files, [], outcomes, client)

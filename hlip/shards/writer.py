@@ -23,7 +23,7 @@ import os
 import shutil
 import tarfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,15 +315,28 @@ def _pack_sample(tar: tarfile.TarFile, path: Path, shard: str) -> PackedSample:
     )
 
 
-def pack_shards(staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int) -> list[PackedSample]:
-    """Write the staged samples, in the given (sorted) order, into numbered shards."""
-    packed = []
+def write_shard(staged: Sequence[Path], path: Path) -> list[PackedSample]:
+    """Write the staged samples, in the given order, as the one shard ``path``.
+
+    Shards depend only on their own samples, so they can be written in any order or in
+    parallel (in other processes) with the same bytes."""
+    with AtomicFile(path) as file, _open_tar(file) as tar:
+        return [_pack_sample(tar, sample, path.name) for sample in staged]
+
+
+def pack_shards(
+    staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int, map: Callable = map
+) -> list[PackedSample]:
+    """Write the staged samples, in the given (sorted) order, into numbered shards.
+
+    The shard boundaries come from the staged tar headers alone; ``map`` (like the
+    builtin, which it defaults to: ``map(write_shard, groups, paths)`` yielding results
+    in order) then writes each shard, e.g. as parallel tasks on a cluster.
+    """
     groups = plan_shards([staged_sample_size(path) for path in staged], max_shard_bytes)
-    for index, group in enumerate(groups):
-        name = shard_name(prefix, index)
-        with AtomicFile(out_dir / name) as file, _open_tar(file) as tar:
-            packed += [_pack_sample(tar, staged[i], name) for i in group]
-    return packed
+    samples = [[staged[i] for i in group] for group in groups]
+    paths = [out_dir / shard_name(prefix, index) for index in range(len(groups))]
+    return [sample for shard in map(write_shard, samples, paths) for sample in shard]
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -502,8 +515,10 @@ class DatasetWriter:
         with AtomicFile(path) as file, _open_tar(file) as tar:
             _add_sample(tar, key, members)
 
-    def finalize(self) -> pa.Table:
+    def finalize(self, map: Callable = map) -> pa.Table:
         """Pack staged samples into shards and manifests; return the manifest table.
+
+        ``map`` writes the shards (:func:`pack_shards`); the bytes do not depend on it.
 
         The old manifest goes first and the new one is written last, so a directory with
         ``manifest.parquet`` always describes complete shards. Re-running after a crash
@@ -511,7 +526,7 @@ class DatasetWriter:
         """
         (self.out_dir / fmt.MANIFEST_FILE).unlink(missing_ok=True)
         staged = [self._staged_path(key) for key in self.staged_keys()]
-        packed = pack_shards(staged, self.out_dir, self.prefix, self.max_shard_bytes)
+        packed = pack_shards(staged, self.out_dir, self.prefix, self.max_shard_bytes, map)
         manifest = manifest_table(packed)
         write_bytes_atomic(self.out_dir / fmt.SCANS_FILE, parquet_bytes(scans_table(packed)))
         write_bytes_atomic(self.out_dir / fmt.MANIFEST_FILE, parquet_bytes(manifest))
