@@ -1,15 +1,21 @@
-"""Shard writing in parallel: the bytes do not depend on how the shards are written."""
+"""Shard bytes do not depend on how shards are written or how slabs are encoded."""
 
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from zarr.codecs import BloscCodec
+from zarr.storage import MemoryStore
 
+from hlip.shards import format as fmt
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import DatasetWriter
+from hlip.shards.writer import DatasetWriter, encode_slabs
 
 STUDIES = [synthetic_study(f"study{i}", n_scans=1 + i % 2, shape=(5 + i, 12, 10), seed=i) for i in range(6)]
 
@@ -47,3 +53,33 @@ def test_shards_written_by_other_processes_give_the_same_bytes(tmp_path):
     expected = _dataset_bytes(tmp_path / "serial", map)
     with ProcessPoolExecutor(2) as pool:
         assert _dataset_bytes(tmp_path / "processes", pool.map) == expected
+
+
+def _zarr_chunks(voxels: np.ndarray, depth: int) -> dict[str, bytes]:
+    """The chunk entries zarr itself writes for ``voxels`` with the format's codec."""
+    entries: dict = {}
+    compressor = BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle=fmt.BLOSC_SHUFFLE)
+    array = zarr.create_array(
+        MemoryStore(entries),
+        shape=voxels.shape,
+        chunks=(depth, *voxels.shape[1:]),
+        dtype=fmt.ARRAY_DTYPE,
+        compressors=compressor,
+        fill_value=0,
+        zarr_format=3,
+    )
+    array[...] = voxels
+    return {f"x/{key}": buffer.to_bytes() for key, buffer in entries.items() if key != "zarr.json"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    voxels=hnp.arrays(
+        np.int16,
+        st.tuples(st.integers(1, 20), st.integers(1, 9), st.integers(1, 9)),
+        elements=st.sampled_from([0, 0, 0, 1, -1000, 32767, -32768, 40]),
+    ),
+    depth=st.integers(1, 9),
+)
+def test_slabs_are_the_bytes_zarr_writes(voxels, depth):
+    assert encode_slabs("x", voxels, depth) == _zarr_chunks(voxels, depth)
