@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,8 +16,9 @@ from zarr.codecs import BloscCodec
 from zarr.storage import MemoryStore
 
 from hlip.shards import format as fmt
+from hlip.shards import writer
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import DatasetWriter, encode_slabs
+from hlip.shards.writer import DatasetWriter, encode_slabs, encode_study, shard_name, write_dataset
 
 STUDIES = [synthetic_study(f"study{i}", n_scans=1 + i % 2, shape=(5 + i, 12, 10), seed=i) for i in range(6)]
 
@@ -83,3 +86,15 @@ def _zarr_chunks(voxels: np.ndarray, depth: int) -> dict[str, bytes]:
 )
 def test_slabs_are_the_bytes_zarr_writes(voxels, depth):
     assert encode_slabs("x", voxels, depth) == _zarr_chunks(voxels, depth)
+
+
+@pytest.mark.parametrize("n_studies", [1, 4])
+def test_shard_is_the_tar_that_tarfile_writes_for_the_members(tmp_path, n_studies):
+    """Shards are assembled from staged bytes; they must stay the tar ``tarfile`` writes."""
+    studies = sorted(STUDIES[:n_studies], key=lambda study: study.key)
+    write_dataset(tmp_path / "ds", studies)
+    reference = io.BytesIO()
+    with writer._open_tar(reference) as tar:
+        for study in studies:
+            writer._add_sample(tar, study.key, encode_study(study))
+    assert (tmp_path / "ds" / shard_name(fmt.SHARD_PREFIX, 0)).read_bytes() == reference.getvalue()

@@ -336,18 +336,39 @@ def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def _pack_sample(tar: tarfile.TarFile, path: Path, shard: str) -> PackedSample:
+def _pack_sample(file: Any, offset: int, path: Path, shard: str) -> tuple[PackedSample, int]:
+    """Append a staged sample to the shard ``file`` at ``offset``; where it landed, and the
+    offset after it.
+
+    A staged sample is a one-sample tar whose member blocks (headers depend only on name
+    and size) are exactly the bytes the sample occupies in a shard: they are copied in one
+    write, without re-encoding the headers or copying the data block by block."""
     key = path.name[: -len(STAGED_SUFFIX)]
-    members = read_staged(path)
-    located = _add_sample(tar, key, members)
-    return PackedSample(
+    raw = memoryview(path.read_bytes())
+    members, located, end = {}, {}, 0
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        for info in tar:
+            _, _, ext = info.name.partition(".")
+            members[ext] = raw[info.offset_data : info.offset_data + info.size]
+            located[ext] = (offset + info.offset_data, info.size)
+            end = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+    file.write(raw[:end])
+    sample = PackedSample(
         key=key,
         shard=shard,
         located=located,
         digests={ext: _sha256(data) for ext, data in members.items()},
-        record=json.loads(members[fmt.JSON_MEMBER]),
-        report_length=len(members[fmt.TEXT_MEMBER].decode("utf-8")),
+        record=json.loads(bytes(members[fmt.JSON_MEMBER])),
+        report_length=len(bytes(members[fmt.TEXT_MEMBER]).decode("utf-8")),
     )
+    return sample, offset + end
+
+
+def _end_of_archive(offset: int) -> bytes:
+    """What ``tarfile`` writes on closing a tar of ``offset`` bytes: two zero blocks, then
+    zeros up to a whole record."""
+    offset += 2 * TAR_BLOCK
+    return bytes(2 * TAR_BLOCK + -offset % tarfile.RECORDSIZE)
 
 
 def write_shard(staged: Sequence[Path], path: Path) -> list[PackedSample]:
@@ -355,8 +376,13 @@ def write_shard(staged: Sequence[Path], path: Path) -> list[PackedSample]:
 
     Shards depend only on their own samples, so they can be written in any order or in
     parallel (in other processes) with the same bytes."""
-    with AtomicFile(path) as file, _open_tar(file) as tar:
-        return [_pack_sample(tar, sample, path.name) for sample in staged]
+    packed, offset = [], 0
+    with AtomicFile(path) as file:
+        for sample_path in staged:
+            sample, offset = _pack_sample(file, offset, sample_path, path.name)
+            packed.append(sample)
+        file.write(_end_of_archive(offset))
+    return packed
 
 
 def pack_shards(
