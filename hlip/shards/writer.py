@@ -290,16 +290,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 # --- staged samples ---------------------------------------------------------------------
 
 
-def read_staged(path: Path) -> dict[str, bytes]:
-    """Members of a staged one-sample tar, keyed by extension."""
-    members = {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            _, _, ext = info.name.partition(".")
-            members[ext] = tar.extractfile(info).read()
-    return members
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
