@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from hlip.evaluate.labels import binary_targets
 from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
 from hlip.shards.reader import ShardDataset
@@ -46,15 +47,15 @@ def load_studies(path: str) -> list:
 
 
 def targets(studies) -> np.ndarray:
-    """[N, labels] of 0/1, -1 where a study has no such label (the other modality)."""
-    rows = [[study.labels.get(label) for label in LABELS] for study in studies]
-    return np.array([[-1 if v is None or v != v else int(v) for v in row] for row in rows])
+    """[N, labels] of 0/1, NaN where a study has no such label (the other modality)."""
+    labels = [study.labels for study in studies]
+    return np.stack([binary_targets(labels, label) for label in LABELS], axis=1)
 
 
 def aucs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     out = {}
     for j, label in enumerate(LABELS):
-        known = y[:, j] >= 0
+        known = ~np.isnan(y[:, j])
         out[label] = roc_auc_score(y[known, j], scores[known, j])
     return out
 
@@ -71,7 +72,7 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
     x_train, x_held, y_train, y_held = features(train), features(heldout), targets(train), targets(heldout)
     scores = np.zeros(y_held.shape)
     for j in range(len(LABELS)):
-        known = y_train[:, j] >= 0
+        known = ~np.isnan(y_train[:, j])
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
         scores[:, j] = model.fit(x_train[known], y_train[known, j]).decision_function(x_held)
     return aucs(y_held, scores)
@@ -96,7 +97,8 @@ def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tu
         batch = rng.choice(len(train), config.batch_size, replace=False)
         y = torch.tensor(y_train[batch], dtype=torch.float32, device=device)
         z = logits([train_tf(train[i], step)["scans"] for i in batch])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z[y >= 0], y[y >= 0])
+        known = ~torch.isnan(y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z[known], y[known])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -112,7 +114,7 @@ def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tu
     return curve
 
 
-def report_text_bound(heldout, sentences_of) -> dict[str, float]:
+def report_text_bound(heldout) -> dict[str, float]:
     tower, tokenizer = TextTower.from_pretrained(None, 8, pooling="mean").eval(), Tokenizer(None, 128)
 
     def embed(texts):
@@ -126,7 +128,9 @@ def report_text_bound(heldout, sentences_of) -> dict[str, float]:
     scores = np.stack(
         [
             reports @ (embed(list(pos)).mean(0) - embed(list(neg)).mean(0))
-            for pos, neg in map(sentences_of, LABELS)
+            for pos, neg in (
+                (FINDINGS[label].positive_prompts, FINDINGS[label].negative_prompts) for label in LABELS
+            )
         ],
         axis=1,
     )
@@ -151,7 +155,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="demo-cpu config override, key=value")
     args = parser.parse_args()
     config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train, heldout = load_studies(args.train), load_studies(args.heldout)
     print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
     print("  " + " ".join(LABELS))
@@ -159,13 +162,8 @@ def main() -> None:
         "  histogram + logistic regression: "
         + row(histogram_bound(train, heldout, StudyTransform(config, False)))
     )
-    print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout, sentences)))
+    print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout)))
     supervised_bound(train, heldout, config, args.steps, args.device)
-
-
-def sentences(label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    finding = FINDINGS[label]
-    return finding.positive_prompts, finding.negative_prompts
 
 
 if __name__ == "__main__":
