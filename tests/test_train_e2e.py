@@ -24,12 +24,15 @@ PROMPTS = CONFIG_DIR / "prompts" / "synth.toml"
 # Coarse grids keep the test fast: a whole chest (about 380 x 380 x 160 mm) or head fits the
 # 16x48x48 crop below (the demo uses 5x4x4 mm and the preset's 32x96x96 crop).
 SPACING = ["--spacing", "CT=10,8,8", "--spacing", "MR=10,5.2,5.2"]
-STEPS = 50
 # Lesions twice the default size: at these grids the default 12-24 mm nodules and 15-30 mm
 # hematomas are a few voxels of a 16-voxel patch, which the trunk does not learn even from labels
 # (bench/demo_signal.py; docs/evaluation.md, "What limits the demo").
 LESIONS = ["--lesion-scale", "2"]
-RECIPE = ["img_size=[16, 48, 48]", "max_scans=3", "model_overrides.text={context_length = 64}"]
+TRAIN_STUDIES, HELDOUT_STUDIES = 64, 48
+STEPS = 150
+RECIPE = ["img_size=[16, 48, 48]", f"steps={STEPS}"]
+"""The demo-cpu recipe on 16x48x48 crops (18 tokens per scan instead of 144): about two
+minutes of training on two cores."""
 
 
 def ingest_cli(*args: str) -> None:
@@ -45,7 +48,7 @@ def synth_shards(tmp_path_factory, request):
     root = (base.parent if hasattr(request.config, "workerinput") else base) / "hlip-train-synth"
     root.mkdir(exist_ok=True)
     with FileLock(str(root / ".lock")):
-        for name, studies, seed in (("train", 24, 0), ("heldout", 32, 1)):
+        for name, studies, seed in (("train", TRAIN_STUDIES, 0), ("heldout", HELDOUT_STUDIES, 1)):
             shards = root / f"shards-{name}"
             if not (shards / "manifest.parquet").exists():
                 archive = root / f"archive-{name}"
@@ -74,17 +77,23 @@ def synth_shards(tmp_path_factory, request):
     return root / "shards-train", root / "shards-heldout"
 
 
-def test_demo_training_lowers_the_loss_and_aligns_held_out_studies(synth_shards, tmp_path):
-    """A short seeded demo-cpu run lowers the contrastive loss and pairs unseen studies with
-    their own reports better than chance; the planted-finding zero-shot AUCs are computed and
-    recorded (docs/evaluation.md explains why a run this short does not yet separate findings)."""
+def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synth_shards, tmp_path):
+    """A short seeded demo-cpu run lowers the contrastive loss, pairs unseen studies with their
+    own reports better than chance, and classifies planted findings of unseen studies zero-shot
+    clearly above chance.
+
+    "Clearly": with 7-12 positives among 20-28 studies of a modality, one finding's AUC under
+    chance has a standard deviation of about 0.12, so two findings at 0.8 or more (and a macro
+    AUC of at least 0.6) do not happen by chance. A run this short finds the large findings
+    (mass, effusion); the demo's 400 steps and what limits the rest are in docs/evaluation.md.
+    """
     train_dir, heldout = synth_shards
     config = load_config(
         "demo-cpu",
         [
             f'data=["{train_dir}"]',
             f'out="{tmp_path / "run"}"',
-            f"steps={STEPS}",
+            *RECIPE,
             "progress=false",
             "tensorboard=false",
             f"checkpoint_every={STEPS}",
@@ -112,7 +121,9 @@ def test_demo_training_lowers_the_loss_and_aligns_held_out_studies(synth_shards,
         k.split("/")[1]: v for k, v in metrics.items() if k.startswith("binary/") and k.endswith("/auc/value")
     }
     print(f"held-out zero-shot AUC after {STEPS} steps: macro {metrics['macro/auc/value']:.3f}, {aucs}")
-    assert sorted(aucs) == sorted(FINDINGS) and all(0.0 <= v <= 1.0 for v in aucs.values())
+    assert sorted(aucs) == sorted(FINDINGS)
+    found = sorted(name for name, auc in aucs.items() if auc >= 0.8)
+    assert metrics["macro/auc/value"] >= 0.6 and len(found) >= 2, aucs
 
 
 def test_a_corrupted_member_is_skipped_and_training_goes_on(synth_shards, tmp_path):
