@@ -12,6 +12,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numcodecs import blosc
 from zarr.codecs import BloscCodec
 from zarr.storage import MemoryStore
 
@@ -86,6 +87,18 @@ def _zarr_chunks(voxels: np.ndarray, depth: int) -> dict[str, bytes]:
 )
 def test_slabs_are_the_bytes_zarr_writes(voxels, depth):
     assert encode_slabs("x", voxels, depth) == _zarr_chunks(voxels, depth)
+
+
+@pytest.mark.parametrize("cname", ["lz4", "zstd"])
+def test_slabs_follow_the_codec_the_metadata_declares(monkeypatch, cname):
+    """Chunks must be compressed with the codec zarr.json names, also when the format's
+    settings change after a first write in the same process (a cached codec once ignored it)."""
+    voxels = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
+    encode_slabs("x", voxels, 2)
+    monkeypatch.setattr(fmt, "BLOSC_CNAME", cname)
+    slabs = encode_slabs("x", voxels, 2)
+    assert slabs == _zarr_chunks(voxels, 2)
+    assert {blosc.cbuffer_complib(chunk) for chunk in slabs.values()} == {"LZ4" if cname == "lz4" else "Zstd"}
 
 
 @pytest.mark.parametrize("n_studies", [1, 4])

@@ -153,16 +153,18 @@ def encode_arrays(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> byt
 
 
 @functools.cache
-def _slab_codec() -> Blosc:
-    """The format's Blosc settings, as zarr's ``BloscCodec`` configures numcodecs for int16."""
-    shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+def _blosc(cname: str, clevel: int, shuffle: str) -> Blosc:
+    """Blosc as zarr's ``BloscCodec`` configures numcodecs for int16."""
+    modes = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
     return Blosc(
-        cname=fmt.BLOSC_CNAME,
-        clevel=fmt.BLOSC_CLEVEL,
-        shuffle=shuffle[fmt.BLOSC_SHUFFLE],
-        blocksize=0,
-        typesize=fmt.ARRAY_DTYPE.itemsize,
+        cname=cname, clevel=clevel, shuffle=modes[shuffle], blocksize=0, typesize=fmt.ARRAY_DTYPE.itemsize
     )
+
+
+def _slab_codec() -> Blosc:
+    """The format's Blosc settings as they are now (the same settings zarr writes into the
+    array metadata, so chunks always match what ``zarr.json`` declares)."""
+    return _blosc(fmt.BLOSC_CNAME, fmt.BLOSC_CLEVEL, fmt.BLOSC_SHUFFLE)
 
 
 def encode_slabs(name: str, voxels: np.ndarray, depth: int) -> dict[str, bytes]:
