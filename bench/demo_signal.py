@@ -10,9 +10,14 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
   budget, whatever the text side does?);
 * **report text**: the pretrained MiniLM embedding of each held-out report's findings against
   the finding's prompts (how well the frozen text encoder separates positive from negative
-  reports; zero-shot can only approach this through the image).
+  reports; zero-shot can only approach this through the image);
+* **trained image embeddings** (``--checkpoint``, e.g. the demo's ``run/checkpoints/last.pt``):
+  logistic regression on that model's image embeddings, fit on the training studies and scored
+  on the held-out ones: what any prompts and text tower could get out of its image side, to
+  set beside its zero-shot AUC.
 
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
+                                [--checkpoint CKPT]
 
 The shards come from `hlip-ingest run` on `hlip-ingest synth` archives (see scripts/demo.sh).
 On a GPU machine the supervised part runs there (``--device cuda``).
@@ -29,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from hlip.evaluate.embed import embed_dataset, load_model
 from hlip.evaluate.labels import binary_targets
 from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
@@ -60,6 +66,17 @@ def aucs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return out
 
 
+def probe_aucs(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, y_held: np.ndarray) -> dict:
+    """Per finding, a standardised logistic regression fit on the training studies that have
+    the label, scored on the held-out ones."""
+    scores = np.zeros(y_held.shape)
+    for j in range(len(LABELS)):
+        known = ~np.isnan(y_train[:, j])
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        scores[:, j] = model.fit(x_train[known], y_train[known, j]).decision_function(x_held)
+    return aucs(y_held, scores)
+
+
 def histogram_bound(train, heldout, transform) -> dict[str, float]:
     def features(studies):
         rows = []
@@ -69,13 +86,17 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
             rows.append(np.concatenate(hists + [hists[-1]] * (3 - len(hists))))
         return np.array(rows)
 
-    x_train, x_held, y_train, y_held = features(train), features(heldout), targets(train), targets(heldout)
-    scores = np.zeros(y_held.shape)
-    for j in range(len(LABELS)):
-        known = ~np.isnan(y_train[:, j])
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        scores[:, j] = model.fit(x_train[known], y_train[known, j]).decision_function(x_held)
-    return aucs(y_held, scores)
+    return probe_aucs(features(train), targets(train), features(heldout), targets(heldout))
+
+
+def trained_image_bound(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, float]:
+    loaded = load_model(checkpoint)
+    train, heldout = embed_dataset(loaded, train_path), embed_dataset(loaded, heldout_path)
+
+    def label_targets(embeddings):
+        return np.stack([binary_targets(embeddings.labels, label) for label in LABELS], axis=1)
+
+    return probe_aucs(train.image, label_targets(train), heldout.image, label_targets(heldout))
 
 
 def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tuple[int, dict]]:
@@ -150,9 +171,10 @@ def main() -> None:
     )
     parser.add_argument("train")
     parser.add_argument("heldout")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="supervised steps (0: skip that bound)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], help="demo-cpu config override, key=value")
+    parser.add_argument("--checkpoint", help="a trained model whose image embeddings to probe")
     args = parser.parse_args()
     config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
     train, heldout = load_studies(args.train), load_studies(args.heldout)
@@ -163,7 +185,11 @@ def main() -> None:
         + row(histogram_bound(train, heldout, StudyTransform(config, False)))
     )
     print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout)))
-    supervised_bound(train, heldout, config, args.steps, args.device)
+    if args.checkpoint:
+        bound = trained_image_bound(args.checkpoint, args.train, args.heldout)
+        print("  trained image embeddings + LR:   " + row(bound))
+    if args.steps:
+        supervised_bound(train, heldout, config, args.steps, args.device)
 
 
 if __name__ == "__main__":
