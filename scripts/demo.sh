@@ -32,6 +32,11 @@ SPACING=(--spacing CT=5,4,4 --spacing MR=5,2.6,2.6)
 # voxels of one 16x16-voxel patch, below what the tiny CPU model learns in minutes
 # (measured with bench/demo_signal.py; docs/evaluation.md, "What limits the demo's AUC").
 LESIONS=(--lesion-scale 2)
+# A fixed pseudonym key, so that a run repeats the last one's numbers: study keys order the
+# shards and hence the studies the training stream sees, and a random key per ingest (the
+# default, right for real archives) makes every demo a different short training run. The
+# archives are synthetic; a real ingest keeps its key secret (docs/ingest.md).
+DEMO_SECRET=hlip-demo
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -57,7 +62,7 @@ for name in train heldout; do
         echo "shards-$name exists, skipped"
     else
         "$BIN/hlip-ingest" run "$OUT/archive-$name" --reports "$OUT/archive-$name/reports.csv" \
-            --out "$OUT/shards-$name" "${SPACING[@]}" --workers 2
+            --out "$OUT/shards-$name" "${SPACING[@]}" --workers 2 --secret "$DEMO_SECRET"
     fi
 done
 

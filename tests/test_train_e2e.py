@@ -29,6 +29,10 @@ SPACING = ["--spacing", "CT=10,8,8", "--spacing", "MR=10,5.2,5.2"]
 # (bench/demo_signal.py; docs/evaluation.md, "What limits the demo").
 LESIONS = ["--lesion-scale", "2"]
 TRAIN_STUDIES, HELDOUT_STUDIES = 64, 48
+DEID_SECRET = "e2e-a"
+"""A fixed pseudonym key: study keys order the shards, hence the studies the training stream
+sees, so a random key per ingest (the default) made every run of this test a different short
+training run (docs/evaluation.md gives the spread over six keys)."""
 STEPS = 150
 RECIPE = ["img_size=[16, 48, 48]", f"steps={STEPS}"]
 """The demo-cpu recipe on 16x48x48 crops (18 tokens per scan instead of 144): about two
@@ -73,21 +77,22 @@ def synth_shards(tmp_path_factory, request):
                     *SPACING,
                     "--workers",
                     "0",
+                    "--secret",
+                    DEID_SECRET,
                 )
     return root / "shards-train", root / "shards-heldout"
 
 
 def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synth_shards, tmp_path):
     """A short seeded demo-cpu run lowers the contrastive loss, pairs unseen studies with their
-    own reports better than chance, and classifies a planted finding of unseen studies zero-shot
-    clearly above chance.
+    own reports better than chance, and classifies planted findings of unseen studies zero-shot
+    above chance: its best finding clearly, the six on average.
 
     "Clearly": with 6-12 positives among 16-28 studies of a modality, one finding's AUC under
     chance has a standard deviation of about 0.12, so the best of six reaching 0.9 has a chance
-    probability of a few in a thousand. A run this short finds the large findings; which of the
-    others score above or below 0.5 still flips between runs that differ only in floating-point
-    summation order (the prompts' direction is not settled yet), so only the best is asserted and
-    all are printed. docs/evaluation.md has the measurements and the demo's 400-step figures.
+    probability of a few in a thousand. A run this short finds the large findings; whether the
+    others score above or below 0.5 still depends on the order it saw the studies in (measured
+    over six pseudonym keys in docs/evaluation.md: best 0.82-1.00, macro 0.57-0.69).
     """
     train_dir, heldout = synth_shards
     config = load_config(
@@ -124,7 +129,7 @@ def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synt
     }
     print(f"held-out zero-shot AUC after {STEPS} steps: macro {metrics['macro/auc/value']:.3f}, {aucs}")
     assert sorted(aucs) == sorted(FINDINGS)
-    assert max(aucs.values()) >= 0.9, aucs
+    assert max(aucs.values()) >= 0.9 and metrics["macro/auc/value"] > 0.55, aucs
 
 
 def test_a_corrupted_member_is_skipped_and_training_goes_on(synth_shards, tmp_path):
