@@ -52,10 +52,14 @@ def load_studies(path: str) -> list:
     return [dataset[key] for key in keys]
 
 
-def targets(studies) -> np.ndarray:
-    """[N, labels] of 0/1, NaN where a study has no such label (the other modality)."""
-    labels = [study.labels for study in studies]
+def label_matrix(labels: list[dict]) -> np.ndarray:
+    """[N, findings] of 0/1 from per-study label dicts, NaN where a study has no such label
+    (the other modality)."""
     return np.stack([binary_targets(labels, label) for label in LABELS], axis=1)
+
+
+def targets(studies) -> np.ndarray:
+    return label_matrix([study.labels for study in studies])
 
 
 def aucs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -92,11 +96,7 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
 def trained_image_bound(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, float]:
     loaded = load_model(checkpoint)
     train, heldout = embed_dataset(loaded, train_path), embed_dataset(loaded, heldout_path)
-
-    def label_targets(embeddings):
-        return np.stack([binary_targets(embeddings.labels, label) for label in LABELS], axis=1)
-
-    return probe_aucs(train.image, label_targets(train), heldout.image, label_targets(heldout))
+    return probe_aucs(train.image, label_matrix(train.labels), heldout.image, label_matrix(heldout.labels))
 
 
 def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tuple[int, dict]]:

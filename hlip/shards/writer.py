@@ -336,9 +336,10 @@ def _pack_sample(file: Any, offset: int, path: Path, shard: str) -> tuple[Packed
     and size) are exactly the bytes the sample occupies in a shard: they are copied in one
     write, without re-encoding the headers or copying the data block by block."""
     key = path.name[: -len(STAGED_SUFFIX)]
-    raw = memoryview(path.read_bytes())
+    data = path.read_bytes()
+    raw = memoryview(data)
     members, located, end = {}, {}, 0
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:  # shares ``data``: headers only
         for info in tar:
             _, _, ext = info.name.partition(".")
             members[ext] = raw[info.offset_data : info.offset_data + info.size]
