@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from hlip.shards import format as fmt
-from hlip.shards.format import Scan, Study
-from hlip.shards.reader import ShardDataset
+from hlip.shards.format import Scan, ShardFormatError, Study
+from hlip.shards.reader import ShardDataset, open_arrays, read_slices
 from hlip.shards.stream import stream_studies
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import DatasetWriter, encode_study, plan_shards, write_dataset
+from hlip.shards.writer import DatasetWriter, encode_arrays, encode_study, plan_shards, write_dataset
 
 json_values = st.recursive(
     st.none()
@@ -198,6 +198,47 @@ def test_slice_read_touches_only_overlapping_slabs(deep_study, bounds):
     )
     chunk_reads = {key for key in store.key_reads if "/c/" in key}
     assert chunk_reads == {f"scan0/c/{slab}/0/0" for slab in range(start // 8, (stop - 1) // 8 + 1)}
+
+
+@st.composite
+def slab_volumes(draw) -> tuple[np.ndarray, int]:
+    """A volume with some all-zero slabs (which the writer leaves out) and a slab depth."""
+    depth = draw(st.integers(1, 6))
+    volume = draw(hnp.arrays(np.int16, st.tuples(st.integers(1, 20), st.integers(1, 6), st.integers(1, 6))))
+    for slab in draw(st.sets(st.integers(0, volume.shape[0] // depth))):
+        volume[slab * depth : (slab + 1) * depth] = 0
+    return volume, depth
+
+
+def slab_array(volume: np.ndarray, depth: int):
+    study = synthetic_study("slabs", n_scans=1, shape=volume.shape)
+    study.scans[0].array = volume
+    return open_arrays(encode_arrays(study, slab_depth=depth), "slabs")["scan0"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(written=slab_volumes(), data=st.data())
+def test_read_slices_decodes_the_same_voxels_as_zarr(written, data):
+    volume, depth = written
+    array = slab_array(volume, depth)
+    start = data.draw(st.integers(-2, volume.shape[0] + 2))
+    stop = data.draw(st.integers(-2, volume.shape[0] + 2))
+    read = read_slices(array, start, stop)
+    assert read.dtype == np.int16
+    assert np.array_equal(read, array[slice(start, stop)])
+    assert np.array_equal(read, volume[slice(start, stop)])
+    assert np.array_equal(read_slices(volume, start, stop), volume[slice(start, stop)])
+
+
+def test_read_slices_names_a_damaged_chunk():
+    volume = np.arange(16 * 4 * 4, dtype=np.int16).reshape(16, 4, 4)
+    array = slab_array(volume, 8)
+    store = array.store_path.store
+    frame = store._zip.read("scan0/c/1/0/0")
+    for damaged in (frame[:10], frame[:16] + bytes(len(frame) - 16)):
+        store._read = lambda key, byte_range, bad=damaged: bad if key.endswith("/c/1/0/0") else frame
+        with pytest.raises(ShardFormatError, match="chunk scan0/c/1/0/0"):
+            read_slices(array, 0, 16)
 
 
 def test_manifest_lists_members_and_filters(tmp_path):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hlip.model.packing import pack_studies
 from hlip.shards.format import Scan, Study
+from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,12 @@ def crop_axes(
 def read_crop(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
     """The crop's stored int16 voxels.
 
-    The lazy zarr array is indexed with the window before anything is converted, so only the
-    slabs of slices the window overlaps are decompressed.
+    Only the slabs of slices the window overlaps are decompressed (:func:`read_slices`), before
+    anything is converted.
     """
-    return np.asarray(scan.array[tuple(slice(a.start, a.stop) for a in axes)])
+    depth, *plane = axes
+    slices = read_slices(scan.array, depth.start, depth.stop)
+    return slices[(slice(None), *(slice(a.start, a.stop) for a in plane))]
 
 
 @dataclass(frozen=True)
