@@ -16,7 +16,7 @@ from test_model_reference import model_levels, naive_features, tiny_model
 
 from hlip.model import attention, create_vision, pack_studies
 from hlip.model.attention import Segments, resolve_backend
-from hlip.model.packing import SCAN, SLICE, STUDY, RowGather, TokenLayout
+from hlip.model.packing import SCAN, SLICE, STUDY, PatchBuffers, RowGather, TokenLayout
 
 PATCH = (4, 8, 8)
 
@@ -251,6 +251,58 @@ def test_pack_studies_in_a_worker_allocates_shared_memory():
     here = pack_studies(studies, PATCH).patches
     assert not here.is_shared()
     assert torch.equal(patches, here)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``i`` is one study of scans seeded by ``i``: each batch's values are known."""
+
+    shapes = [[(8, 16, 24), (5, 9, 17)]]
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> list[list[torch.Tensor]]:
+        return make_studies(self.shapes, seed=index)
+
+
+class _PackInto:
+    def __init__(self, buffers: PatchBuffers) -> None:
+        self.buffers = buffers
+
+    def __call__(self, items):
+        return pack_studies(items[0], PATCH, self.buffers)
+
+
+def _pooled_loader(slots: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _Batches(), num_workers=1, prefetch_factor=2, collate_fn=_PackInto(PatchBuffers(1, slots))
+    )
+
+
+def test_pooled_buffers_are_reused_once_the_main_process_lets_go():
+    slots, values = [], []
+    for index, packed in enumerate(_pooled_loader(slots=4)):
+        assert packed.patches.is_shared()
+        slots.append(packed.lease.slot if packed.lease else None)
+        values.append(
+            torch.equal(packed.patches, pack_studies(make_studies(_Batches.shapes, index), PATCH).patches)
+        )
+        del packed  # what a training step does with its batch once it is on the device
+    assert all(values)
+    assert None not in slots  # every batch found a free slot: none needed fresh memory
+    assert len(set(slots)) < len(slots)
+
+
+def test_pooled_buffers_never_overwrite_a_batch_still_held():
+    held = list(_pooled_loader(slots=3))  # every batch kept: slots run out, later batches get fresh memory
+    assert sum(packed.lease is not None for packed in held) == 3
+    for index, packed in enumerate(held):
+        assert torch.equal(packed.patches, pack_studies(make_studies(_Batches.shapes, index), PATCH).patches)
+
+
+def test_pooled_buffers_outside_a_worker_are_plain_memory():
+    packed = pack_studies(make_studies(_Batches.shapes, 0), PATCH, PatchBuffers(1, 2))
+    assert packed.lease is None and not packed.patches.is_shared()
 
 
 def test_backend_selection_on_cpu():

@@ -224,7 +224,7 @@ def embed_dataset(
     """
     from hlip.shards.format import ShardFormatError
     from hlip.shards.reader import ShardDataset
-    from hlip.train.data import Collate
+    from hlip.train.data import worker_collate
 
     try:
         dataset = ShardDataset(data)
@@ -240,7 +240,7 @@ def embed_dataset(
         _EvalStudies(data, loaded.config, keys),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=Collate(loaded.tokenizer, loaded.model.visual.trunk.patch_size),
+        collate_fn=worker_collate(loaded.tokenizer, loaded.model.visual.trunk.patch_size, num_workers, 2),
     )
     out: dict[str, list] = {"keys": [], "image": [], "report": [], "labels": []}
     for batch in _encode(loaded.model, loader):

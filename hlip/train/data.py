@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hlip.model.packing import pack_studies
+from hlip.model.packing import PatchBuffers, pack_studies
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
@@ -306,12 +306,14 @@ class Collate:
     """Samples -> :class:`Batch`: tokenize the texts and pack the scans (no padding).
 
     ``patch_size`` is the encoder's (``model.visual.trunk.patch_size``): packing cuts the
-    scans into patches once, here, in the DataLoader worker.
+    scans into patches once, here, in the DataLoader worker, into ``buffers`` if given
+    (:func:`worker_collate`).
     """
 
-    def __init__(self, tokenizer: Any, patch_size: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Any, patch_size: Sequence[int], buffers: PatchBuffers | None = None) -> None:
         self.tokenizer = tokenizer
         self.patch_size = tuple(patch_size)
+        self.buffers = buffers
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
         skipped: dict[int, int] = {}
@@ -319,7 +321,7 @@ class Collate:
             for reader, n in sample.get("skipped", {}).items():
                 skipped[reader] = max(skipped.get(reader, 0), n)
         return Batch(
-            packed=pack_studies([sample["scans"] for sample in samples], self.patch_size),
+            packed=pack_studies([sample["scans"] for sample in samples], self.patch_size, self.buffers),
             tokens=self.tokenizer([sample["text"] for sample in samples]),
             keys=[sample["key"] for sample in samples],
             texts=[sample["text"] for sample in samples],
@@ -332,6 +334,14 @@ class Collate:
 def collate(samples: Sequence[dict[str, Any]], tokenizer: Any, patch_size: Sequence[int]) -> Batch:
     """Functional form of :class:`Collate`."""
     return Collate(tokenizer, patch_size)(samples)
+
+
+def worker_collate(tokenizer: Any, patch_size: Sequence[int], workers: int, prefetch_factor: int) -> Collate:
+    """The collate of a DataLoader with ``workers`` processes: with workers, batches are packed
+    into reused shared-memory buffers, one per batch that can be in flight (prefetched, in use,
+    being pinned)."""
+    buffers = PatchBuffers(workers, prefetch_factor + 2) if workers > 0 else None
+    return Collate(tokenizer, patch_size, buffers)
 
 
 # --- filtering -----------------------------------------------------------------------------------
@@ -575,7 +585,7 @@ def build_train_loader(
         TrainStream(config, rank, world_size, state),
         batch_size=config.micro_batch_size(world_size),
         num_workers=workers,
-        collate_fn=Collate(tokenizer, patch_size),
+        collate_fn=worker_collate(tokenizer, patch_size, workers, config.prefetch_factor),
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=config.prefetch_factor if workers > 0 else None,
