@@ -85,7 +85,7 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
     def features(studies):
         rows = []
         for study in studies:
-            scans = transform(study)["scans"][:3]
+            scans = [crop.tensor() for crop in transform(study)["scans"][:3]]
             hists = [np.histogram(t.numpy(), bins=48, range=(-2.2, 2.5))[0] / t.numel() for t in scans]
             rows.append(np.concatenate(hists + [hists[-1]] * (3 - len(hists))))
         return np.array(rows)

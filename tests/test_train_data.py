@@ -14,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from train_support import corrupt_chunks, corrupt_json, fake_study, tiny_config, write_fake_dataset
 
+from hlip.model.packing import pack_studies
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import ShardDataset
 from hlip.train.data import (
     AxisCrop,
+    Crop,
     DataState,
     StudyFilter,
     StudyTransform,
@@ -45,6 +47,11 @@ def dataset(tmp_path_factory):
 @pytest.fixture
 def config(dataset, tmp_path):
     return tiny_config(dataset, tmp_path / "run")
+
+
+def tensors(sample: dict) -> list[torch.Tensor]:
+    """A transformed sample's scans, rendered (crops render when packed, else on demand)."""
+    return [scan if isinstance(scan, torch.Tensor) else scan.tensor() for scan in sample["scans"]]
 
 
 def all_studies(dataset) -> list[Study]:
@@ -95,6 +102,29 @@ def test_render_is_the_float32_formula_exactly(shape, pads, scale, offset, seed)
     assert out.dtype == np.float32 and np.array_equal(out.view(np.int32), want.view(np.int32))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 13), min_size=3, max_size=3),
+    size=st.lists(st.integers(3, 13), min_size=3, max_size=3),
+    scale=st.floats(-0.01, 0.01),
+    offset=st.floats(-2, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_crops_render_into_packed_patches_as_their_tensors_pack(shape, size, scale, offset, seed):
+    """Rendering straight into patch order (a view of the region, no float32 crop) packs the
+    same bits as rendering the crop and packing the tensor, padded or not, with voxels past
+    the last whole patch dropped."""
+    rng = np.random.default_rng(seed)
+    volume = rng.integers(-2000, 2000, [n + 3 for n in shape]).astype(np.int16)
+    axes = tuple(crop_axes(volume.shape, size, rng))
+    region = volume[tuple(slice(a.start, a.stop) for a in axes)]  # a strided view, as read_crop gives
+    crops = [Crop(region, UnitMap(scale, offset), axes, MEAN, STD) for _ in range(2)]
+    patch = (2, 2, 3)
+    direct = pack_studies([crops[:1], crops[1:]], patch).patches
+    via_tensors = pack_studies([[crops[0].tensor()], [crops[1].tensor()]], patch).patches
+    assert np.array_equal(direct.numpy().view(np.int32), via_tensors.numpy().view(np.int32))
+
+
 def ct_scan(values: np.ndarray, name: str = "ct") -> Scan:
     return Scan(
         name=name, array=values.astype(np.int16), spacing=(1.0, 1.0, 1.0), affine=np.eye(4), modality="CT"
@@ -106,7 +136,7 @@ def test_ct_window_padding_and_standardisation(config):
     volume = np.full((2, 6, 8), -1150)
     volume[:, :, 4:] = 350  # right half at the top of the window
     study = Study(key="k", modality="CT", scans=[ct_scan(volume)], report="Text.")
-    (scan,) = StudyTransform(config, train=False)(study)["scans"]
+    (scan,) = tensors(StudyTransform(config, train=False)(study))
     assert scan.shape == (4, 6, 6) and scan.dtype == torch.float32
     low, high = (0 - MEAN) / STD, (1 - MEAN) / STD
     # depth 2 -> padded by one slice on each side with 0 before standardisation
@@ -128,14 +158,14 @@ def test_several_windows_become_scans_or_their_mean(config):
     )
     windows = [[-1000.0, 1000.0], [0.0, 80.0]]
     as_scans = StudyTransform(dataclasses.replace(config, ct_windows=windows, max_scans=4), train=True)(study)
-    assert len(as_scans["scans"]) == 4  # two source scans x two windows fit max_scans = 4
-    levels = sorted({round(float(s.mean()) * STD + MEAN, 3) for s in as_scans["scans"]})
+    assert len(tensors(as_scans)) == 4  # two source scans x two windows fit max_scans = 4
+    levels = sorted({round(float(s.mean()) * STD + MEAN, 3) for s in tensors(as_scans)})
     assert levels == [0.5, 0.52]
     mean = StudyTransform(
         dataclasses.replace(config, ct_windows=windows, ct_window_mode="mean"), train=False
     )(study)
-    assert len(mean["scans"]) == 3
-    assert float(mean["scans"][0].mean()) * STD + MEAN == pytest.approx(0.51, abs=1e-4)
+    assert len(tensors(mean)) == 3
+    assert float(tensors(mean)[0].mean()) * STD + MEAN == pytest.approx(0.51, abs=1e-4)
 
 
 def test_non_hu_scans_use_percentiles(config):
@@ -145,7 +175,7 @@ def test_non_hu_scans_use_percentiles(config):
     )
     flat = dataclasses.replace(ct_scan(np.full((8, 16, 16), 7)), intensity_unit="", modality="MR")
     study = Study(key="k", modality="MR", scans=[mr, flat], report="Text.")
-    varied, constant = StudyTransform(config, train=False)(study)["scans"]
+    varied, constant = tensors(StudyTransform(config, train=False)(study))
     unit = varied * STD + MEAN
     assert float(unit.min()) == pytest.approx(0.0, abs=1e-5) and float(unit.max()) == pytest.approx(
         1.0, abs=1e-5
@@ -172,14 +202,14 @@ def test_training_samples_are_a_function_of_seed_epoch_and_key(config):
     study = fake_study(3, shape=(20, 30, 30), max_scans=3)
     train = StudyTransform(dataclasses.replace(config, text_mode="sentence"), train=True)
     first, again, other_epoch = train(study, epoch=0), train(study, epoch=0), train(study, epoch=1)
-    assert all(torch.equal(a, b) for a, b in zip(first["scans"], again["scans"], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(first), tensors(again), strict=True))
     assert first["text"] == again["text"]
-    different = [not torch.equal(a, b) for a, b in zip(first["scans"], other_epoch["scans"], strict=False)]
-    assert any(different) or len(first["scans"]) != len(other_epoch["scans"])
+    different = [not torch.equal(a, b) for a, b in zip(tensors(first), tensors(other_epoch), strict=False)]
+    assert any(different) or len(tensors(first)) != len(tensors(other_epoch))
     evaluation = StudyTransform(config, train=False)
     assert all(
         torch.equal(a, b)
-        for a, b in zip(evaluation(study)["scans"], evaluation(study, 5)["scans"], strict=True)
+        for a, b in zip(tensors(evaluation(study)), tensors(evaluation(study, 5)), strict=True)
     )
 
 
@@ -187,7 +217,7 @@ def test_scan_sampling_random_subset_in_training_first_ones_in_evaluation(config
     scans = [ct_scan(np.full((8, 16, 16), 100 * i), f"s{i}") for i in range(6)]
     study = Study(key="k", modality="CT", scans=scans, report="Text.")
     limited = dataclasses.replace(config, max_scans=3, ct_windows=[[-1000.0, 1000.0]])
-    levels = lambda sample: [round(float(s.mean()) * STD + MEAN, 2) for s in sample["scans"]]  # noqa: E731
+    levels = lambda sample: [round(float(s.mean()) * STD + MEAN, 2) for s in tensors(sample)]  # noqa: E731
     assert levels(StudyTransform(limited, train=False)(study)) == [0.5, 0.55, 0.6]
     seen = [tuple(levels(StudyTransform(limited, train=True)(study, epoch=e))) for e in range(8)]
     assert all(len(set(s)) == 3 for s in seen) and len(set(seen)) > 1

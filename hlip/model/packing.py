@@ -449,13 +449,15 @@ def pack_studies(
 
     ``patch_size`` must be the encoder's (``model.patch_size``); the encoder checks it. Voxels are
     copied once, straight into patch order, as float32, into a buffer of ``buffers`` if given.
+    A scan is a tensor, or an object with a ``shape`` that renders itself into its
+    [d, h, w, pd, ph, pw] patches with ``write_patches(target)`` (the training transform's crops).
     """
     patch_size = tuple(int(p) for p in patch_size)
     if not studies or any(len(study) == 0 for study in studies):
         raise ValueError("every study needs at least one scan")
     scans = [scan for study in studies for scan in study]
     for scan in scans:
-        if scan.ndim != 3:
+        if len(scan.shape) != 3:
             raise ValueError(f"scans must be [D, H, W], got shape {tuple(scan.shape)}")
     grids = [grid_of(scan.shape, patch_size) for scan in scans]
     sizes = [math.prod(g) for g in grids]
@@ -466,6 +468,9 @@ def pack_studies(
     start = 0
     for scan, grid, size in zip(scans, grids, sizes, strict=True):
         target = patches[start : start + size].view(*grid, *patch_size)
-        target.copy_(patch_view(scan, grid, patch_size))
+        if isinstance(scan, Tensor):
+            target.copy_(patch_view(scan, grid, patch_size))
+        else:
+            scan.write_patches(target)
         start += size
     return PackedStudies.from_patches(patches, grids, [len(s) for s in studies], patch_size, lease)
