@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from pydicom.uid import ExplicitVRLittleEndian
 
 from hlip.ingest.config import IngestConfig, default_target_spacing
@@ -70,6 +70,7 @@ class Timing:
     startup: float = 0.0
     rss_mb: float = 0.0
     client_cpu: float = 0.0
+    concurrency: tuple[float, ...] = ()
 
 
 ARCHIVES = {
@@ -164,12 +165,39 @@ def time_ingest(folder: Path, reports: Path | None, workers: int, spacing: str =
         ):
             client.run(importlib.import_module, "hlip.ingest.pipeline")
             (own, workers_cpu), started = _cluster_cpu(client), time.perf_counter()
-            run_ingest([folder], Path(out) / "ds", config, client=client)
+            with get_task_stream(client) as stream:
+                began = time.time()
+                run_ingest([folder], Path(out) / "ds", config, client=client)
+                ended = time.time()
             wall = time.perf_counter() - started
             own_after, workers_after = _cluster_cpu(client)
             rss = max(client.run(_peak_rss_mb).values())
     client_cpu = own_after - own
-    return Timing(wall, client_cpu + workers_after - workers_cpu, started - start, rss, client_cpu)
+    concurrency = concurrency_shares(stream.data, began, ended, workers)
+    return Timing(
+        wall, client_cpu + workers_after - workers_cpu, started - start, rss, client_cpu, concurrency
+    )
+
+
+def concurrency_shares(stream: list[dict], start: float, stop: float, workers: int) -> tuple[float, ...]:
+    """Shares of the wall time from ``start`` to ``stop`` during which 0, 1, ... ``workers``
+    tasks were computing (from Dask's task stream). Time with fewer tasks than workers is
+    where the run is serial: the client listing or planning, or one last long task."""
+    events = sorted(
+        (interval[edge], 1 if edge == "start" else -1)
+        for task in stream
+        for interval in task["startstops"]
+        if interval["action"] == "compute"
+        for edge in ("start", "stop")
+    )
+    shares = [0.0] * (workers + 1)
+    active, previous = 0, start
+    for moment, change in events:
+        moment = min(max(moment, start), stop)
+        shares[min(active, workers)] += moment - previous
+        active, previous = active + change, moment
+    shares[min(active, workers)] += stop - previous
+    return tuple(share / (stop - start) for share in shares)
 
 
 def _spin(seconds: float, queue) -> None:
@@ -240,6 +268,10 @@ def time_spacing(
         print(
             f"{'':24s} of which client CPU {run.client_cpu:.2f} s (listing, plan, scheduler); "
             f"cluster start {run.startup:.1f} s; peak RSS per worker {run.rss_mb:.0f} MB"
+        )
+        shares = " / ".join(f"{share:.0%}" for share in run.concurrency)
+        print(
+            f"{'':24s} tasks computing on {'/'.join(map(str, range(workers + 1)))} workers: {shares} of the wall time"
         )
     if len(counts) > 1:
         first, last = runs[counts[0]], runs[counts[-1]]
