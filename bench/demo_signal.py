@@ -14,7 +14,8 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
 * **trained image embeddings** (``--checkpoint``, e.g. the demo's ``run/checkpoints/last.pt``):
   logistic regression on that model's image embeddings, fit on the training studies and scored
   on the held-out ones: what any prompts and text tower could get out of its image side, to
-  set beside its zero-shot AUC.
+  set beside its zero-shot AUC; and the same on its report embeddings (does the tuned text
+  tower still hold each finding at all?).
 
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
                                 [--checkpoint CKPT]
@@ -93,10 +94,22 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
     return probe_aucs(features(train), targets(train), features(heldout), targets(heldout))
 
 
-def trained_image_bound(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, float]:
+def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, dict[str, float]]:
+    """Logistic regression on the trained model's image embeddings, and on its report
+    embeddings (studies with a report), fit on the training studies, scored on the held-out."""
     loaded = load_model(checkpoint)
     train, heldout = embed_dataset(loaded, train_path), embed_dataset(loaded, heldout_path)
-    return probe_aucs(train.image, label_matrix(train.labels), heldout.image, label_matrix(heldout.labels))
+    bounds = {}
+    for side in ("image", "report"):
+        fit = train.has_report if side == "report" else np.ones(len(train), bool)
+        held = heldout.has_report if side == "report" else np.ones(len(heldout), bool)
+        bounds[side] = probe_aucs(
+            getattr(train, side)[fit],
+            label_matrix([train.labels[i] for i in np.flatnonzero(fit)]),
+            getattr(heldout, side)[held],
+            label_matrix([heldout.labels[i] for i in np.flatnonzero(held)]),
+        )
+    return bounds
 
 
 def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tuple[int, dict]]:
@@ -186,8 +199,9 @@ def main() -> None:
     )
     print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout)))
     if args.checkpoint:
-        bound = trained_image_bound(args.checkpoint, args.train, args.heldout)
-        print("  trained image embeddings + LR:   " + row(bound))
+        bounds = trained_bounds(args.checkpoint, args.train, args.heldout)
+        print("  trained image embeddings + LR:   " + row(bounds["image"]))
+        print("  trained report embeddings + LR:  " + row(bounds["report"]))
     if args.steps:
         supervised_bound(train, heldout, config, args.steps, args.device)
 
