@@ -105,9 +105,9 @@ def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[
         held = heldout.has_report if side == "report" else np.ones(len(heldout), bool)
         bounds[side] = probe_aucs(
             getattr(train, side)[fit],
-            label_matrix([train.labels[i] for i in np.flatnonzero(fit)]),
+            label_matrix(train.labels)[fit],
             getattr(heldout, side)[held],
-            label_matrix([heldout.labels[i] for i in np.flatnonzero(held)]),
+            label_matrix(heldout.labels)[held],
         )
     return bounds
 
