@@ -14,8 +14,10 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
 * **trained image embeddings** (``--checkpoint``, e.g. the demo's ``run/checkpoints/last.pt``):
   logistic regression on that model's image embeddings, fit on the training studies and scored
   on the held-out ones: what any prompts and text tower could get out of its image side, to
-  set beside its zero-shot AUC; and the same on its report embeddings (does the tuned text
-  tower still hold each finding at all?).
+  set beside its zero-shot AUC; the same on its report embeddings (does the tuned text
+  tower still hold each finding at all?); and its held-out report embeddings scored along the
+  prompts' directions and along the training reports' directions (positive minus negative
+  mean), without a fit (do the prompts point where the tuned reports put the finding?).
 
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
                                 [--checkpoint CKPT]
@@ -35,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from hlip.evaluate.embed import embed_dataset, load_model
+from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
@@ -96,20 +98,50 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
 
 def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, dict[str, float]]:
     """Logistic regression on the trained model's image embeddings, and on its report
-    embeddings (studies with a report), fit on the training studies, scored on the held-out."""
+    embeddings (studies with a report), fit on the training studies, scored on the held-out;
+    and the held-out report embeddings scored without a fit, along the prompt directions
+    (what zero-shot asks of them) and along the training reports' finding directions."""
     loaded = load_model(checkpoint)
     train, heldout = embed_dataset(loaded, train_path), embed_dataset(loaded, heldout_path)
+    y_train, y_held = label_matrix(train.labels), label_matrix(heldout.labels)
     bounds = {}
     for side in ("image", "report"):
         fit = train.has_report if side == "report" else np.ones(len(train), bool)
         held = heldout.has_report if side == "report" else np.ones(len(heldout), bool)
         bounds[side] = probe_aucs(
-            getattr(train, side)[fit],
-            label_matrix(train.labels)[fit],
-            getattr(heldout, side)[held],
-            label_matrix(heldout.labels)[held],
+            getattr(train, side)[fit], y_train[fit], getattr(heldout, side)[held], y_held[held]
         )
+    reports, y_reports = unit(heldout.report[heldout.has_report]), y_held[heldout.has_report]
+    bounds["report_prompts"] = aucs(y_reports, reports @ prompt_directions(text_encoder(loaded)))
+    directions = report_directions(train.report[train.has_report], y_train[train.has_report])
+    bounds["report_directions"] = aucs(y_reports, reports @ directions)
     return bounds
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def prompt_directions(embed) -> np.ndarray:
+    """[E, findings]: per finding, the mean embedding of its positive prompts minus that of its
+    negative ones (the direction zero-shot scores along)."""
+    return np.stack(
+        [
+            unit(embed(list(FINDINGS[label].positive_prompts))).mean(0)
+            - unit(embed(list(FINDINGS[label].negative_prompts))).mean(0)
+            for label in LABELS
+        ],
+        axis=1,
+    )
+
+
+def report_directions(reports: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[E, findings]: per finding, the mean unit embedding of the reports stating it minus that
+    of the reports negating it."""
+    reports = unit(reports)
+    return np.stack(
+        [reports[y[:, j] == 1].mean(0) - reports[y[:, j] == 0].mean(0) for j in range(len(LABELS))], axis=1
+    )
 
 
 def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tuple[int, dict]]:
@@ -159,16 +191,7 @@ def report_text_bound(heldout) -> dict[str, float]:
 
     with_report = [s for s in heldout if s.report.strip()]
     reports = embed([select_sections(s.report, ["findings"]) or s.report for s in with_report])
-    scores = np.stack(
-        [
-            reports @ (embed(list(pos)).mean(0) - embed(list(neg)).mean(0))
-            for pos, neg in (
-                (FINDINGS[label].positive_prompts, FINDINGS[label].negative_prompts) for label in LABELS
-            )
-        ],
-        axis=1,
-    )
-    return aucs(targets(with_report), scores)
+    return aucs(targets(with_report), reports @ prompt_directions(embed))
 
 
 def row(values: dict[str, float]) -> str:
@@ -202,6 +225,8 @@ def main() -> None:
         bounds = trained_bounds(args.checkpoint, args.train, args.heldout)
         print("  trained image embeddings + LR:   " + row(bounds["image"]))
         print("  trained report embeddings + LR:  " + row(bounds["report"]))
+        print("  trained reports vs prompts:      " + row(bounds["report_prompts"]))
+        print("  trained reports vs report dirs:  " + row(bounds["report_directions"]))
     if args.steps:
         supervised_bound(train, heldout, config, args.steps, args.device)
 

@@ -102,9 +102,10 @@ def test_overrides_reach_the_model():
         precision="bf16",
         grad_checkpointing=True,
         embed_dim=64,
-        text={"context_length": 32},
+        text={"context_length": 32, "sentence_mean": True},
         vision={"name": "vit_nano_multiscan_h3"},
     )
+    assert tokenizer.sentence_mean and model.model_config["text"]["sentence_mean"]
     assert model.logit_bias is not None and model.autocast_dtype == torch.bfloat16
     assert model.visual.trunk.grad_checkpointing and model.text.transformer.is_activation_checkpointing
     assert model.embed_dim == 64 and tokenizer.context_length == 32 and model.visual.trunk.embed_dim == 48
@@ -128,4 +129,23 @@ def test_stored_config_rebuilds_the_same_model(demo):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }
-    assert tokenizer.context_length == 128
+    assert tokenizer.context_length == 128 and not tokenizer.sentence_mean
+
+
+def test_config_stored_before_sentence_mean_reads_whole_reports(demo):
+    stored = json.loads(json.dumps(demo[0].model_config))
+    del stored["text"]["sentence_mean"]
+    assert not create_model(stored, pretrained_text=False)[1].sentence_mean
+    stored["text"]["sentence_mean"] = True
+    assert create_model(stored, pretrained_text=False)[1].sentence_mean
+
+
+def test_sentence_mean_model_gives_one_feature_per_report():
+    model, tokenizer = create_model("hlip-demo-cpu", text={"sentence_mean": True})
+    gen = torch.Generator().manual_seed(0)
+    studies = [[torch.randn(16, 32, 32, generator=gen)], [torch.randn(24, 32, 48, generator=gen)]]
+    tokens = tokenizer(["No nodule. Large effusion. Normal heart.", "Mild hydrocephalus."])
+    out = model.train()(pack_studies(studies, model.visual.trunk.patch_size), tokens)
+    create_loss("clip")(**out).backward()
+    assert tokens["input_ids"].shape[0] == 4
+    assert out["text_features"].shape == (2, 128) and model.text.proj.weight.grad.abs().sum() > 0

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from hlip.model.text import TextTower, Tokenizer, default_text_model_dir, load_text_config
+from hlip.model.text import TextTower, Tokenizer, default_text_model_dir, load_text_config, split_sentences
 
 TINY_BERT = dict(
     vocab_size=30522,
@@ -76,6 +76,63 @@ def test_pretrained_minilm_weights_are_loaded(minilm, tokenizer):
         emb = F.normalize(minilm.pool(hidden, tokens["attention_mask"]), dim=-1)
     sims = emb @ emb.T
     assert sims[0, 1] > 0.8 and sims[0, 2] < 0.3
+
+
+REPORTS = [
+    "There is a small nodule in the right upper lobe. No pleural effusion.\nThe heart is normal.",
+    "No acute intracranial abnormality.",
+    "",
+]
+
+
+def test_sentence_mean_tokenizer_gives_one_row_per_sentence():
+    tokens = Tokenizer(None, context_length=24, sentence_mean=True)(REPORTS)
+    per_text = [split_sentences(text) or [""] for text in REPORTS]
+    assert tokens["text_index"].tolist() == [0, 0, 0, 1, 2]
+    assert tokens["input_ids"].shape[0] == sum(map(len, per_text)) == 5
+    assert tokens["input_ids"].shape[1] == tokens["attention_mask"].sum(1).max() <= 24
+    rows = [s for sentences in per_text for s in sentences]
+    alone = Tokenizer(None, context_length=24)(rows)
+    for row, (ids, mask) in enumerate(zip(tokens["input_ids"], tokens["attention_mask"], strict=True)):
+        n = int(mask.sum())
+        assert ids[:n].tolist() == alone["input_ids"][row, :n].tolist()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_mean_averages_unit_sentence_embeddings(pooling):
+    """A report's feature is the mean of its sentences' unit features, each embedded on its own."""
+    tower = tiny_tower(pooling).eval()
+    tokens = Tokenizer(None, context_length=64, sentence_mean=True)(REPORTS)
+    with torch.no_grad():
+        pooled = tower(**tokens)
+        expected = [
+            F.normalize(tower(**Tokenizer(None, context_length=64)(split_sentences(t) or [""])), dim=-1).mean(
+                0
+            )
+            for t in REPORTS
+        ]
+    assert pooled.shape == (len(REPORTS), 8)
+    torch.testing.assert_close(pooled, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_sentence_mean_of_one_sentence_points_like_the_sentence():
+    """A one-sentence prompt embeds the same way with or without sentence_mean (up to length),
+    so prompts and sentence-mean reports share one space."""
+    tower = tiny_tower("mean").eval()
+    prompt = ["There is a large right pleural effusion."]
+    with torch.no_grad():
+        plain = tower(**Tokenizer(None, context_length=32)(prompt))
+        pooled = tower(**Tokenizer(None, context_length=32, sentence_mean=True)(prompt))
+    torch.testing.assert_close(pooled, F.normalize(plain, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_sentence_mean_trains_every_sentence():
+    tower = tiny_tower("mean")
+    tokens = Tokenizer(None, context_length=32, sentence_mean=True)(REPORTS[:2])
+    tower(**tokens).pow(2).sum().backward()
+    assert tower.proj.weight.grad.abs().sum() > 0
+    heart = Tokenizer(None).tokenizer.convert_tokens_to_ids("heart")  # only in the third sentence
+    assert tower.transformer.embeddings.word_embeddings.weight.grad[heart].abs().sum() > 0
 
 
 def test_cls_pooling_projects_the_first_hidden_state(tokenizer):

@@ -10,6 +10,7 @@ import torch
 from train_support import tiny_config, write_fake_dataset
 
 from hlip.model.clip import load_openclip_checkpoint
+from hlip.model.text import split_sentences
 from hlip.shards.reader import ShardDataset
 from hlip.train import checkpoint as ckpt
 from hlip.train.data import Collate, StudyTransform
@@ -98,3 +99,20 @@ def test_find_resume(tmp_path, run):
     assert ckpt.find_resume(str(result.run_dir), tmp_path) == result.checkpoint
     with pytest.raises(FileNotFoundError):
         ckpt.find_resume(str(tmp_path / "none.pt"), tmp_path)
+
+
+def test_sentence_mean_run_reloads_with_its_tokenizer(tmp_path):
+    """A model trained on sentence-mean reports is evaluated the same way after loading."""
+    dataset = write_fake_dataset(tmp_path / "ds", 8)
+    text = "model_overrides.text={context_length = 16, sentence_mean = true}"
+    result = train(tiny_config(dataset, tmp_path / "run", "steps=2", text))
+    model, tokenizer, config = ckpt.load_checkpoint(result.checkpoint)
+    assert tokenizer.sentence_mean and model.model_config["text"]["sentence_mean"]
+    shards = ShardDataset(dataset)
+    transform = StudyTransform(config, train=False)
+    studies = [transform(shards.open(k)) for k in shards.keys()[:3]]
+    packed, tokens, _ = Collate(tokenizer, model.visual.trunk.patch_size)(studies)
+    sentences = [len(split_sentences(study["text"]) or [""]) for study in studies]
+    assert tokens["text_index"].tolist() == [i for i, n in enumerate(sentences) for _ in range(n)]
+    with torch.no_grad():
+        assert model(packed, tokens)["text_features"].shape == (3, model.embed_dim)

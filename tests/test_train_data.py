@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from train_support import corrupt_chunks, corrupt_json, fake_study, tiny_config, write_fake_dataset
 
 from hlip.model.packing import pack_studies
+from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import ShardDataset
 from hlip.train.data import (
@@ -32,7 +33,6 @@ from hlip.train.data import (
     render,
     report_sections,
     select_sections,
-    split_sentences,
 )
 
 MEAN, STD = 0.449, 0.226

@@ -7,7 +7,8 @@ config next to its checkpoint and rebuild the exact model later):
     embed_dim: joint embedding width
     text:    {"path": local HF model dir or None (= built-in MiniLM),
               "requires": None, or the text model a preset was trained with (then "path" is mandatory),
-              "pooling": "cls" | "mean", "context_length": int}
+              "pooling": "cls" | "mean", "context_length": int,
+              "sentence_mean": bool (a report = mean of its sentences' embeddings; see text.Tokenizer)}
     loss:    "clip" | "siglip"
     precision: "fp32" | "bf16" (autocast)     grad_checkpointing: bool
 """
@@ -34,7 +35,13 @@ def _config(vision: dict, embed_dim: int, requires: str | None, pooling: str, co
     return {
         "vision": vision,
         "embed_dim": embed_dim,
-        "text": {"path": None, "requires": requires, "pooling": pooling, "context_length": context_length},
+        "text": {
+            "path": None,
+            "requires": requires,
+            "pooling": pooling,
+            "context_length": context_length,
+            "sentence_mean": False,
+        },
         "loss": "clip",
         "precision": "fp32",
         "grad_checkpointing": False,
@@ -96,6 +103,7 @@ def resolve_model_config(name: str | Mapping, *, text_path: str | Path | None = 
     if base is None:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODEL_PRESETS)}")
     config = _merge(base, overrides)
+    config["text"].setdefault("sentence_mean", False)  # configs stored before the option existed
     if text_path is not None:
         config["text"]["path"] = str(text_path)
     if config["text"]["path"] is None and config["text"]["requires"]:
@@ -132,7 +140,7 @@ def create_model(
     if config["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.model_config = config
-    return model, Tokenizer(text_cfg["path"], text_cfg["context_length"])
+    return model, Tokenizer(text_cfg["path"], text_cfg["context_length"], text_cfg["sentence_mean"])
 
 
 def _check_context_length(text_cfg: dict) -> None:

@@ -12,16 +12,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging as hf_logging
 
 POOLING = ("cls", "mean")
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\d\.)(?<!\b[A-Z]\.)(?<!\b[A-Z][a-z]\.)\s+|\s*\n+\s*")
+"""After . ! ? (not after an enumerator "1.", an initial "J." or a title "Dr.") or at a line break."""
 
 # Model types whose config/tokenizer classes live in remote code (trust_remote_code) but whose
 # encoder is a plain architecture transformers knows: CXR-BERT's config subclasses BertConfig
@@ -33,6 +38,11 @@ _LAYOUTS = {
     "embeddings": ("embeddings",),
     "layers": ("encoder.layer", "encoder.layers", "transformer.layer", "layers"),
 }
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a report (split after . ! ? and at line breaks), empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
 def default_text_model_dir() -> Path:
@@ -172,12 +182,23 @@ class TextTower(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, L] -> projected text features [B, E] (not normalised)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids [B, L] -> projected text features [B, E] (not normalised).
+
+        With ``text_index`` (the text each row belongs to, as the ``sentence_mean`` tokenizer
+        gives it) the rows are sentences and each text's feature is the mean of its sentences'
+        unit-length features: [n_texts, E].
+        """
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.proj(self.pool(hidden, attention_mask))
+        features = self.proj(self.pool(hidden, attention_mask))
+        return features if text_index is None else sentence_mean(features, text_index)
 
     def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         """Freeze the encoder except its last ``unlocked_layers`` layers (open_clip semantics).
@@ -215,20 +236,39 @@ class TextTower(nn.Module):
             off()
 
 
+def sentence_mean(features: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+    """Mean of the unit-length sentence features [S, E] of each text -> [n_texts, E].
+
+    Unit length first, so that every sentence weighs the same whatever its length or wording:
+    a one-sentence prompt then points the same way as that sentence inside a report.
+    """
+    units = F.normalize(features.float(), dim=-1)
+    n_texts = int(text_index.max()) + 1
+    sums = units.new_zeros(n_texts, units.shape[1]).index_add_(0, text_index, units)
+    counts = torch.bincount(text_index, minlength=n_texts).clamp(min=1)
+    return sums / counts.unsqueeze(1).to(sums.dtype)
+
+
 class Tokenizer:
     """Callable tokenizer of a local model directory with a fixed context length.
 
     Every batch is padded/truncated to exactly ``context_length`` tokens so that text batches
     have a static shape (as open_clip's tokenizers do).
+
+    ``sentence_mean=True`` tokenizes each text's sentences as rows of their own, padded to the
+    longest sentence of the batch (each still cut at ``context_length``), and adds
+    ``text_index`` [n_sentences], the text each row belongs to; :class:`TextTower` then embeds
+    a text as the mean of its sentences. A text without any sentence counts as one empty one.
     """
 
-    def __init__(self, path: str | Path | None = None, context_length: int = 77):
+    def __init__(self, path: str | Path | None = None, context_length: int = 77, sentence_mean: bool = False):
         path = resolve_text_dir(path)
         builtin = _builtin_model_type(path)
         kwargs = {"tokenizer_type": builtin} if builtin else {}
         with quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
         self.context_length = context_length
+        self.sentence_mean = sentence_mean
         self.path = path
 
     @property
@@ -236,9 +276,19 @@ class Tokenizer:
         return self.tokenizer.pad_token_id
 
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Texts -> dict(input_ids, attention_mask), LongTensors of shape [len(texts), context_length]."""
+        """Texts -> dict(input_ids, attention_mask), LongTensors of shape [len(texts), context_length]
+        (with ``sentence_mean``: [n_sentences, longest sentence], plus ``text_index``)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if not self.sentence_mean:
+            return self._encode(texts, "max_length")
+        per_text = [split_sentences(text) or [""] for text in texts]
+        tokens = self._encode([s for sentences in per_text for s in sentences], "longest")
+        lengths = torch.tensor([len(sentences) for sentences in per_text])
+        tokens["text_index"] = torch.repeat_interleave(torch.arange(len(texts)), lengths)
+        return tokens
+
+    def _encode(self, texts: list[str], padding: str) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
-            texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+            texts, padding=padding, truncation=True, max_length=self.context_length, return_tensors="pt"
         )
         return {key: encoded[key].long() for key in ("input_ids", "attention_mask")}

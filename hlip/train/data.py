@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hlip.model.packing import PatchBuffers, pack_studies, patch_view
+from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
@@ -42,18 +43,11 @@ MAX_EMPTY_EPOCHS = 16
 """A reader that finds no study in this many epochs in a row stops (it has no share of the
 data: fewer studies than ranks x workers); the other readers of its rank carry on."""
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\d\.)(?<!\b[A-Z]\.)(?<!\b[A-Z][a-z]\.)\s+|\s*\n+\s*")
-"""After . ! ? (not after an enumerator "1.", an initial "J." or a title "Dr.") or at a line break."""
 _HEADING = re.compile(r"^\s*([A-Za-z][A-Za-z &/-]{0,40}):\s*(.*)$")
 """A report section heading line ("FINDINGS:", "Clinical information: ..."), maybe with text."""
 
 
 # --- per-study transform ----------------------------------------------------------------------
-
-
-def split_sentences(report: str) -> list[str]:
-    """Sentences of a report (split after . ! ? and at line breaks), empty ones dropped."""
-    return [s.strip() for s in _SENTENCE_END.split(report) if s and s.strip()]
 
 
 def report_sections(report: str) -> dict[str, str]:
