@@ -46,7 +46,7 @@ def test_default_model_dir_is_the_packaged_minilm():
     assert json.loads((path / "config.json").read_text())["hidden_size"] == 384
 
 
-def test_tokenizer_pads_and_truncates_to_context_length(tokenizer):
+def test_tokenizer_pads_to_the_longest_text_and_truncates_to_context_length(tokenizer):
     tokens = tokenizer(["small nodule", "word " * 100])
     assert set(tokens) == {"input_ids", "attention_mask"}
     for value in tokens.values():
@@ -56,16 +56,19 @@ def test_tokenizer_pads_and_truncates_to_context_length(tokenizer):
     assert mask[0].tolist() == [1] * n_real + [0] * (24 - n_real)
     assert (ids[0, n_real:] == tokenizer.pad_token_id).all()
     assert mask[1].all() and ids[1, -1] == tokenizer.tokenizer.sep_token_id
-    assert tokenizer("one text")["input_ids"].shape == (1, 24)
+    short = tokenizer(["small nodule", "no nodule"])
+    assert short["input_ids"].shape == (2, n_real) and short["attention_mask"][0].all()
+    assert tokenizer("one text")["input_ids"].shape == (1, len(tokenizer.tokenizer.tokenize("one text")) + 2)
 
 
-def test_mean_pooling_ignores_padding(minilm):
-    """The same sentence padded to 12 or 40 tokens must give the same embedding."""
-    text = ["no acute intracranial abnormality"]
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_features_do_not_depend_on_the_batch_padding(pooling):
+    """A text embeds the same alone (no padding) or beside a longer text (padded)."""
+    tower, tokenizer = tiny_tower(pooling).eval(), Tokenizer(None, context_length=64)
     with torch.no_grad():
-        short = minilm(**Tokenizer(None, context_length=12)(text))
-        long = minilm(**Tokenizer(None, context_length=40)(text))
-    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+        alone = tower(**tokenizer(["small nodule"]))
+        padded = tower(**tokenizer(["small nodule", "a much longer report sentence " * 4]))[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
 def test_pretrained_minilm_weights_are_loaded(minilm, tokenizer):

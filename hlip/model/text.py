@@ -250,13 +250,15 @@ def sentence_mean(features: torch.Tensor, text_index: torch.Tensor) -> torch.Ten
 
 
 class Tokenizer:
-    """Callable tokenizer of a local model directory with a fixed context length.
+    """Callable tokenizer of a local model directory with a maximum context length.
 
-    Every batch is padded/truncated to exactly ``context_length`` tokens so that text batches
-    have a static shape (as open_clip's tokenizers do).
+    Texts are cut at ``context_length`` tokens and a batch is padded to its longest text, not
+    to ``context_length``: the encoder spends time on every padding position while the pooling
+    ignores them (attention-mask aware), so the features are the same either way
+    (bench/text.py measures the time).
 
     ``sentence_mean=True`` tokenizes each text's sentences as rows of their own, padded to the
-    longest sentence of the batch (each still cut at ``context_length``), and adds
+    longest sentence of the batch (each cut at ``context_length``), and adds
     ``text_index`` [n_sentences], the text each row belongs to; :class:`TextTower` then embeds
     a text as the mean of its sentences. A text without any sentence counts as one empty one.
     """
@@ -276,19 +278,19 @@ class Tokenizer:
         return self.tokenizer.pad_token_id
 
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Texts -> dict(input_ids, attention_mask), LongTensors of shape [len(texts), context_length]
+        """Texts -> dict(input_ids, attention_mask), LongTensors of shape [len(texts), longest text]
         (with ``sentence_mean``: [n_sentences, longest sentence], plus ``text_index``)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not self.sentence_mean:
-            return self._encode(texts, "max_length")
+            return self._encode(texts)
         per_text = [split_sentences(text) or [""] for text in texts]
-        tokens = self._encode([s for sentences in per_text for s in sentences], "longest")
+        tokens = self._encode([s for sentences in per_text for s in sentences])
         lengths = torch.tensor([len(sentences) for sentences in per_text])
         tokens["text_index"] = torch.repeat_interleave(torch.arange(len(texts)), lengths)
         return tokens
 
-    def _encode(self, texts: list[str], padding: str) -> dict[str, torch.Tensor]:
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
-            texts, padding=padding, truncation=True, max_length=self.context_length, return_tensors="pt"
+            texts, padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
         )
         return {key: encoded[key].long() for key in ("input_ids", "attention_mask")}

@@ -1,0 +1,112 @@
+"""Text-tower cost of padding: every batch padded to ``context_length`` against padding to the
+batch's longest report, on real report lengths.
+
+A training step runs the text tower over a batch of reports; with every batch padded to the
+context length the encoder also computes every padding position. Mean and CLS pooling ignore
+padding (attention-mask aware), so both paddings give the same features; this prints the
+forward+backward time of each over the same batches, their ratio, and the largest feature
+difference.
+
+    .venv/bin/python bench/text.py REPORTS.csv [--column report] [--sections findings]
+
+REPORTS.csv: any report table, e.g. the ``reports.csv`` that ``hlip-ingest synth`` writes.
+Two towers: the demo's (built-in MiniLM, mean pooling, last two layers trained, 96 tokens as
+configs/demo-cpu.toml) and a BERT-base of the published presets' shape (config only, CLS
+pooling, fully trained, 256 tokens as hlip-brain-mri; random weights time the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import pyarrow.csv as pacsv
+import torch
+from transformers import BertConfig
+
+from hlip.model.text import TextTower, Tokenizer
+from hlip.train.data import select_sections
+
+TOWERS = {
+    "demo (MiniLM, 2 of 6 layers trained)": dict(context=96, pooling="mean", unlocked=2),
+    "published shape (BERT-base, all trained)": dict(context=256, pooling="cls", unlocked=None),
+}
+
+
+def build_tower(name: str) -> TextTower:
+    spec = TOWERS[name]
+    torch.manual_seed(0)
+    if spec["unlocked"] is None:
+        return TextTower.from_config(BertConfig(), 512, spec["pooling"])
+    tower = TextTower.from_pretrained(None, 128, spec["pooling"])
+    tower.lock(spec["unlocked"])
+    return tower
+
+
+def padded_to_context(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The baseline: every batch padded to the full context length (a static shape)."""
+    encoded = tokenizer.tokenizer(
+        texts, padding="max_length", truncation=True, max_length=tokenizer.context_length, return_tensors="pt"
+    )
+    return {key: encoded[key].long() for key in ("input_ids", "attention_mask")}
+
+
+def step_seconds(tower: TextTower, batches: list[dict[str, torch.Tensor]], repeats: int) -> float:
+    """Median over ``repeats`` passes of the mean forward+backward time per batch."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for tokens in batches:
+            tower(**tokens).pow(2).sum().backward()
+        times.append((time.perf_counter() - start) / len(batches))
+    tower.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("reports")
+    parser.add_argument("--column", default="report")
+    parser.add_argument("--sections", nargs="*", default=["findings"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    column = pacsv.read_csv(args.reports).column(args.column).to_pylist()
+    texts = [select_sections(text, args.sections) for text in column if text]
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(texts), (args.batches, args.batch), replace=len(texts) < args.batches * args.batch)
+    print(f"{len(texts)} reports, {args.batches} batches of {args.batch}, forward+backward per batch:")
+    print(
+        "| tower | tokens per report (median / max) | padded to context | padded to longest | ratio | max feature diff |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, spec in TOWERS.items():
+        tower = build_tower(name).train()
+        tokenizer = Tokenizer(None, spec["context"])
+        lengths = tokenizer([texts[i] for i in picks.ravel()])["attention_mask"].sum(1).tolist()
+        fixed_batches = [padded_to_context(tokenizer, [texts[i] for i in batch]) for batch in picks]
+        longest_batches = [tokenizer([texts[i] for i in batch]) for batch in picks]
+        tower.eval()
+        with torch.no_grad():
+            diff = max(
+                float((tower(**a) - tower(**b)).abs().max())
+                for a, b in zip(fixed_batches, longest_batches, strict=True)
+            )
+        tower.train()
+        step_seconds(tower, fixed_batches[:1], 1)  # warm-up
+        slow = step_seconds(tower, fixed_batches, args.repeats)
+        fast = step_seconds(tower, longest_batches, args.repeats)
+        print(
+            f"| {name}, {spec['context']} tokens | {statistics.median(lengths):.0f} / {max(lengths)} | "
+            f"{slow * 1e3:.0f} ms | {fast * 1e3:.0f} ms | **{slow / fast:.2f}x** | {diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
