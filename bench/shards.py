@@ -9,7 +9,8 @@ hlip.shards.synthetic) it measures, in the same run:
 * latency of reading 16 slices from the middle of a scan vs the whole scan;
 * the same for several slab depths (slices per zarr chunk), to justify the default.
 
-Run: ``.venv/bin/python bench/shards.py`` (``--small`` for a quick run).
+Run: ``.venv/bin/python bench/shards.py`` (``--small`` for a quick run; ``--codec lz4hc`` for
+shards written with that slab codec instead of the default zstd).
 """
 
 from __future__ import annotations
@@ -88,10 +89,10 @@ def bench_baselines(study, work: Path, repeats: int) -> dict[str, float]:
     return results
 
 
-def bench_shards(study, work: Path, repeats: int, slab_depth: int) -> dict[str, float]:
-    """Write one dataset with ``slab_depth`` and time full and windowed reads."""
+def bench_shards(study, work: Path, repeats: int, slab_depth: int, codec: str) -> dict[str, float]:
+    """Write one dataset with ``slab_depth`` and ``codec`` and time full and windowed reads."""
     out = work / f"shards-slab{slab_depth}"
-    results = {"write_s": timed(lambda: write_dataset(out, [study], slab_depth=slab_depth))}
+    results = {"write_s": timed(lambda: write_dataset(out, [study], slab_depth=slab_depth, codec=codec))}
     results["bytes"] = directory_bytes(out, "*.tar")
     dataset = ShardDataset(out)
     opened = dataset.open(study.key)
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument(
         "--noise-everywhere", action="store_true", help="also add noise to the air around the body"
     )
+    parser.add_argument("--codec", default=fmt.DEFAULT_CODEC, choices=sorted(fmt.SLAB_CODECS))
     args = parser.parse_args()
     shape = (40, 128, 128) if args.small else (100, 350, 350)
     study = synthetic_study("bench", n_scans=args.scans, shape=shape, noise_everywhere=args.noise_everywhere)
@@ -130,12 +132,14 @@ def main() -> None:
     )
     print(
         f"phantom noise: {'everywhere' if args.noise_everywhere else 'inside the body'}; "
-        f"codec Blosc {fmt.BLOSC_CNAME} clevel {fmt.BLOSC_CLEVEL} {fmt.BLOSC_SHUFFLE}; {os.cpu_count()} CPUs"
+        f"codec {fmt.SLAB_CODECS[args.codec]}; {os.cpu_count()} CPUs"
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = bench_baselines(study, work, args.repeats)
-        sweep = {depth: bench_shards(study, work, args.repeats, depth) for depth in (4, 8, 16, 32)}
+        sweep = {
+            depth: bench_shards(study, work, args.repeats, depth, args.codec) for depth in (4, 8, 16, 32)
+        }
     shard = sweep[fmt.DEFAULT_SLAB_DEPTH]
 
     print("\nstorage (bytes per study)")

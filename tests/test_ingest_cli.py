@@ -112,6 +112,26 @@ def test_run_refuses_to_resume_with_other_settings(archive, reference, tmp_path)
     assert "Traceback" not in result.output
 
 
+def test_run_with_the_lz4hc_codec_stores_the_same_studies(archive, reference, tmp_path):
+    """Another slab codec changes the shard bytes, not the studies; a resumed run must keep
+    the codec, and an unknown one is refused without a traceback."""
+    invoke(*run_args(archive, tmp_path / "out"), "--workers", 0, "--codec", "lz4hc")
+    fast, default = ShardDataset(tmp_path / "out"), ShardDataset(reference)
+    assert fast.keys() == default.keys()
+    for key in default:
+        a, b = fast.open(key), default.open(key)
+        assert a.report == b.report and a.config_hash == b.config_hash
+        for x, y in zip(a.scans, b.scans, strict=True):
+            assert x.array.metadata.codecs[-1].cname.value == "lz4hc"
+            np.testing.assert_array_equal(x.array[...], y.array[...])
+    assert output_bytes(tmp_path / "out") != output_bytes(reference)
+    for codec, message in (("zstd", "another codec"), ("brotli", "unknown slab codec 'brotli'")):
+        result = CliRunner().invoke(
+            app, [str(a) for a in run_args(archive, tmp_path / "out")] + ["--codec", codec]
+        )
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
 def _outcome_recorded(out: Path) -> bool:
     return any((out / pipeline.INGEST_DIR / pipeline.OUTCOMES_DIR).glob("*.json"))
 
@@ -184,6 +204,10 @@ def test_nifti_collection_command(tmp_path):
     before = output_bytes(tmp_path / "out")
     invoke(*args)
     assert output_bytes(tmp_path / "out") == before
+    invoke(*args[:3], tmp_path / "lz4hc", *args[4:], "--codec", "lz4hc")
+    scan = ShardDataset(tmp_path / "lz4hc").open(s1.key).scans[0]
+    assert scan.array.metadata.codecs[-1].cname.value == "lz4hc"
+    np.testing.assert_array_equal(scan.array[...], s1.scans[0].array[...])
 
 
 def test_ct_rate_layout(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from zarr.storage import MemoryStore
 
 from hlip.shards import format as fmt
 from hlip.shards import writer
+from hlip.shards.reader import ZipBytesStore, decode_study
 from hlip.shards.synthetic import synthetic_study
 from hlip.shards.writer import DatasetWriter, encode_slabs, encode_study, shard_name, write_dataset
 
@@ -59,10 +61,11 @@ def test_shards_written_by_other_processes_give_the_same_bytes(tmp_path):
         assert _dataset_bytes(tmp_path / "processes", pool.map) == expected
 
 
-def _zarr_chunks(voxels: np.ndarray, depth: int) -> dict[str, bytes]:
-    """The chunk entries zarr itself writes for ``voxels`` with the format's codec."""
+def _zarr_chunks(voxels: np.ndarray, depth: int, codec: str) -> dict[str, bytes]:
+    """The chunk entries zarr itself writes for ``voxels`` with the named slab codec."""
     entries: dict = {}
-    compressor = BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle=fmt.BLOSC_SHUFFLE)
+    settings = fmt.SLAB_CODECS[codec]
+    compressor = BloscCodec(cname=settings.cname, clevel=settings.clevel, shuffle=settings.shuffle)
     array = zarr.create_array(
         MemoryStore(entries),
         shape=voxels.shape,
@@ -84,21 +87,30 @@ def _zarr_chunks(voxels: np.ndarray, depth: int) -> dict[str, bytes]:
         elements=st.sampled_from([0, 0, 0, 1, -1000, 32767, -32768, 40]),
     ),
     depth=st.integers(1, 9),
+    codec=st.sampled_from(sorted(fmt.SLAB_CODECS)),
 )
-def test_slabs_are_the_bytes_zarr_writes(voxels, depth):
-    assert encode_slabs("x", voxels, depth) == _zarr_chunks(voxels, depth)
+def test_slabs_are_the_bytes_zarr_writes(voxels, depth, codec):
+    assert encode_slabs("x", voxels, depth, codec) == _zarr_chunks(voxels, depth, codec)
 
 
-@pytest.mark.parametrize("cname", ["lz4", "zstd"])
-def test_slabs_follow_the_codec_the_metadata_declares(monkeypatch, cname):
-    """Chunks must be compressed with the codec zarr.json names, also when the format's
-    settings change after a first write in the same process (a cached codec once ignored it)."""
-    voxels = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
-    encode_slabs("x", voxels, 2)
-    monkeypatch.setattr(fmt, "BLOSC_CNAME", cname)
-    slabs = encode_slabs("x", voxels, 2)
-    assert slabs == _zarr_chunks(voxels, 2)
-    assert {blosc.cbuffer_complib(chunk) for chunk in slabs.values()} == {"LZ4" if cname == "lz4" else "Zstd"}
+@pytest.mark.parametrize(("codec", "complib"), [("zstd", "Zstd"), ("lz4hc", "LZ4")])
+def test_a_study_written_with_a_codec_declares_it_and_reads_back(codec, complib):
+    """zarr.json names the codec its chunks use, and readers need no setting to read them."""
+    study = STUDIES[0]
+    members = encode_study(study, codec=codec)
+    store = ZipBytesStore(members[fmt.ARRAYS_MEMBER])
+    scan = study.scans[0]
+    metadata = json.loads(store._read(f"{scan.name}/zarr.json", None))
+    blosc_config = metadata["codecs"][-1]["configuration"]
+    assert (blosc_config["cname"], blosc_config["clevel"]) == (codec, fmt.SLAB_CODECS[codec].clevel)
+    chunks = [store._read(key, None) for key in sorted(store._names) if key.startswith(f"{scan.name}/c/")]
+    assert chunks and {blosc.cbuffer_complib(chunk) for chunk in chunks} == {complib}
+    np.testing.assert_array_equal(decode_study(study.key, members).scans[0].array[...], scan.array)
+
+
+def test_an_unknown_codec_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown slab codec 'brotli'; known: zstd, lz4hc"):
+        DatasetWriter(tmp_path / "ds", codec="brotli")
 
 
 @pytest.mark.parametrize("n_studies", [1, 4])

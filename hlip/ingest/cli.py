@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hlip.ingest import pipeline
 from hlip.ingest.config import IngestConfig, Spacing, default_target_spacing
-from hlip.shards.format import DEFAULT_MAX_SHARD_BYTES
+from hlip.shards.format import DEFAULT_CODEC, DEFAULT_MAX_SHARD_BYTES, SLAB_CODECS
 
 app = typer.Typer(
     help="Turn DICOM archives (+ report tables) or NIfTI collections into study shards.",
@@ -30,6 +30,12 @@ WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
 )
 MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+CODEC = typer.Option(
+    DEFAULT_CODEC,
+    "--codec",
+    help=f"Blosc codec of the voxel slabs: {' | '.join(SLAB_CODECS)}. lz4hc: about a fifth larger "
+    "shards that decode several times faster, for CPU-bound training loaders.",
+)
 
 
 def parse_spacing(values: list[str]) -> dict[str, Spacing]:
@@ -104,22 +110,25 @@ def run(
     spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native."),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
     memory_limit: str = MEMORY_LIMIT,
 ) -> None:
     """Index, plan, build and write shards; print what happened to every file."""
-    config = IngestConfig(
-        target_spacing=parse_spacing(spacing),
-        min_slices=min_slices,
-        report_table=str(reports) if reports else None,
-        report_key_column=report_key,
-        report_text_columns=tuple(report_column),
-        allow_missing_report=allow_missing_report,
-        max_shard_bytes=max_shard_bytes,
-        secret=secret,
-    )
+    with _user_errors():
+        config = IngestConfig(
+            target_spacing=parse_spacing(spacing),
+            min_slices=min_slices,
+            report_table=str(reports) if reports else None,
+            report_key_column=report_key,
+            report_text_columns=tuple(report_column),
+            allow_missing_report=allow_missing_report,
+            max_shard_bytes=max_shard_bytes,
+            codec=codec,
+            secret=secret,
+        )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_ingest(
             sources, out, config, scheduler, workers=workers, memory_limit=memory_limit, progress=progress
@@ -195,6 +204,7 @@ def nifti(
     ),
     ct_rate_metadata: Path | None = typer.Option(None, exists=True, help="CT-RATE: metadata CSV (rescale)."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
@@ -217,7 +227,7 @@ def nifti(
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_nifti_ingest(
-            source, out, spec, secret=secret, max_shard_bytes=max_shard_bytes, scheduler=scheduler,
+            source, out, spec, secret=secret, max_shard_bytes=max_shard_bytes, codec=codec, scheduler=scheduler,
             workers=workers, memory_limit=memory_limit, progress=progress,
         )  # fmt: skip
     print_summary(summary)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from hlip.ingest.plan import PlanConfig
 from hlip.ingest.volume import DEFAULT_TARGET_SPACING, NATIVE
-from hlip.shards.format import DEFAULT_MAX_SHARD_BYTES
+from hlip.shards.format import DEFAULT_CODEC, DEFAULT_MAX_SHARD_BYTES, slab_codec
 
 Spacing = tuple[float | None, float | None, float | None] | Literal["native"]
 """Target voxel spacing ``(d, h, w)`` in mm (None keeps that axis), or ``"native"``."""
@@ -43,7 +43,9 @@ class IngestConfig:
     ``secret`` (the key of the pseudonymous study ids) is resolved by
     :func:`hlip.ingest.deid.resolve_secret`; it is not part of ``config_hash``, and a run
     records only a keyed check of it. The report table's path is not hashed either: where
-    a file lives does not change a sample.
+    a file lives does not change a sample. Nor is ``codec`` (the slabs' Blosc codec,
+    :data:`hlip.shards.format.SLAB_CODECS`), which changes bytes, not values; a resumed run
+    must still use the same one, so that a dataset has one codec.
     """
 
     target_spacing: Mapping[str, Spacing] = field(default_factory=default_target_spacing)
@@ -53,9 +55,11 @@ class IngestConfig:
     report_text_columns: tuple[str, ...] = ("report",)
     allow_missing_report: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    codec: str = DEFAULT_CODEC
     secret: str | None = None
 
     def __post_init__(self) -> None:
+        slab_codec(self.codec)
         if self.report_key_column not in REPORT_KEY_COLUMNS:
             raise ValueError(
                 f"report_key_column must be one of {REPORT_KEY_COLUMNS}, not {self.report_key_column!r}"

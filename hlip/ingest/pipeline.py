@@ -453,7 +453,7 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
     members = None
     if study is not None:
         try:
-            members = encode_study(study)
+            members = encode_study(study, codec=config.codec)
         except ValueError as error:
             members, files = None, _rejected(_study_files(task.plan), task.key, "invalid_study", str(error))
     return _record_and_stage(Path(out_dir), StudyOutcome(task.key, members is not None, files), members)
@@ -668,7 +668,11 @@ def nifti_settings(spec: NiftiTableSpec) -> dict:
 
 
 def stage_nifti_study(
-    task: tuple[str, NiftiStudyPlan], out_dir: str | os.PathLike, secret: bytes, config_hash: str
+    task: tuple[str, NiftiStudyPlan],
+    out_dir: str | os.PathLike,
+    secret: bytes,
+    config_hash: str,
+    codec: str = fmt.DEFAULT_CODEC,
 ) -> StudyOutcome:
     """Read one study of a collection and stage it; a volume that cannot be read rejects
     the study's files with ``unreadable_nifti``."""
@@ -677,7 +681,7 @@ def stage_nifti_study(
     paths = [str(volume.path) for volume in study_plan.volumes]
     try:
         study = build_nifti_study(study_plan, secret, config_hash)
-        members = encode_study(study)
+        members = encode_study(study, codec=codec)
     except Exception as error:  # noqa: BLE001 - truncated or odd files raise many types
         message = f"{type(error).__name__}: {error}"
         return _record_and_stage(
@@ -694,6 +698,7 @@ def run_nifti_ingest(
     *,
     secret: str | None = None,
     max_shard_bytes: int = fmt.DEFAULT_MAX_SHARD_BYTES,
+    codec: str = fmt.DEFAULT_CODEC,
     scheduler: str | None = None,
     workers: int | None = None,
     memory_limit: str = "auto",
@@ -707,14 +712,17 @@ def run_nifti_ingest(
     """
     spec = spec or NiftiTableSpec()
     progress = progress or Progress(disable=True)
-    settings = {**nifti_settings(spec), "max_shard_bytes": max_shard_bytes}
+    fmt.slab_codec(codec)
+    settings = {**nifti_settings(spec), "max_shard_bytes": max_shard_bytes, "codec": codec}
     out, key_secret = _prepare(out_dir, secret, settings)
     plans = plan_nifti_studies(table if isinstance(table, pa.Table) else Path(table), spec)
     keys = [deid.study_key(study_plan.study_id, key_secret) for study_plan in plans]
     config_hash = settings_hash(nifti_settings(spec))
     with _client(client, scheduler, workers, memory_limit) as client:
         tasks = list(zip(keys, plans, strict=True))
-        outcomes = _stage_all(client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash)
+        outcomes = _stage_all(
+            client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash, codec
+        )
         volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
         files = pa.table({"file_id": pa.array(volumes, pa.string())})
         return _finish(out, max_shard_bytes, files, [], outcomes, client)

@@ -92,9 +92,36 @@ SCAN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_SLAB_DEPTH = 8
 """Slices per zarr chunk; bench/shards.py measures the trade-off (docs/performance.md)."""
 
-BLOSC_CNAME = "zstd"
-BLOSC_CLEVEL = 1
-BLOSC_SHUFFLE = "shuffle"
+
+@dataclass(frozen=True)
+class SlabCodec:
+    """Blosc settings of a scan's slabs (byte shuffle of the int16 values, then ``cname`` at
+    ``clevel``). Readers need not be told: each array's ``zarr.json`` names its codec and
+    every Blosc frame carries its own settings."""
+
+    cname: str
+    clevel: int
+    shuffle: str = "shuffle"
+
+
+SLAB_CODECS = {
+    "zstd": SlabCodec("zstd", 1),
+    "lz4hc": SlabCodec("lz4hc", 5),
+}
+"""The codecs a dataset can be written with. ``zstd`` (the default) makes the smallest shards;
+``lz4hc`` makes them about a fifth larger and decodes several times faster, for training
+loaders that are CPU-bound, at a slower write (bench/loader.py; docs/performance.md)."""
+
+DEFAULT_CODEC = "zstd"
+
+
+def slab_codec(name: str) -> SlabCodec:
+    """The codec called ``name``; ValueError lists the known ones."""
+    if name not in SLAB_CODECS:
+        raise ValueError(f"unknown slab codec {name!r}; known: {', '.join(SLAB_CODECS)}")
+    return SLAB_CODECS[name]
+
+
 ARRAY_DTYPE = np.dtype("int16")
 
 MANIFEST_FILE = "manifest.parquet"

@@ -120,8 +120,11 @@ def _zip_bytes(entries: Mapping[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def encode_arrays(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> bytes:
-    """The ``<key>.zarr.zip`` member: a zarr v3 group with one int16 array per scan.
+def encode_arrays(
+    study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH, codec: str = fmt.DEFAULT_CODEC
+) -> bytes:
+    """The ``<key>.zarr.zip`` member: a zarr v3 group with one int16 array per scan, its slabs
+    compressed with the named codec (:data:`hlip.shards.format.SLAB_CODECS`).
 
     Arrays are written to memory and zipped afterwards, so the zip holds each key exactly
     once in sorted order (zarr's ZipStore appends duplicates when metadata is rewritten).
@@ -131,7 +134,8 @@ def encode_arrays(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> byt
     attributes = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "key": study.key}
     group = zarr.create_group(store=store, zarr_format=3, attributes=attributes)
     slabs: dict[str, bytes] = {}
-    compressor = BloscCodec(cname=fmt.BLOSC_CNAME, clevel=fmt.BLOSC_CLEVEL, shuffle=fmt.BLOSC_SHUFFLE)
+    settings = fmt.slab_codec(codec)
+    compressor = BloscCodec(cname=settings.cname, clevel=settings.clevel, shuffle=settings.shuffle)
     for scan in study.scans:
         depth, height, width = scan.shape
         array = group.create_array(
@@ -148,26 +152,28 @@ def encode_arrays(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> byt
                 "intensity_unit": scan.intensity_unit,
             },
         )
-        slabs.update(encode_slabs(scan.name, scan.array, array.chunks[0]))
+        slabs.update(encode_slabs(scan.name, scan.array, array.chunks[0], codec))
     return _zip_bytes({**{key: buffer.to_bytes() for key, buffer in entries.items()}, **slabs})
 
 
 @functools.cache
-def _blosc(cname: str, clevel: int, shuffle: str) -> Blosc:
-    """Blosc as zarr's ``BloscCodec`` configures numcodecs for int16."""
+def _blosc(codec: str) -> Blosc:
+    """The named codec's Blosc as zarr's ``BloscCodec`` configures numcodecs for int16 (so the
+    chunks are the bytes zarr would write under the same ``zarr.json``)."""
+    settings = fmt.slab_codec(codec)
     modes = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
     return Blosc(
-        cname=cname, clevel=clevel, shuffle=modes[shuffle], blocksize=0, typesize=fmt.ARRAY_DTYPE.itemsize
+        cname=settings.cname,
+        clevel=settings.clevel,
+        shuffle=modes[settings.shuffle],
+        blocksize=0,
+        typesize=fmt.ARRAY_DTYPE.itemsize,
     )
 
 
-def _slab_codec() -> Blosc:
-    """The format's Blosc settings as they are now (the same settings zarr writes into the
-    array metadata, so chunks always match what ``zarr.json`` declares)."""
-    return _blosc(fmt.BLOSC_CNAME, fmt.BLOSC_CLEVEL, fmt.BLOSC_SHUFFLE)
-
-
-def encode_slabs(name: str, voxels: np.ndarray, depth: int) -> dict[str, bytes]:
+def encode_slabs(
+    name: str, voxels: np.ndarray, depth: int, codec: str = fmt.DEFAULT_CODEC
+) -> dict[str, bytes]:
     """The chunk entries of array ``name``: each slab of ``depth`` slices compressed once,
     straight from the volume, with the bytes zarr writes for it (a partial last slab is
     padded with the fill value 0; a slab of only zeros is not stored).
@@ -175,18 +181,20 @@ def encode_slabs(name: str, voxels: np.ndarray, depth: int) -> dict[str, bytes]:
     zarr itself copies each chunk into a new buffer and hands it to a thread through its
     event loop; this is the same Blosc call without that overhead."""
     voxels = np.ascontiguousarray(voxels, dtype=fmt.ARRAY_DTYPE.newbyteorder("<"))
-    codec, slabs = _slab_codec(), {}
+    blosc, slabs = _blosc(codec), {}
     for index, start in enumerate(range(0, voxels.shape[0], depth)):
         slab = voxels[start : start + depth]
         if not slab.any():
             continue
         if len(slab) < depth:
             slab = np.concatenate([slab, np.zeros((depth - len(slab), *slab.shape[1:]), slab.dtype)])
-        slabs[f"{name}/c/{index}/0/0"] = codec.encode(slab)
+        slabs[f"{name}/c/{index}/0/0"] = blosc.encode(slab)
     return slabs
 
 
-def encode_study(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> dict[str, bytes]:
+def encode_study(
+    study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH, codec: str = fmt.DEFAULT_CODEC
+) -> dict[str, bytes]:
     """The members of one sample, ``{"json": ..., "txt": ..., "zarr.zip": ...}``.
 
     Pure and deterministic: the same study gives the same bytes on any machine. Raises
@@ -202,7 +210,7 @@ def encode_study(study: Study, slab_depth: int = fmt.DEFAULT_SLAB_DEPTH) -> dict
     return {
         fmt.JSON_MEMBER: record,
         fmt.TEXT_MEMBER: study.report.encode("utf-8"),
-        fmt.ARRAYS_MEMBER: encode_arrays(study, slab_depth),
+        fmt.ARRAYS_MEMBER: encode_arrays(study, slab_depth, codec),
     }
 
 
@@ -526,16 +534,19 @@ class DatasetWriter:
         prefix: str = fmt.SHARD_PREFIX,
         max_shard_bytes: int = fmt.DEFAULT_MAX_SHARD_BYTES,
         slab_depth: int = fmt.DEFAULT_SLAB_DEPTH,
+        codec: str = fmt.DEFAULT_CODEC,
         overwrite: bool = False,
     ) -> None:
         if not fmt.KEY_PATTERN.fullmatch(prefix):
             raise ValueError(f"unsafe shard prefix {prefix!r}")
         if max_shard_bytes <= 0 or slab_depth <= 0:
             raise ValueError("max_shard_bytes and slab_depth must be positive")
+        fmt.slab_codec(codec)
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
         self.slab_depth = slab_depth
+        self.codec = codec
         self.staging = self.out_dir / STAGING_DIR
         if (self.out_dir / fmt.MANIFEST_FILE).exists() and not self.staging.exists() and not overwrite:
             raise FileExistsError(
@@ -555,7 +566,7 @@ class DatasetWriter:
 
     def add(self, study: Study) -> None:
         """Encode and stage one study; ValueError for invalid input or a duplicate key."""
-        members = encode_study(study, self.slab_depth)
+        members = encode_study(study, self.slab_depth, self.codec)
         self.add_encoded(study.key, members)
 
     def add_encoded(self, key: str, members: Mapping[str, bytes]) -> None:
