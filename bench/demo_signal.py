@@ -17,7 +17,9 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
   set beside its zero-shot AUC; the same on its report embeddings (does the tuned text
   tower still hold each finding at all?); and its held-out report embeddings scored along the
   prompts' directions and along the training reports' directions (positive minus negative
-  mean), without a fit (do the prompts point where the tuned reports put the finding?).
+  mean), without a fit (do the prompts point where the tuned reports put the finding?); and
+  its held-out image embeddings scored the same two ways (is the image side aligned with the
+  reports' finding directions, and with the prompts'?).
 
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
                                 [--checkpoint CKPT]
@@ -99,8 +101,10 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
 def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, dict[str, float]]:
     """Logistic regression on the trained model's image embeddings, and on its report
     embeddings (studies with a report), fit on the training studies, scored on the held-out;
-    and the held-out report embeddings scored without a fit, along the prompt directions
-    (what zero-shot asks of them) and along the training reports' finding directions."""
+    and the held-out report and image embeddings scored without a fit, along the prompt
+    directions (what zero-shot asks of them) and along the training reports' finding
+    directions (images along those: is the image side aligned with what the reports say,
+    whatever the prompts?)."""
     loaded = load_model(checkpoint)
     train, heldout = embed_dataset(loaded, train_path), embed_dataset(loaded, heldout_path)
     y_train, y_held = label_matrix(train.labels), label_matrix(heldout.labels)
@@ -112,9 +116,11 @@ def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[
             getattr(train, side)[fit], y_train[fit], getattr(heldout, side)[held], y_held[held]
         )
     reports, y_reports = unit(heldout.report[heldout.has_report]), y_held[heldout.has_report]
-    bounds["report_prompts"] = aucs(y_reports, reports @ prompt_directions(text_encoder(loaded)))
+    prompts = prompt_directions(text_encoder(loaded))
     directions = report_directions(train.report[train.has_report], y_train[train.has_report])
-    bounds["report_directions"] = aucs(y_reports, reports @ directions)
+    for side, embeddings, y in (("report", reports, y_reports), ("image", unit(heldout.image), y_held)):
+        bounds[f"{side}_prompts"] = aucs(y, embeddings @ prompts)
+        bounds[f"{side}_directions"] = aucs(y, embeddings @ directions)
     return bounds
 
 
@@ -227,6 +233,8 @@ def main() -> None:
         print("  trained report embeddings + LR:  " + row(bounds["report"]))
         print("  trained reports vs prompts:      " + row(bounds["report_prompts"]))
         print("  trained reports vs report dirs:  " + row(bounds["report_directions"]))
+        print("  trained images vs prompts:       " + row(bounds["image_prompts"]))
+        print("  trained images vs report dirs:   " + row(bounds["image_directions"]))
     if args.steps:
         supervised_bound(train, heldout, config, args.steps, args.device)
 
