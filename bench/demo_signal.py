@@ -22,7 +22,10 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
   reports' finding directions, and with the prompts'?).
 
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
-                                [--checkpoint CKPT]
+                                [--checkpoint CKPT] [--prompts TOML] [--template-set NAME]
+
+The prompts are the demo's (configs/prompts/synth.toml, each phrase in a findings-section
+context); ``--template-set sentence`` scores with the bare phrases.
 
 The shards come from `hlip-ingest run` on `hlip-ingest synth` archives (see scripts/demo.sh).
 On a GPU machine the supervised part runs there (``--device cuda``).
@@ -41,6 +44,8 @@ from sklearn.preprocessing import StandardScaler
 
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.labels import binary_targets
+from hlip.evaluate.prompts import PromptSet, load_prompts
+from hlip.evaluate.zeroshot import SentenceBank, prompt_sentences
 from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
 from hlip.shards.reader import ShardDataset
@@ -98,7 +103,9 @@ def histogram_bound(train, heldout, transform) -> dict[str, float]:
     return probe_aucs(features(train), targets(train), features(heldout), targets(heldout))
 
 
-def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[str, dict[str, float]]:
+def trained_bounds(
+    checkpoint: str, train_path: str, heldout_path: str, prompts: PromptSet
+) -> dict[str, dict[str, float]]:
     """Logistic regression on the trained model's image embeddings, and on its report
     embeddings (studies with a report), fit on the training studies, scored on the held-out;
     and the held-out report and image embeddings scored without a fit, along the prompt
@@ -116,7 +123,7 @@ def trained_bounds(checkpoint: str, train_path: str, heldout_path: str) -> dict[
             getattr(train, side)[fit], y_train[fit], getattr(heldout, side)[held], y_held[held]
         )
     reports, y_reports = unit(heldout.report[heldout.has_report]), y_held[heldout.has_report]
-    prompts = prompt_directions(text_encoder(loaded))
+    prompts = prompt_directions(text_encoder(loaded), prompts)
     directions = report_directions(train.report[train.has_report], y_train[train.has_report])
     for side, embeddings, y in (("report", reports, y_reports), ("image", unit(heldout.image), y_held)):
         bounds[f"{side}_prompts"] = aucs(y, embeddings @ prompts)
@@ -128,17 +135,16 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def prompt_directions(embed) -> np.ndarray:
-    """[E, findings]: per finding, the mean embedding of its positive prompts minus that of its
-    negative ones (the direction zero-shot scores along)."""
-    return np.stack(
-        [
-            unit(embed(list(FINDINGS[label].positive_prompts))).mean(0)
-            - unit(embed(list(FINDINGS[label].negative_prompts))).mean(0)
-            for label in LABELS
-        ],
-        axis=1,
-    )
+def prompt_directions(embed, prompts: PromptSet) -> np.ndarray:
+    """[E, findings]: per finding, the class embedding of its positive phrases minus that of its
+    negative ones, in the label's templates (the direction zero-shot scores along)."""
+    bank, labels = SentenceBank(embed, prompt_sentences(prompts)), {b.name: b for b in prompts.binary}
+    directions = []
+    for name in LABELS:
+        label = labels[name]
+        positive, negative = bank.class_embeddings([label.positive, label.negative], label.templates).mean(1)
+        directions.append(positive - negative)
+    return np.stack(directions, axis=1)
 
 
 def report_directions(reports: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -186,7 +192,7 @@ def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tu
     return curve
 
 
-def report_text_bound(heldout) -> dict[str, float]:
+def report_text_bound(heldout, prompts: PromptSet) -> dict[str, float]:
     tower, tokenizer = TextTower.from_pretrained(None, 8, pooling="mean").eval(), Tokenizer(None, 128)
 
     def embed(texts):
@@ -197,7 +203,7 @@ def report_text_bound(heldout) -> dict[str, float]:
 
     with_report = [s for s in heldout if s.report.strip()]
     reports = embed([select_sections(s.report, ["findings"]) or s.report for s in with_report])
-    return aucs(targets(with_report), reports @ prompt_directions(embed))
+    return aucs(targets(with_report), reports @ prompt_directions(embed, prompts))
 
 
 def row(values: dict[str, float]) -> str:
@@ -217,7 +223,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], help="demo-cpu config override, key=value")
     parser.add_argument("--checkpoint", help="a trained model whose image embeddings to probe")
+    parser.add_argument("--prompts", default="configs/prompts/synth.toml", help="the zero-shot prompts")
+    parser.add_argument("--template-set", help="one template set for every label (e.g. sentence)")
     args = parser.parse_args()
+    prompts = load_prompts(args.prompts, template_set=args.template_set)
     config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
     train, heldout = load_studies(args.train), load_studies(args.heldout)
     print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
@@ -226,9 +235,9 @@ def main() -> None:
         "  histogram + logistic regression: "
         + row(histogram_bound(train, heldout, StudyTransform(config, False)))
     )
-    print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout)))
+    print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout, prompts)))
     if args.checkpoint:
-        bounds = trained_bounds(args.checkpoint, args.train, args.heldout)
+        bounds = trained_bounds(args.checkpoint, args.train, args.heldout, prompts)
         print("  trained image embeddings + LR:   " + row(bounds["image"]))
         print("  trained report embeddings + LR:  " + row(bounds["report"]))
         print("  trained reports vs prompts:      " + row(bounds["report_prompts"]))

@@ -149,13 +149,17 @@ def test_select_restricts_to_named_labels():
 
 
 def test_synth_prompts_follow_the_planted_findings():
-    from hlip.ingest.synth import FINDINGS
+    from hlip.ingest.synth import FINDINGS, NORMAL_SENTENCES
 
     prompts = load_prompts(ROOT / "configs" / "prompts" / "synth.toml")
     assert [b.name for b in prompts.binary] == list(FINDINGS)
     for label in prompts.binary:
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
+        # each phrase inside a findings section of its modality, as the reports write it
+        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.modality]),)
+    bare = load_prompts(ROOT / "configs" / "prompts" / "synth.toml", template_set="sentence")
+    assert {label.templates for label in bare.binary} == {("{}",)}
 
 
 def test_benchmark_label_sets():
