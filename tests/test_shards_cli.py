@@ -64,6 +64,7 @@ def test_show_prints_metadata_and_report_and_writes_montage(dataset, tmp_path_fa
     result = runner.invoke(app, ["show", str(dataset), "mr0", "--png", str(png)])
     assert result.exit_code == 0, result.output
     assert "Small T1 study." in result.output and "lesion" in result.output and "T1 ax" in result.output
+    assert "slabs of" in result.output and "zstd 1" in result.output  # the codec it was written with
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert runner.invoke(app, ["show", str(dataset), "nope", "--png", str(png)]).exit_code == 2
 

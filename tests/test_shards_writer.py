@@ -19,6 +19,7 @@ from zarr.storage import MemoryStore
 
 from hlip.shards import format as fmt
 from hlip.shards import writer
+from hlip.shards.inspect import storage_text
 from hlip.shards.reader import ZipBytesStore, decode_study
 from hlip.shards.synthetic import synthetic_study
 from hlip.shards.writer import DatasetWriter, encode_slabs, encode_study, shard_name, write_dataset
@@ -105,7 +106,10 @@ def test_a_study_written_with_a_codec_declares_it_and_reads_back(codec, complib)
     assert (blosc_config["cname"], blosc_config["clevel"]) == (codec, fmt.SLAB_CODECS[codec].clevel)
     chunks = [store._read(key, None) for key in sorted(store._names) if key.startswith(f"{scan.name}/c/")]
     assert chunks and {blosc.cbuffer_complib(chunk) for chunk in chunks} == {complib}
-    np.testing.assert_array_equal(decode_study(study.key, members).scans[0].array[...], scan.array)
+    decoded = decode_study(study.key, members).scans[0]
+    np.testing.assert_array_equal(decoded.array[...], scan.array)
+    depth = min(fmt.DEFAULT_SLAB_DEPTH, scan.shape[0])
+    assert storage_text(decoded.array) == f"slabs of {depth}, {codec} {fmt.SLAB_CODECS[codec].clevel}"
 
 
 def test_an_unknown_codec_is_refused(tmp_path):

@@ -225,10 +225,24 @@ def study_summary(study: Study) -> dict[str, Any]:
                 "shape": list(s.shape),
                 "spacing": list(s.spacing),
                 "intensity": f"{s.intensity_unit} (x{s.intensity_slope:g} + {s.intensity_intercept:g})",
+                "storage": storage_text(s.array),
             }
             for s in study.scans
         ],
     }
+
+
+def storage_text(array: Any) -> str:
+    """How a scan's voxels are stored: slab depth and codec of a zarr array (the codec a
+    dataset was ingested with, ``--codec``), or "in memory"."""
+    chunks = getattr(array, "chunks", None)
+    compressors = getattr(array, "compressors", None)
+    if chunks is None or compressors is None:
+        return "in memory"
+    codecs = ", ".join(
+        f"{c.cname.value} {c.clevel}" if hasattr(c, "cname") else type(c).__name__ for c in compressors
+    )
+    return f"slabs of {chunks[0]}, {codecs or 'uncompressed'}"
 
 
 # --- verification -----------------------------------------------------------------------
