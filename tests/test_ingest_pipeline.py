@@ -345,6 +345,18 @@ def test_resume_refuses_a_different_config(archive, reference, tmp_path):
         pipeline.run_ingest([archive.root], out, small_config(archive, secret="other"), workers=0)
 
 
+def test_resume_accepts_a_config_recorded_before_the_codec_was_a_setting(archive, reference, tmp_path):
+    out = tmp_path / "out"
+    pipeline.run_ingest([archive.root], out, small_config(archive), workers=0)
+    config_file = out / pipeline.INGEST_DIR / pipeline.CONFIG_FILE
+    recorded = json.loads(config_file.read_text())
+    del recorded["codec"]
+    config_file.write_text(json.dumps(recorded))
+    pipeline.run_ingest([archive.root], out, small_config(archive), workers=0)
+    with pytest.raises(ValueError, match="another codec"):
+        pipeline.run_ingest([archive.root], out, small_config(archive, codec="lz4hc"), workers=0)
+
+
 # --- real data ----------------------------------------------------------------------------
 
 

@@ -573,6 +573,7 @@ def _check_config(ingest_dir: Path, settings: dict, secret: bytes) -> None:
     fields = {**settings, "secret_check": deid.study_key(SECRET_CHECK, secret)}
     if path.exists():
         recorded, wanted = json.loads(path.read_text()), json.loads(json.dumps(fields))
+        recorded.setdefault("codec", fmt.DEFAULT_CODEC)  # recorded before the codec was a setting
         differ = sorted(
             name for name in recorded.keys() | wanted.keys() if recorded.get(name) != wanted.get(name)
         )
