@@ -123,11 +123,11 @@ def trained_bounds(
             getattr(train, side)[fit], y_train[fit], getattr(heldout, side)[held], y_held[held]
         )
     reports, y_reports = unit(heldout.report[heldout.has_report]), y_held[heldout.has_report]
-    prompts = prompt_directions(text_encoder(loaded), prompts)
-    directions = report_directions(train.report[train.has_report], y_train[train.has_report])
+    along_prompts = prompt_directions(text_encoder(loaded), prompts)
+    along_reports = report_directions(train.report[train.has_report], y_train[train.has_report])
     for side, embeddings, y in (("report", reports, y_reports), ("image", unit(heldout.image), y_held)):
-        bounds[f"{side}_prompts"] = aucs(y, embeddings @ prompts)
-        bounds[f"{side}_directions"] = aucs(y, embeddings @ directions)
+        bounds[f"{side}_prompts"] = aucs(y, embeddings @ along_prompts)
+        bounds[f"{side}_directions"] = aucs(y, embeddings @ along_reports)
     return bounds
 
 

@@ -7,7 +7,9 @@ hlip.shards.synthetic) it measures, in the same run:
   layout) and vs one ``.nii.gz`` per scan (nibabel), and that the shard is lossless;
 * write and read throughput (MB/s of int16 voxels) for shards, ``.pt`` and ``.nii.gz``;
 * latency of reading 16 slices from the middle of a scan vs the whole scan;
-* the same for several slab depths (slices per zarr chunk), to justify the default.
+* the same for several slab depths (slices per zarr chunk), to justify the default;
+* every slab codec (``hlip.shards.format.SLAB_CODECS``) on the same slabs: size, CPU time to
+  compress and to decompress, each against the default codec.
 
 Run: ``.venv/bin/python bench/shards.py`` (``--small`` for a quick run; ``--codec lz4hc`` for
 shards written with that slab codec instead of the default zstd).
@@ -16,6 +18,7 @@ shards written with that slab codec instead of the default zstd).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -25,13 +28,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from numcodecs import Blosc
 
 from hlip.shards import format as fmt
 from hlip.shards.inspect import scan_to_nifti
 from hlip.shards.reader import ShardDataset
 from hlip.shards.stream import stream_studies
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import write_dataset
+from hlip.shards.writer import encode_slabs, write_dataset
 
 WINDOW = 16
 
@@ -60,6 +64,29 @@ def timed(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def bench_codecs(study, repeats: int) -> dict[str, dict[str, float]]:
+    """Per slab codec: compressed bytes, and the CPU seconds to compress every slab of the
+    study (the writer's ``encode_slabs``) and to decompress them (Blosc, as the reader does)."""
+    out, blosc = np.empty((8, *study.scans[0].shape[1:]), fmt.ARRAY_DTYPE), Blosc()
+
+    def encode(codec: str) -> dict[str, bytes]:
+        return {
+            k: v for scan in study.scans for k, v in encode_slabs(scan.name, scan.array, 8, codec).items()
+        }
+
+    results = {}
+    for codec in fmt.SLAB_CODECS:
+        frames = list(encode(codec).values())
+        results[codec] = {
+            "bytes": sum(len(frame) for frame in frames),
+            "encode_cpu": cpu_best_of(repeats, functools.partial(encode, codec)),
+            "decode_cpu": cpu_best_of(
+                repeats, lambda frames=frames: [blosc.decode(f, out=out) for f in frames]
+            ),
+        }
+    return results
 
 
 def bench_baselines(study, work: Path, repeats: int) -> dict[str, float]:
@@ -140,6 +167,7 @@ def main() -> None:
         sweep = {
             depth: bench_shards(study, work, args.repeats, depth, args.codec) for depth in (4, 8, 16, 32)
         }
+    codecs = bench_codecs(study, args.repeats)
     shard = sweep[fmt.DEFAULT_SLAB_DEPTH]
 
     print("\nstorage (bytes per study)")
@@ -179,6 +207,15 @@ def main() -> None:
         whole, part = open_s + shard["scan_full_s"], open_s + shard["scan_window_s"]
         print(
             f"  open ({label}) + 16 slices vs open + whole scan: {part * 1e3:.1f} / {whole * 1e3:.1f} ms = {part / whole:.3f}x"
+        )
+    default = codecs[fmt.DEFAULT_CODEC]
+    print(f"\nslab codecs, slabs of 8 (CPU; ratios against the default, {fmt.DEFAULT_CODEC})")
+    print("  codec    size vs int16   compress MB/s   decompress MB/s   size    compress   decompress")
+    for codec, r in codecs.items():
+        print(
+            f"  {codec:7s}  {r['bytes'] / voxel_mb / 1e6:11.3f}x  {voxel_mb / r['encode_cpu']:14.0f}  "
+            f"{voxel_mb / r['decode_cpu']:16.0f}  {r['bytes'] / default['bytes']:5.2f}x  "
+            f"{default['encode_cpu'] / r['encode_cpu']:8.2f}x  {default['decode_cpu'] / r['decode_cpu']:9.2f}x"
         )
     ratio_storage = shard["bytes"] / base["pt_bytes"]
     ratio_wall = shard["scan_window_s"] / shard["scan_full_s"]
