@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +105,42 @@ def test_missing_member_is_named(member):
     members = encode_study(study())
     del members[member]
     with pytest.raises(ShardFormatError, match=f"study 'k1': missing member.*{member}"):
+        decode_study("k1", members)
+
+
+def rezipped(data: bytes, changes: dict[str, bytes | None]) -> bytes:
+    """A copy of the zip ``data`` with entries replaced, or removed where the value is None."""
+    with zipfile.ZipFile(io.BytesIO(data)) as source:
+        entries = {name: source.read(name) for name in source.namelist()}
+    entries.update(changes)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for name, value in entries.items():
+            if value is not None:
+                target.writestr(name, value)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (None, r"member zarr.zip does not open"),
+        ({"zarr.json": None}, r"zarr.zip is not a zarr v3 group"),
+        ({"zarr.json": b'{"zarr_format": 2, "node_type": "group"}'}, r"zarr.zip is not a zarr v3 group"),
+        ({"scan1/zarr.json": None}, r"zarr.zip has no array for scan 'scan1'"),
+        ({"scan1/zarr.json": b"{not json"}, r"zarr.zip's scan1/zarr.json does not parse"),
+        ({"scan1/zarr.json": b"[]"}, r"zarr.zip's scan1/zarr.json is not an object"),
+        (
+            {"scan1/zarr.json": b'{"zarr_format": 3, "node_type": "array"}'},
+            r"scan1/zarr.json is not a zarr v3 array",
+        ),
+    ],
+)
+def test_a_damaged_zarr_zip_is_a_format_error_naming_what_is_wrong(changes, message):
+    members = encode_study(study())
+    data = members[fmt.ARRAYS_MEMBER]
+    members[fmt.ARRAYS_MEMBER] = b"not a zip" if changes is None else rezipped(data, changes)
+    with pytest.raises(ShardFormatError, match=f"study 'k1'.*{message}"):
         decode_study("k1", members)
 
 

@@ -213,7 +213,7 @@ def slab_volumes(draw) -> tuple[np.ndarray, int]:
 def slab_array(volume: np.ndarray, depth: int):
     study = synthetic_study("slabs", n_scans=1, shape=volume.shape)
     study.scans[0].array = volume
-    return open_arrays(encode_arrays(study, slab_depth=depth), "slabs")["scan0"]
+    return open_arrays(encode_arrays(study, slab_depth=depth), "slabs", ["scan0"])["scan0"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -127,3 +128,35 @@ def test_skip_errors_passes_each_skipped_key_to_the_callback(damaged):
         damaged / "ds-000000.tar", skip_errors=True, on_error=lambda k, e: skipped.append(k)
     )
     assert len(list(stream)) == 4 and skipped == ["s02"] and stream.errors.count == 1
+
+
+@pytest.mark.parametrize(
+    ("via_pipe", "cut_in_header"),
+    [(False, True), (False, False), (True, False)],
+    ids=["file-header", "file-data", "pipe-data"],
+)
+def test_a_truncated_shard_keeps_its_whole_samples_and_the_next_shard_is_read(
+    tmp_path, via_pipe, cut_in_header
+):
+    write_dataset(tmp_path / "cut", [small_study(i) for i in range(6)])
+    write_dataset(tmp_path / "whole", [small_study(i) for i in range(6, 9)])
+    (cut,) = sorted((tmp_path / "cut").glob("*.tar"))
+    with tarfile.open(cut) as tar:
+        members = [(m.name.split(".")[0], m.offset, m.offset_data + m.size) for m in tar.getmembers()]
+    _, header, end = members[len(members) // 2]
+    size = header + 100 if cut_in_header else end - 10
+    complete = {k for k, _, _ in members} - {k for k, _, end in members if end > size}
+    with open(cut, "r+b") as file:
+        file.truncate(size)
+    urls = [str(cut), *map(str, sorted((tmp_path / "whole").glob("*.tar")))]
+    if via_pipe:
+        urls = [f"pipe:cat {url}" for url in urls]
+    skipped = []
+    stream = stream_studies(
+        urls, shardshuffle=False, skip_errors=True, on_error=lambda k, e: skipped.append(k)
+    )
+    keys = {study.key for study in stream}
+    assert keys == complete | {small_study(i).key for i in range(6, 9)}
+    assert 0 < len(complete) < 6 and any(str(cut) in where for where in skipped)
+    with pytest.raises(tarfile.ReadError):
+        list(stream_studies(urls, shardshuffle=False))
