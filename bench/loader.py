@@ -108,16 +108,17 @@ class ReferenceStudies(Dataset):
 
 
 def make_data(root: Path, studies: int, scans: int, shape: tuple[int, int, int]) -> dict[str, Path]:
-    """The same studies as shards (zstd, the default codec), as lz4hc shards and as .pt files."""
+    """The same studies as shards written with each slab codec (``shards-<codec>``) and as
+    .pt files (``pt``)."""
     examples = [synthetic_study(f"study{i:03d}", n_scans=scans, shape=shape, seed=i) for i in range(studies)]
-    write_dataset(root / "shards", examples)
-    write_dataset(root / "shards-lz4hc", examples, codec="lz4hc")
+    for codec in fmt.SLAB_CODECS:
+        write_dataset(root / f"shards-{codec}", examples, codec=codec)
     for study in examples:
         for scan in study.scans:
             path = root / "pt" / study.key / f"{scan.name}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(torch.from_numpy(scan.array.astype(np.float32)), path)
-    return {name: root / name for name in ("shards", "shards-lz4hc", "pt")}
+    return {name: root / name for name in ("pt", *(f"shards-{codec}" for codec in fmt.SLAB_CODECS))}
 
 
 def shard_loader(shards: Path, scans: int, batch: int) -> DataLoader:
@@ -223,13 +224,17 @@ def measure_regime(paths: dict[str, Path], args: argparse.Namespace, cold: bool)
             measure(reference_loader(paths["pt"], args.batch, length, cold), args.batch, per_pass, timed),
         )
     ]
-    for name, key in (
-        (f"shards, {fmt.DEFAULT_CODEC} (decode, window, tokenize, pack)", "shards"),
-        ("shards, lz4hc (same)", "shards-lz4hc"),
-    ):
+    for codec in fmt.SLAB_CODECS:
+        default = " (default)" if codec == fmt.DEFAULT_CODEC else ""
+        key = f"shards-{codec}"
         with cold_epochs(paths[key], cold):
             loader = shard_loader(paths[key], args.scans, args.batch)
-            rows.append((name, measure(loader, args.batch, per_pass, timed)))
+            rows.append(
+                (
+                    f"shards, {codec}{default} (decode, window, tokenize, pack)",
+                    measure(loader, args.batch, per_pass, timed),
+                )
+            )
     return rows
 
 
@@ -247,8 +252,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hlip-bench-loader-", dir=args.dir) as tmp:
         paths = make_data(Path(tmp), args.studies, args.scans, tuple(args.shape))
         sizes = [
-            megabytes_per_study(paths[key], pattern, args.studies)
-            for key, pattern in (("pt", "*/*.pt"), ("shards", "*.tar"), ("shards-lz4hc", "*.tar"))
+            megabytes_per_study(path, "*/*.pt" if key == "pt" else "*.tar", args.studies)
+            for key, path in paths.items()
         ]
         regimes = {cold: measure_regime(paths, args, cold) for cold in (False, True)}
     print(

@@ -135,7 +135,9 @@ def encode_arrays(
     group = zarr.create_group(store=store, zarr_format=3, attributes=attributes)
     slabs: dict[str, bytes] = {}
     settings = fmt.slab_codec(codec)
-    compressor = BloscCodec(cname=settings.cname, clevel=settings.clevel, shuffle=settings.shuffle)
+    compressor = BloscCodec(
+        cname=settings.cname, clevel=settings.clevel, shuffle=settings.shuffle, blocksize=settings.blocksize
+    )
     for scan in study.scans:
         depth, height, width = scan.shape
         array = group.create_array(
@@ -166,7 +168,7 @@ def _blosc(codec: str) -> Blosc:
         cname=settings.cname,
         clevel=settings.clevel,
         shuffle=modes[settings.shuffle],
-        blocksize=0,
+        blocksize=settings.blocksize,
         typesize=fmt.ARRAY_DTYPE.itemsize,
     )
 
