@@ -7,14 +7,13 @@ CT window [-1150, 350] HU and standardised as HLIP does, ``(x - 0.449) / 0.226``
 batches of 4 studies delivered to the main process. They read the same phantom studies
 (default 56x240x240 int16 scans, realistic noise inside the body so they compress like CT):
 
-* **shards** (hlip): the training loader itself (``hlip.train.data.build_train_loader``):
-  stream studies from tar shards (zarr.zip members), decode only the slabs of slices the
-  crop overlaps, window and standardise the crop, tokenize the report (256 tokens) and pack
-  the batch into patch order (``pack_studies``, which the reference leaves to the GPU);
-* **shards, lz4hc**: the same shards written with ``--codec lz4hc`` (Blosc lz4hc) instead of
-  the default zstd. Decompression is the largest cost of the shards row, and lz4hc
-  decompresses several times faster for about a fifth more bytes: the row says what that
-  trade is worth. Readers need no setting (zarr records the codec with each array);
+* **shards** (hlip), one row per slab codec (``hlip.shards.format.SLAB_CODECS``: the default
+  zstd, and lz4hc, as ``hlip-ingest run --codec lz4hc`` writes): the training loader itself
+  (``hlip.train.data.build_train_loader``): stream studies from tar shards (zarr.zip members),
+  decode only the slabs of slices the crop overlaps, window and standardise the crop,
+  tokenize the report (256 tokens) and pack the batch into patch order (``pack_studies``,
+  which the reference leaves to the GPU). Readers need no setting for the codec (zarr records
+  it with each array);
 * **reference**: HLIP's layout, one float32 ``.pt`` per scan: ``torch.load`` each scan,
   window the volume, crop, standardise, stack (no tokenizing, no packing).
 
@@ -28,13 +27,15 @@ Two regimes, the same for both sides:
   pre-training's regime: hundreds of thousands of studies, terabytes, do not fit the page
   cache. ``--dir`` must be on a disk (on tmpfs the eviction does nothing).
 
-Reported per side: studies per wall-second of the loader, and studies per CPU-second of the
-worker plus the main process (CPU time does not count what other programs on a loaded
-machine take, so it is the steadier number and the one to size cores by; time waiting for
-storage is not CPU time), each as a ratio to the reference; and the study's size on disk
-with, in parentheses, the MB per study the worker actually read from storage over the timed
-passes (about 0 warm; about the size cold, which checks the eviction). Linux only (worker
-CPU time and reads come from /proc). Run:
+Every row is measured ``--rounds`` times, the rows interleaved, and the medians printed with
+each round's wall ratio (the reference's rate drifts with the machine's memory state from
+run to run, so ratios are taken within a round). Reported per side: studies per wall-second
+of the loader, and studies per CPU-second of the worker plus the main process (CPU time does
+not count what other programs on a loaded machine take, so it is the steadier number and the
+one to size cores by; time waiting for storage is not CPU time), each as a ratio to the
+reference; and the study's size on disk with, in parentheses, the MB per study the worker
+actually read from storage over the timed passes (about 0 warm; about the size cold, which
+checks the eviction). Linux only (worker CPU time and reads come from /proc). Run:
 ``.venv/bin/python bench/loader.py``.
 """
 
@@ -44,6 +45,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -246,6 +248,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--passes", type=int, default=8, help="timed passes over the studies")
     parser.add_argument("--dir", default=None, help="where to write the data (a disk, not tmpfs)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measure every row this many times, interleaved; print medians"
+    )
     args = parser.parse_args()
     if args.studies % args.batch:
         parser.error("--studies must be a multiple of --batch")
@@ -255,21 +260,34 @@ def main() -> None:
             megabytes_per_study(path, "*/*.pt" if key == "pt" else "*.tar", args.studies)
             for key, path in paths.items()
         ]
-        regimes = {cold: measure_regime(paths, args, cold) for cold in (False, True)}
+        rounds = [
+            {cold: measure_regime(paths, args, cold) for cold in (False, True)} for _ in range(args.rounds)
+        ]
     print(
         f"{args.studies} studies x {args.scans} scans of {tuple(args.shape)} int16 -> crops {CROP}, "
-        f"batches of {args.batch}, one DataLoader worker, {args.passes} timed passes; "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"batches of {args.batch}, one DataLoader worker, {args.passes} timed passes, "
+        f"median of {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}"
     )
-    for cold, rows in regimes.items():
+    for cold in (False, True):
         regime = "cold: each pass read from storage" if cold else "warm page cache"
         print(f"\n{regime:58s} studies/s  studies/CPU-s  vs reference (wall, CPU)  MB/study (read)")
-        reference = rows[0][1]
-        for (name, rate), size in zip(rows, sizes, strict=True):
-            ratios = f"{rate.wall / reference.wall:5.2f}x, {rate.cpu / reference.cpu:5.2f}x"
-            print(
-                f"{name:58s} {rate.wall:9.2f}  {rate.cpu:13.2f}  {ratios:>25s}  {size:8.1f} ({rate.storage_mb:4.1f})"
+        names = [name for name, _ in rounds[0][cold]]
+        for row, (name, size) in enumerate(zip(names, sizes, strict=True)):
+            rates = [r[cold][row][1] for r in rounds]
+            references = [r[cold][0][1] for r in rounds]
+            wall, cpu = (statistics.median(getattr(rate, f) for rate in rates) for f in ("wall", "cpu"))
+            ratio_wall, ratio_cpu = (
+                statistics.median(
+                    getattr(a, f) / getattr(b, f) for a, b in zip(rates, references, strict=True)
+                )
+                for f in ("wall", "cpu")
             )
+            storage = statistics.median(rate.storage_mb for rate in rates)
+            ratios = f"{ratio_wall:5.2f}x, {ratio_cpu:5.2f}x"
+            print(f"{name:58s} {wall:9.2f}  {cpu:13.2f}  {ratios:>25s}  {size:8.1f} ({storage:4.1f})")
+            if args.rounds > 1:
+                spread = ", ".join(f"{a.wall / b.wall:.2f}" for a, b in zip(rates, references, strict=True))
+                print(f"{'':58s} wall ratio per round: {spread}")
 
 
 if __name__ == "__main__":
