@@ -449,8 +449,9 @@ def pack_studies(
 
     ``patch_size`` must be the encoder's (``model.patch_size``); the encoder checks it. Voxels are
     copied once, straight into patch order, as float32, into a buffer of ``buffers`` if given.
-    A scan is a tensor, or an object with a ``shape`` that renders itself into its
-    [d, h, w, pd, ph, pw] patches with ``write_patches(target)`` (the training transform's crops).
+    A scan is a tensor, or an object with a ``shape`` that renders itself as one with
+    ``tensor()`` when its turn comes (the training transform's crops: the batch's scans are then
+    float32 one at a time, not all at once).
     """
     patch_size = tuple(int(p) for p in patch_size)
     if not studies or any(len(study) == 0 for study in studies):
@@ -468,9 +469,7 @@ def pack_studies(
     start = 0
     for scan, grid, size in zip(scans, grids, sizes, strict=True):
         target = patches[start : start + size].view(*grid, *patch_size)
-        if isinstance(scan, Tensor):
-            target.copy_(patch_view(scan, grid, patch_size))
-        else:
-            scan.write_patches(target)
+        voxels = scan if isinstance(scan, Tensor) else scan.tensor()
+        target.copy_(patch_view(voxels, grid, patch_size))
         start += size
     return PackedStudies.from_patches(patches, grids, [len(s) for s in studies], patch_size, lease)

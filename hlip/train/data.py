@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hlip.model.packing import PatchBuffers, pack_studies, patch_view
+from hlip.model.packing import PatchBuffers, pack_studies
 from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
@@ -191,8 +191,10 @@ class Crop:
     """One scan's crop as the model sees it, rendered where it is needed: the stored int16
     voxels the crop reads, its intensity map, its padding.
 
-    Packing renders it when it writes the batch (:meth:`write_patches`), so a worker holds
-    int16 crops, not float32 ones, until then. :meth:`tensor` renders it alone.
+    Packing renders it (:meth:`tensor`) when it copies the crop into the batch, so a worker
+    holds int16 crops, not float32 ones, until then. The intensity map runs in the crop's own
+    order and packing then copies float32 into patch order: mapping straight into patch order
+    took twice as long, numpy casting int16 to float32 in runs of one patch row (16 voxels).
     """
 
     region: np.ndarray
@@ -208,17 +210,6 @@ class Crop:
     def tensor(self) -> torch.Tensor:
         """The rendered crop, float32 [D, H, W]."""
         return torch.from_numpy(render(self.region, self.unit_map, self.axes, self.mean, self.std))
-
-    def write_patches(self, target: torch.Tensor) -> None:
-        """Render into ``target``, the [d, h, w, pd, ph, pw] patches of this scan in a packed
-        batch (voxels past the last whole patch are dropped, as in ``pack_studies``).
-
-        The intensity map runs in the crop's own order, then one float32 copy puts the
-        voxels in patch order: mapping straight into patch order took twice as long, numpy
-        casting int16 to float32 in runs of one patch row (16 voxels) at a time.
-        """
-        d, h, w, pd, ph, pw = target.shape
-        target.copy_(patch_view(self.tensor(), (d, h, w), (pd, ph, pw)))
 
 
 def is_hounsfield(scan: Scan) -> bool:
