@@ -17,6 +17,7 @@ from test_model_reference import model_levels, naive_features, tiny_model
 from hlip.model import attention, create_vision, pack_studies
 from hlip.model.attention import Segments, resolve_backend
 from hlip.model.packing import SCAN, SLICE, STUDY, PatchBuffers, RowGather, TokenLayout
+from hlip.model.vision import POOLS
 
 PATCH = (4, 8, 8)
 
@@ -47,9 +48,12 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+@pytest.fixture(scope="module", params=[(name, pool) for name in sorted(MODELS) for pool in POOLS])
 def model(request):
-    return tiny_model(MODELS[request.param], max_num_scans=2, seed=3)
+    name, pool = request.param
+    model = tiny_model(MODELS[name], max_num_scans=2, seed=3)
+    model.pool = pool
+    return model
 
 
 @settings(max_examples=8, deadline=None)
@@ -81,7 +85,8 @@ def test_packed_batch_equals_each_study_alone(model, shapes, seed):
     data=st.data(),
 )
 def test_layout_regroup_keeps_tokens_and_moves_cls(scans, data):
-    """Patch tokens survive any regrouping in order; cls is the children's mean / the parent's copy."""
+    """Patch tokens survive any regrouping in order; cls is the children's mean / the parent's copy;
+    each group's patch maximum is over its own patch tokens."""
     n_scans = sum(scans)
     depth = data.draw(st.lists(st.integers(1, 3), min_size=n_scans, max_size=n_scans))
     per_slice = data.draw(st.lists(st.integers(1, 4), min_size=n_scans, max_size=n_scans))
@@ -108,6 +113,7 @@ def test_layout_regroup_keeps_tokens_and_moves_cls(scans, data):
     for g, count in enumerate(counts[dst]):
         pos = int(layout.levels[dst].cls_pos[g])
         assert torch.equal(y[pos + 1 : pos + 1 + count], tokens[first : first + count])
+        assert torch.equal(layout.patch_max(y, dst)[g], tokens[first : first + count].max(0).values)
         first += count
         if src < dst:
             children = [c for c, p in enumerate(parent[(src, dst)]) if p == g]

@@ -114,6 +114,22 @@ def test_invalid_configurations_are_refused():
         create_vision("vit_nano_multiscan_h3", embed_dim=64, num_heads=2)
     with pytest.raises(KeyError, match="unknown vision preset"):
         create_vision("vit_huge")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        create_vision("vit_nano_multiscan_h3", pool="mean")
+
+
+def test_token_max_pool_adds_the_maximum_of_the_normed_patch_tokens_to_the_cls_token():
+    """``pool="token+max"`` = the normed cls token of ``forward_features`` plus the maximum over
+    the study's normed patch tokens; gradients reach the patch embedding through both."""
+    model = randomize(create_vision("vit_nano_multiscan_h3", pool="token+max"), seed=4).eval()
+    x = torch.randn(2, 2, 1, 8, 16, 16)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pooled = model(x)
+    torch.testing.assert_close(pooled, features[:, 0] + features[:, 1:].amax(1), atol=1e-5, rtol=0)
+    model.train()
+    model(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
 def test_open_clip_checkpoint_trunk_loads_into_encoder(tmp_path):

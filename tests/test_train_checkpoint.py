@@ -85,6 +85,17 @@ def test_export_openclip_layout_loads_into_a_fresh_model(run, tmp_path):
     assert all(torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
 
 
+def test_a_model_the_open_clip_layout_cannot_describe_is_not_exported(run, tmp_path):
+    """open_clip's HLIP encoder pools the cls token: weights of a token+max model would load
+    there and silently give other embeddings, so the export refuses them."""
+    result, _, _ = run
+    payload = ckpt.read_checkpoint(result.checkpoint)
+    payload["config"]["model_overrides"]["vision"]["pool"] = "token+max"
+    with pytest.raises(ValueError, match="pools the cls token only"):
+        ckpt.export_openclip(payload, tmp_path / "hlip.pt")
+    assert not (tmp_path / "hlip.pt").exists()
+
+
 def test_an_open_clip_file_is_not_mistaken_for_a_training_checkpoint(run):
     result, _, _ = run
     with pytest.raises(ValueError, match="load_openclip_checkpoint"):

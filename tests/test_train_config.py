@@ -45,7 +45,7 @@ def test_overrides_are_typed_and_applied_in_order():
     assert config.ct_windows == [[-1000.0, 400.0], [-160.0, 240.0]]
     assert isinstance(config.ct_windows[0][0], float)
     assert config.lock_text is True
-    assert config.model_overrides == {"text": {"context_length": 32}}
+    assert config.model_overrides == {"text": {"context_length": 32}, "vision": {"pool": "token+max"}}
 
 
 def test_parse_value_falls_back_to_the_raw_string():

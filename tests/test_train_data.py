@@ -86,15 +86,16 @@ def test_crop_window_stays_inside_and_fills_the_grid(shape, size, seed, pad):
     pads=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=3, max_size=3),
     scale=st.floats(-0.01, 0.01),
     offset=st.floats(-2, 2),
+    ceiling=st.sampled_from([1.0, 1.5, 2.0]),
     seed=st.integers(0, 2**16),
 )
-def test_render_is_the_float32_formula_exactly(shape, pads, scale, offset, seed):
+def test_render_is_the_float32_formula_exactly(shape, pads, scale, offset, ceiling, seed):
     """``clip(float32(stored) * scale' + offset', low, high)`` voxel for voxel, bit for bit
     (in float32, as the reference computes it), and the value of intensity 0 in the padding."""
     region = np.random.default_rng(seed).integers(-32768, 32767, shape, endpoint=True).astype(np.int16)
     axes = [AxisCrop(0, n, before, after) for n, (before, after) in zip(shape, pads, strict=True)]
-    out = render(region, UnitMap(scale, offset), axes, MEAN, STD)
-    low, high = np.float32(-MEAN / STD), np.float32((1 - MEAN) / STD)
+    out = render(region, UnitMap(scale, offset, ceiling), axes, MEAN, STD)
+    low, high = np.float32(-MEAN / STD), np.float32((ceiling - MEAN) / STD)
     want = np.full([n + a + b for n, (a, b) in zip(shape, pads, strict=True)], low, np.float32)
     inner = tuple(slice(a, a + n) for n, (a, _) in zip(shape, pads, strict=True))
     scaled = region.astype(np.float32) * np.float32(scale / STD) + np.float32((offset - MEAN) / STD)
@@ -175,12 +176,32 @@ def test_non_hu_scans_use_percentiles(config):
     )
     flat = dataclasses.replace(ct_scan(np.full((8, 16, 16), 7)), intensity_unit="", modality="MR")
     study = Study(key="k", modality="MR", scans=[mr, flat], report="Text.")
-    varied, constant = tensors(StudyTransform(config, train=False)(study))
+    hlip_map = dataclasses.replace(config, mr_percentiles=[0.5, 99.5], mr_ceiling=1.0)
+    varied, constant = tensors(StudyTransform(hlip_map, train=False)(study))
     unit = varied * STD + MEAN
     assert float(unit.min()) == pytest.approx(0.0, abs=1e-5) and float(unit.max()) == pytest.approx(
         1.0, abs=1e-5
     )
     assert torch.allclose(constant, torch.tensor((0 - MEAN) / STD))
+
+
+def test_mr_ceiling_keeps_a_small_bright_lesion_brighter_than_the_tissue_around_it(config):
+    """A lesion brighter than everything else but under 0.5% of the crop: clipped at the upper
+    percentile it takes the brightest tissue's value; with a ceiling of 2 it stays above it,
+    and the tissue below the upper percentile maps exactly as before."""
+    values = np.random.default_rng(3).normal(500, 20, size=(8, 32, 32))
+    values[3:5, 10:13, 10:13] = 900  # 18 of 8192 voxels
+    scan = dataclasses.replace(ct_scan(values), intensity_unit="", modality="MR")
+    study = Study(key="k", modality="MR", scans=[scan], report="Text.")
+    grid = dataclasses.replace(config, img_size=[8, 32, 32], mr_percentiles=[0.5, 99.5])
+    clipped, kept = (
+        tensors(StudyTransform(dataclasses.replace(grid, mr_ceiling=ceiling), train=False)(study))[0]
+        for ceiling in (1.0, 2.0)
+    )
+    lesion = (slice(3, 5), slice(10, 13), slice(10, 13))
+    tissue = torch.from_numpy(values < np.percentile(values, 99))
+    assert torch.equal(clipped[tissue], kept[tissue])
+    assert float(kept[lesion].min()) > float(clipped[lesion].max()) == float(clipped.max())
 
 
 def test_crops_read_only_the_slabs_they_need(dataset, config):

@@ -26,6 +26,7 @@ from hlip.model.packing import (
     LEVEL_NAMES,
     STUDY,
     PackedStudies,
+    TokenLayout,
     grid_of,
     pack_studies,
     patch_view,
@@ -34,6 +35,10 @@ from hlip.model.patch_embed import PatchEmbed3D
 from hlip.model.pos_embed import resample_scans, resample_spatial, scan_table, spatial_table
 
 SCAN_POS_SAMPLING = ("ordered", "random")
+POOLS = ("token", "token+max")
+"""Study embedding: the study cls token (HLIP), or that plus the elementwise maximum over the
+study's normed patch tokens, a multiple-instance pooling under which one patch that shows a small
+lesion can set a feature whatever the rest of the study holds."""
 
 
 def block_levels(depth: int, slice_attn_indexes, scan_attn_indexes, study_attn_indexes) -> tuple[int, ...]:
@@ -76,10 +81,13 @@ class HierarchicalViT(nn.Module):
         patch_drop_rate: float = 0.0,
         scan_pos_sampling: str = "ordered",
         attn_backend: str = "auto",
+        pool: str = "token",
     ):
         super().__init__()
         if scan_pos_sampling not in SCAN_POS_SAMPLING:
             raise ValueError(f"scan_pos_sampling must be one of {SCAN_POS_SAMPLING}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}")
         if attn_backend not in BACKENDS_NAMES:
             raise ValueError(f"attn_backend must be one of {BACKENDS_NAMES}")
         if not 0.0 <= patch_drop_rate < 1.0:
@@ -93,6 +101,7 @@ class HierarchicalViT(nn.Module):
         self.patch_drop_rate = float(patch_drop_rate)
         self.scan_pos_sampling = scan_pos_sampling
         self.attn_backend = attn_backend
+        self.pool = pool
         self.grad_checkpointing = False
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -169,8 +178,11 @@ class HierarchicalViT(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _encode(self, packed: PackedStudies, scan_rows: Tensor | None = None, pooled: bool = True) -> Tensor:
-        """Run the trunk (before the final norm).
+    def _encode(
+        self, packed: PackedStudies, scan_rows: Tensor | None = None, pooled: bool = True
+    ) -> tuple[Tensor, TokenLayout]:
+        """Run the trunk (before the final norm); also returns the layout the tokens ended in
+        (fewer tokens under patch dropout).
 
         ``pooled``: [n_studies, C] study cls tokens. The last block then computes only its cls
         rows (their queries still attend over every token), which is all the pooled output
@@ -198,15 +210,20 @@ class HierarchicalViT(nn.Module):
                 x = block(*args)
         if pooled:  # x holds the last level's cls tokens in packed order
             cls = x.index_select(0, layout.levels[level].rank)
-            return cls if level == STUDY else layout.merge_cls(cls, level, STUDY)
-        return x if level == STUDY else layout.regroup(x, level, STUDY)
+            return (cls if level == STUDY else layout.merge_cls(cls, level, STUDY)), layout
+        return (x if level == STUDY else layout.regroup(x, level, STUDY)), layout
 
     def forward_packed(self, packed: PackedStudies, scan_rows: Tensor | None = None) -> Tensor:
-        """[n_studies, C]: each study's cls token after the final norm.
+        """[n_studies, C]: each study's cls token after the final norm (plus the maximum over
+        its normed patch tokens with ``pool="token+max"``).
 
         ``scan_rows`` [n_scans] optionally fixes the scan-table row of every scan.
         """
-        return self.norm(self._encode(packed, scan_rows))
+        if self.pool == "token":
+            return self.norm(self._encode(packed, scan_rows)[0])
+        x, layout = self._encode(packed, scan_rows, pooled=False)
+        x = self.norm(x)
+        return layout.cls_tokens(x, STUDY) + layout.patch_max(x, STUDY)
 
     def _pack_dense(self, x: Tensor, scan_rows: Tensor | None) -> tuple[PackedStudies, Tensor | None]:
         """Reference input [B, N, 1, D, H, W] (+ rows [N] or [B, N]) -> packed batch (+ rows [B*N])."""
@@ -233,7 +250,7 @@ class HierarchicalViT(nn.Module):
         rows 0..N-1 (see ``scan_pos_sampling`` for training).
         """
         packed, scan_rows = self._pack_dense(x, scan_rows)
-        tokens = self._encode(packed, scan_rows, pooled=False)
+        tokens = self._encode(packed, scan_rows, pooled=False)[0]
         # Equal-length studies keep their natural order in the study-level packing.
         return self.norm(tokens).view(x.shape[0], -1, self.embed_dim)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hlip.model.factory import MODEL_PRESETS
 from hlip.train.config import TrainConfig
 
 FORMAT = "hlip-train-checkpoint"
@@ -256,6 +257,14 @@ def export_openclip(checkpoint: str | os.PathLike | Mapping[str, Any], path: str
     ``module.`` prefix; load it with ``hlip.model.clip.load_openclip_checkpoint`` or open_clip.
     """
     payload = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
+    config = payload["config"]
+    vision = {**MODEL_PRESETS[config["model"]]["vision"], **config["model_overrides"].get("vision", {})}
+    pool = vision.get("pool", "token")
+    if pool != "token":
+        raise ValueError(
+            f"model pools its study embedding with {pool!r}; the open_clip HLIP encoder pools the cls "
+            "token only and would compute other embeddings from these weights"
+        )
     state = {
         key: value
         for key, value in payload["model"].items()

@@ -74,6 +74,9 @@ class TrainConfig:
     """With several windows: "scans" feeds each windowed copy as its own scan, "mean" averages."""
     mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     """Non-CT scans: these percentiles of the cropped volume map to [0, 1]."""
+    mr_ceiling: float = 1.0
+    """Non-CT scans are clipped to [0, mr_ceiling] after that map: 1 clips at the upper
+    percentile (HLIP); above 1, tissue brighter than the upper percentile stays brighter."""
     intensity_mean: float = HLIP_INTENSITY_MEAN
     intensity_std: float = HLIP_INTENSITY_STD
     text_mode: str = "sentence"
@@ -178,6 +181,8 @@ class TrainConfig:
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
+        if not self.mr_ceiling >= 1:
+            raise ValueError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
         if self.steps <= 0 and self.epochs <= 0:
             raise ValueError("set steps (optimizer steps) or epochs")
         if self.max_scans < 1 or self.accum_steps < 1:

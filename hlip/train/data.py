@@ -121,7 +121,8 @@ def read_crop(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class UnitMap:
-    """``stored value -> clip(stored * scale + offset, 0, 1)``: a scan's intensities to [0, 1].
+    """``stored value -> clip(stored * scale + offset, 0, ceiling)``: a scan's intensities to
+    [0, 1], or up to ``ceiling`` for values above the range that maps to 1.
 
     Windowing and percentile normalisation are both affine then clipped, so each is one
     UnitMap, and with the standardisation folded in the whole intensity path is four
@@ -130,6 +131,7 @@ class UnitMap:
 
     scale: float
     offset: float
+    ceiling: float = 1.0
 
 
 def window_map(scan: Scan, low: float, high: float) -> UnitMap:
@@ -142,8 +144,9 @@ PERCENTILE_SAMPLE = 1 << 17
 """Voxels sampled (a regular stride through the crop) to estimate percentiles quickly."""
 
 
-def percentile_map(region: np.ndarray, low: float, high: float) -> UnitMap:
-    """MR (or any non-HU) intensity: the ``low``/``high`` percentiles of the crop -> 0/1.
+def percentile_map(region: np.ndarray, low: float, high: float, ceiling: float = 1.0) -> UnitMap:
+    """MR (or any non-HU) intensity: the ``low``/``high`` percentiles of the crop -> 0/1, and
+    brighter voxels up to ``ceiling`` (1: clipped at the upper percentile, as HLIP does).
 
     Percentiles are estimated on a regular sample of the cropped region (reading the whole
     scan to normalise a crop would defeat slab-wise reading); they do not depend on the
@@ -154,23 +157,23 @@ def percentile_map(region: np.ndarray, low: float, high: float) -> UnitMap:
     lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
     if not hi > lo:
         return UnitMap(0.0, 0.0)
-    return UnitMap(1.0 / (hi - lo), -lo / (hi - lo))
+    return UnitMap(1.0 / (hi - lo), -lo / (hi - lo), ceiling)
 
 
 def _map_into(out: np.ndarray, region: np.ndarray, unit_map: UnitMap, mean: float, std: float) -> None:
-    """``out[...] = (clip(region * scale + offset, 0, 1) - mean) / std`` for same-shaped arrays.
+    """``out[...] = (clip(region * scale + offset, 0, ceiling) - mean) / std`` for same-shaped arrays.
 
     Convert, then scale in place: numpy's casting multiply is slower than both passes."""
     np.copyto(out, region, casting="unsafe")
     np.multiply(out, np.float32(unit_map.scale / std), out=out)
     np.add(out, np.float32((unit_map.offset - mean) / std), out=out)
-    np.clip(out, np.float32(-mean / std), np.float32((1.0 - mean) / std), out=out)
+    np.clip(out, np.float32(-mean / std), np.float32((unit_map.ceiling - mean) / std), out=out)
 
 
 def render(
     region: np.ndarray, unit_map: UnitMap, axes: Sequence[AxisCrop], mean: float, std: float
 ) -> np.ndarray:
-    """``(clip(region * scale + offset, 0, 1) - mean) / std``, padded where ``axes`` say.
+    """``(clip(region * scale + offset, 0, ceiling) - mean) / std``, padded where ``axes`` say.
 
     Padding is the value of intensity 0 (as the reference pads [0, 1] volumes with 0 before
     standardising).
@@ -226,8 +229,9 @@ class StudyTransform:
 
     Intensities: HU scans are windowed with each of ``ct_windows`` (several windows become
     several scans with ``ct_window_mode="scans"``, or are averaged with ``"mean"``: the encoder
-    has one input channel); other scans map their ``mr_percentiles`` to [0, 1]. Then
-    ``(x - intensity_mean) / intensity_std`` as HLIP does (padding is 0 before this step).
+    has one input channel); other scans map their ``mr_percentiles`` to [0, 1], clipped at
+    ``mr_ceiling``. Then ``(x - intensity_mean) / intensity_std`` as HLIP does (padding is 0
+    before this step).
     """
 
     def __init__(self, config: TrainConfig, train: bool) -> None:
@@ -272,7 +276,7 @@ class StudyTransform:
         region = read_crop(scan, axes)
         mean, std = self.config.intensity_mean, self.config.intensity_std
         if not is_hounsfield(scan):
-            maps = [percentile_map(region, *self.config.mr_percentiles)]
+            maps = [percentile_map(region, *self.config.mr_percentiles, self.config.mr_ceiling)]
         else:
             maps = [window_map(scan, low, high) for low, high in self.config.ct_windows]
         if len(maps) > 1 and self.config.ct_window_mode == "mean":

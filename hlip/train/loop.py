@@ -156,7 +156,10 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
 
     last = run_dir / "checkpoints" / ckpt.LAST
     if info.is_main and saved is not None:
-        ckpt.export_openclip(saved, run_dir / "checkpoints" / "openclip.pt")
+        try:
+            ckpt.export_openclip(saved, run_dir / "checkpoints" / "openclip.pt")
+        except ValueError as error:  # a model the open_clip layout cannot describe
+            log.warning("no open_clip export: %s", error)
     run_log.close()
     return TrainResult(step, loss_value, run_dir, last if saved is not None else None)
 
