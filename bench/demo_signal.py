@@ -5,6 +5,9 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
 
 * **histogram**: logistic regression on intensity histograms of the evaluation crops (is the
   finding in the voxels at all, at the demo's grid?);
+* **crop medians**: the same on each crop's median alone (is the finding visible in a crop's
+  overall brightness, which a lesion can set through the intensity normalisation? a trunk can
+  then learn it without ever finding the lesion);
 * **supervised**: the demo's vision trunk trained with the labels (masked BCE) instead of
   reports, for ``--steps`` steps, scored every 50 (can this trunk learn the finding in the
   budget, whatever the text side does?);
@@ -91,16 +94,36 @@ def probe_aucs(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, y_h
     return aucs(y_held, scores)
 
 
-def histogram_bound(train, heldout, transform) -> dict[str, float]:
-    def features(studies):
-        rows = []
-        for study in studies:
-            scans = [crop.tensor() for crop in transform(study)["scans"][:3]]
-            hists = [np.histogram(t.numpy(), bins=48, range=(-2.2, 2.5))[0] / t.numel() for t in scans]
-            rows.append(np.concatenate(hists + [hists[-1]] * (3 - len(hists))))
-        return np.array(rows)
+HISTOGRAM_EDGES = np.append(np.linspace(-2.2, 2.5, 49), np.inf)
+"""Standardised intensity bins: 48 over the [0, 1] range, one for anything brighter (MR voxels
+kept above the upper percentile by ``mr_ceiling``)."""
 
-    return probe_aucs(features(train), targets(train), features(heldout), targets(heldout))
+
+def crop_features(studies, transform, summary) -> np.ndarray:
+    """[N, 3 * k]: ``summary`` (k numbers) of each of a study's first three evaluation crops,
+    the last one repeated for studies with fewer."""
+    rows = []
+    for study in studies:
+        parts = [summary(crop.tensor().numpy()) for crop in transform(study)["scans"][:3]]
+        rows.append(np.concatenate(parts + [parts[-1]] * (3 - len(parts))))
+    return np.array(rows)
+
+
+def intensity_bounds(train, heldout, transform) -> dict[str, dict[str, float]]:
+    """Logistic regression on each crop's intensity histogram (are the findings in the voxels?)
+    and on each crop's median alone (can a finding be told from the crop's overall brightness,
+    which a lesion can shift through the intensity normalisation, without finding the lesion?)."""
+    summaries = {
+        "histogram": lambda t: np.histogram(t, bins=HISTOGRAM_EDGES)[0] / t.size,
+        "median": lambda t: np.median(t, keepdims=True),
+    }
+    y_train, y_held = targets(train), targets(heldout)
+    return {
+        name: probe_aucs(
+            crop_features(train, transform, f), y_train, crop_features(heldout, transform, f), y_held
+        )
+        for name, f in summaries.items()
+    }
 
 
 def trained_bounds(
@@ -231,10 +254,9 @@ def main() -> None:
     train, heldout = load_studies(args.train), load_studies(args.heldout)
     print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
     print("  " + " ".join(LABELS))
-    print(
-        "  histogram + logistic regression: "
-        + row(histogram_bound(train, heldout, StudyTransform(config, False)))
-    )
+    intensity = intensity_bounds(train, heldout, StudyTransform(config, False))
+    print("  histogram + logistic regression: " + row(intensity["histogram"]))
+    print("  crop medians + LR (no lesion):   " + row(intensity["median"]))
     print("  report text (frozen MiniLM):     " + row(report_text_bound(heldout, prompts)))
     if args.checkpoint:
         bounds = trained_bounds(args.checkpoint, args.train, args.heldout, prompts)

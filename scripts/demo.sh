@@ -48,15 +48,19 @@ SECONDS=0
 stage() { printf '\n\033[1m== %s (%dm%02ds)\033[0m\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 stage "1/5 synthetic archives: $TRAIN_STUDIES training + $HELDOUT_STUDIES held-out studies"
+# The two archives are independent single-process jobs: written side by side, one per core.
+synth_pids=()
 for split in train:"$TRAIN_STUDIES":0 heldout:"$HELDOUT_STUDIES":1; do
     IFS=: read -r name n seed <<<"$split"
     if [[ -f "$OUT/archive-$name/reports.csv" ]]; then
         echo "archive-$name exists, skipped"
     else
         rm -rf "$OUT/archive-$name"
-        "$BIN/hlip-ingest" synth --out "$OUT/archive-$name" --studies "$n" --seed "$seed" "${LESIONS[@]}"
+        "$BIN/hlip-ingest" synth --out "$OUT/archive-$name" --studies "$n" --seed "$seed" "${LESIONS[@]}" &
+        synth_pids+=($!)
     fi
 done
+for pid in "${synth_pids[@]}"; do wait "$pid"; done
 
 stage "2/5 ingest: DICOM + report table -> study shards"
 for name in train heldout; do
