@@ -115,7 +115,7 @@ def intensity_bounds(train, heldout, transform) -> dict[str, dict[str, float]]:
     which a lesion can shift through the intensity normalisation, without finding the lesion?)."""
     summaries = {
         "histogram": lambda t: np.histogram(t, bins=HISTOGRAM_EDGES)[0] / t.size,
-        "median": lambda t: np.median(t, keepdims=True),
+        "median": lambda t: np.array([np.median(t)]),
     }
     y_train, y_held = targets(train), targets(heldout)
     return {
