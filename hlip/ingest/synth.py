@@ -97,10 +97,10 @@ FINDINGS: dict[str, Finding] = {
             "CT",
             "CHEST",
             "1-3 solid spheres of soft tissue (40 HU), 12-24 mm, inside a lung (-850 HU).",
-            (
-                "There is a solid pulmonary nodule.",
-                "A lung nodule is present.",
-                "Pulmonary nodule in the lung.",
+            (  # a size and a lobe, as every nodule report gives them
+                "A 20 mm solid nodule in the right upper lobe.",
+                "There is a 30 mm pulmonary nodule in the left lower lobe.",
+                "Multiple pulmonary nodules, the largest measuring 25 mm in the right middle lobe.",
             ),
             ("No pulmonary nodules.", "There is no lung nodule.", "The lungs are clear without nodules."),
         ),
@@ -141,10 +141,10 @@ FINDINGS: dict[str, Finding] = {
             "MR",
             "HEAD",
             "A 15-30 mm intraparenchymal hematoma, bright on T1 and FLAIR, dark on T2.",
-            (
-                "There is intracranial hemorrhage.",
-                "An intraparenchymal hematoma.",
-                "Hemorrhage in the brain.",
+            (  # a size and a lobe, as every hematoma report gives them
+                "There is a 40 mm right frontal hematoma.",
+                "Intraparenchymal hemorrhage in the left parietal lobe measuring 30 mm, hyperintense on T1.",
+                "There is a 50 mm left temporal hematoma.",
             ),
             ("No intracranial hemorrhage.", "There is no hemorrhage.", "No blood products in the brain."),
         ),
