@@ -258,8 +258,7 @@ class TokenLayout:
         """[G, C] elementwise maximum over each group's patch tokens (not its cls token) of
         ``level``'s sequence ``x`` [T, C], groups in natural order."""
         index = self.levels[level]
-        lengths = torch.tensor(index.segments.lengths, device=x.device)
-        group_of_row = torch.argsort(index.rank).repeat_interleave(lengths)
+        group_of_row = torch.argsort(index.rank)[index.segments.segment_ids(x.device)]
         patches = x.index_fill(0, index.cls_pos, float("-inf"))
         out = x.new_full((index.num_groups, x.shape[1]), float("-inf"))
         return out.scatter_reduce(0, group_of_row[:, None].expand_as(x), patches, "amax")

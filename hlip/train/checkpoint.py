@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hlip.model.factory import MODEL_PRESETS
+from hlip.model.factory import resolve_model_config
 from hlip.train.config import TrainConfig
 
 FORMAT = "hlip-train-checkpoint"
@@ -249,6 +249,21 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device).eval(), tokenizer, config
 
 
+def openclip_refusal(config: TrainConfig) -> str | None:
+    """Why the open_clip layout cannot hold this config's model, or None when it can: its
+    weights would load there and silently give other embeddings."""
+    vision = resolve_model_config(config.model, text_path=config.text_model or None, **model_kwargs(config))[
+        "vision"
+    ]
+    pool = vision.get("pool", "token")
+    if pool != "token":
+        return (
+            f"model pools its study embedding with {pool!r}; the open_clip HLIP encoder pools the cls "
+            "token only and would compute other embeddings from these weights"
+        )
+    return None
+
+
 def export_openclip(checkpoint: str | os.PathLike | Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``{"epoch", "name", "state_dict"}`` with open_clip's key names, as HLIP releases.
 
@@ -257,14 +272,9 @@ def export_openclip(checkpoint: str | os.PathLike | Mapping[str, Any], path: str
     ``module.`` prefix; load it with ``hlip.model.clip.load_openclip_checkpoint`` or open_clip.
     """
     payload = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
-    config = payload["config"]
-    vision = {**MODEL_PRESETS[config["model"]]["vision"], **config["model_overrides"].get("vision", {})}
-    pool = vision.get("pool", "token")
-    if pool != "token":
-        raise ValueError(
-            f"model pools its study embedding with {pool!r}; the open_clip HLIP encoder pools the cls "
-            "token only and would compute other embeddings from these weights"
-        )
+    refusal = openclip_refusal(TrainConfig.from_dict(payload["config"]))
+    if refusal:
+        raise ValueError(refusal)
     state = {
         key: value
         for key, value in payload["model"].items()

@@ -156,10 +156,11 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
 
     last = run_dir / "checkpoints" / ckpt.LAST
     if info.is_main and saved is not None:
-        try:
+        refusal = ckpt.openclip_refusal(config)
+        if refusal:
+            log.warning("no open_clip export: %s", refusal)
+        else:
             ckpt.export_openclip(saved, run_dir / "checkpoints" / "openclip.pt")
-        except ValueError as error:  # a model the open_clip layout cannot describe
-            log.warning("no open_clip export: %s", error)
     run_log.close()
     return TrainResult(step, loss_value, run_dir, last if saved is not None else None)
 
