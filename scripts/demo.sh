@@ -79,11 +79,11 @@ stage "4/5 train the demo model (preset demo-cpu)"
 if [[ -f "$OUT/run/checkpoints/last.pt" ]]; then
     echo "run/checkpoints/last.pt exists, skipped"
 else
-    "$BIN/hlip-train" --config demo-cpu --data "$OUT/shards-train" --out "$OUT/run" ${STEPS:+--steps "$STEPS"}
+    "$BIN/hlip-train" run "$OUT/shards-train" --config demo-cpu --out "$OUT/run" ${STEPS:+--steps "$STEPS"}
 fi
 
 stage "5/5 evaluate on the held-out studies: zero-shot classification and report retrieval"
-"$BIN/hlip-eval" run --checkpoint "$OUT/run/checkpoints/last.pt" --data "$OUT/shards-heldout" \
+"$BIN/hlip-eval" run "$OUT/shards-heldout" --model "$OUT/run" \
     --prompts synth --tasks zeroshot,retrieval --out "$OUT/eval"
 
 "$BIN/python" - "$OUT/eval/metrics.json" "$TARGET_AUC" "$SECONDS" <<'EOF'

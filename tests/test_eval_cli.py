@@ -99,7 +99,7 @@ def _run(*args: str):
 def test_run_on_a_published_layout_checkpoint_end_to_end(tmp_path, shards, prompts, published, tiny_text):
     out = tmp_path / "eval"
     result = _run(
-        "run", "--checkpoint", published, "--preset", PRESET, "--text-model", tiny_text, "--data", shards,
+        "run", shards, "--model", published, "--preset", PRESET, "--text-model", tiny_text,
         "--prompts", prompts, "--out", out, "--tasks", "zeroshot,retrieval,probe", "--folds", "2",
         "--bootstrap", "50", "--batch-size", "5", "--set", SMALL,
     )  # fmt: skip
@@ -140,8 +140,8 @@ def test_embeddings_do_not_depend_on_batch_size(shards, published, tiny_text):
 
 def test_checkpoint_preset_mismatch_is_reported(tmp_path, shards, tiny_text):
     wrong = _openclip_file(tmp_path / "wide.pt", tiny_text, embed_dim=64)
-    result = _run("embed", "--checkpoint", wrong, "--preset", PRESET, "--text-model", tiny_text,
-                  "--data", shards, "--out", tmp_path / "e.parquet")  # fmt: skip
+    result = _run("embed", shards, "--model", wrong, "--preset", PRESET, "--text-model", tiny_text,
+                   "--out", tmp_path / "e.parquet")  # fmt: skip
     assert result.exit_code == 2
     assert "does not fit preset 'hlip-demo-cpu'" in result.output and "shape mismatch" in result.output
 
@@ -158,8 +158,8 @@ def test_prompts_naming_an_unknown_label_fail_before_embedding(
 ):
     bad = tmp_path / "bad.toml"
     bad.write_text(PROMPTS.replace("[labels.finding]", "[labels.findings]"))
-    result = _run("run", "--checkpoint", published, "--preset", PRESET, "--text-model", tiny_text,
-                  "--data", shards, "--prompts", bad, "--out", tmp_path / "o", "--set", SMALL)  # fmt: skip
+    result = _run("run", shards, "--model", published, "--preset", PRESET, "--text-model", tiny_text,
+                   "--prompts", bad, "--out", tmp_path / "o", "--set", SMALL)  # fmt: skip
     assert result.exit_code == 2
     assert "'findings'" in result.output and "did you mean 'finding'" in result.output
     assert not (tmp_path / "o" / "embeddings.parquet").exists()
@@ -168,7 +168,7 @@ def test_prompts_naming_an_unknown_label_fail_before_embedding(
 def test_shards_without_labels_need_a_label_table(tmp_path, prompts, published, tiny_text):
     bare = tmp_path / "bare"
     write_dataset(bare, _studies(6, labelled=False))
-    args = ["run", "--checkpoint", published, "--preset", PRESET, "--text-model", tiny_text, "--data", bare,
+    args = ["run", bare, "--model", published, "--preset", PRESET, "--text-model", tiny_text,
             "--prompts", prompts, "--bootstrap", "10", "--set", SMALL]  # fmt: skip
     result = _run(*args, "--out", tmp_path / "o1")
     assert result.exit_code == 2 and "carries no labels" in result.output and "--labels" in result.output
@@ -195,9 +195,7 @@ def test_hlip_train_checkpoint_loads_without_preset(tmp_path, shards, tiny_text)
     payload = checkpoint_payload(model=model, optimizer=optimizer, scheduler=scheduler, step=1, config=config,
                                  data_states=[{}], rng_states=[rng_state()])  # fmt: skip
     path = save_checkpoint(payload, tmp_path / "run", keep=1)
-    result = _run(
-        "embed", "--checkpoint", path, "--data", shards, "--out", tmp_path / "e.parquet", "--set", SMALL
-    )
+    result = _run("embed", shards, "--model", path, "--out", tmp_path / "e.parquet", "--set", SMALL)
     assert result.exit_code == 0, result.output
     table = Embeddings.load(tmp_path / "e.parquet")
     assert len(table) == 12 and table.meta["kind"] == "hlip-train"

@@ -92,9 +92,9 @@ def tiny_config(data: Path | list, out: Path, *overrides: str) -> TrainConfig:
 
 
 def cli_command(overrides: list[str], *args: str) -> list[str]:
-    """``python -m hlip.train.cli --config demo-cpu --set ...`` for a subprocess run."""
+    """``python -m hlip.train.cli run --config demo-cpu --set ...`` for a subprocess run."""
     sets = [item for override in overrides for item in ("--set", override)]
-    return [sys.executable, "-m", "hlip.train.cli", "--config", "demo-cpu", *sets, *args]
+    return [sys.executable, "-m", "hlip.train.cli", "run", "--config", "demo-cpu", *sets, *args]
 
 
 def subprocess_env() -> dict[str, str]:

@@ -20,26 +20,27 @@ from rich.progress import (
 )
 from rich.table import Table
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Evaluate an HLIP model: zero-shot classification, report retrieval, linear probe.",
-)
+from hlip.cli import device_option, make_app, out_option, set_option, workers_option
+
+app = make_app("Evaluate an HLIP model: zero-shot classification, report retrieval, linear probe.")
 console = Console()
 errors = Console(stderr=True)
 
-CHECKPOINT = typer.Option(
-    ..., "--checkpoint", "-c", help="hlip-train checkpoint, or a published HLIP file with --preset."
+MODEL = typer.Option(
+    ...,
+    "--model",
+    "-m",
+    help="hlip-train run directory or checkpoint, exported model folder, or a published HLIP file with --preset.",
 )
-DATA = typer.Option(..., "--data", "-d", help="Shard dataset directory (with manifest.parquet).")
+DATA = typer.Argument(..., help="Shard dataset directory (with manifest.parquet).")
 PRESET = typer.Option(None, "--preset", help="Model preset of a published (open_clip layout) checkpoint.")
 TEXT_MODEL = typer.Option(None, "--text-model", help="Local directory of the text encoder a preset needs.")
 BATCH = typer.Option(
     8, "--batch-size", "-b", min=1, help="Studies per forward pass (results do not depend on it)."
 )
-WORKERS = typer.Option(0, "--workers", min=0, help="DataLoader worker processes decoding studies.")
-DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
-SETTINGS = typer.Option([], "--set", help="Transform setting key=value (e.g. max_scans=4); repeatable.")
+WORKERS = workers_option(0, "decoding studies")
+DEVICE = device_option()
+SETTINGS = set_option("Override a transform key of the model's config (e.g. max_scans=4):")
 
 
 class _EmbeddingProgress:
@@ -83,11 +84,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 @app.command()
 def run(
-    checkpoint: str = CHECKPOINT,
     data: str = DATA,
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (metrics.json, report.md, plots/)."),
+    model: str = MODEL,
+    out: Path = out_option("Output directory (metrics.json, report.md, plots/)."),
     prompts: str = typer.Option(
-        None, "--prompts", "-p", help="Prompts or benchmark TOML (configs/benchmarks/)."
+        None,
+        "--prompts",
+        "-p",
+        help="Prompts or benchmark TOML, or a shipped one by name (synth, ct-rate, ...).",
     ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
@@ -112,7 +116,7 @@ def run(
     from hlip.evaluate.run import EvalOptions, run_evaluation
 
     options = EvalOptions(
-        checkpoint=checkpoint,
+        checkpoint=model,
         data=data,
         out=str(out),
         prompts=prompts,
@@ -161,9 +165,9 @@ def _print_summary(outcome) -> None:
 
 @app.command()
 def embed(
-    checkpoint: str = CHECKPOINT,
     data: str = DATA,
-    out: Path = typer.Option(..., "--out", "-o", help="Output Parquet file (embeddings.parquet)."),
+    model: str = MODEL,
+    out: Path = out_option("Output Parquet file (embeddings.parquet)."),
     preset: str = PRESET,
     text_model: str = TEXT_MODEL,
     batch_size: int = BATCH,
@@ -175,9 +179,7 @@ def embed(
     from hlip.evaluate.embed import embed_dataset, load_model
 
     try:
-        loaded = load_model(
-            checkpoint, preset=preset, text_path=text_model, overrides=settings, device=device
-        )
+        loaded = load_model(model, preset=preset, text_path=text_model, overrides=settings, device=device)
         with _EmbeddingProgress() as progress:
             embeddings = embed_dataset(
                 loaded, data, batch_size=batch_size, num_workers=workers, progress=progress

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 METADATA_KEY = b"hlip.embeddings"
 TEXT_BATCH = 64
 MAX_LOGIT_SCALE = 100.0
+RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
+"""The checkpoint of an hlip-train run directory that evaluation uses."""
 
 
 class EvalInputError(ValueError):
@@ -66,19 +68,25 @@ def load_model(
     preset: str | None = None,
     text_path: str | Path | None = None,
     overrides: Sequence[str] = (),
-    device: str = "cpu",
+    device: str = "auto",
 ) -> LoadedModel:
-    """Load an hlip-train checkpoint, or a published open_clip-layout one with ``preset``.
+    """Load an hlip-train checkpoint (or run directory: its ``checkpoints/last.pt``), or a
+    published open_clip-layout one with ``preset``.
 
     ``overrides`` are ``key=value`` settings of the data transform (e.g. ``max_scans=4``,
     ``ct_windows=[[-1000, 1000]]``), applied on top of the checkpoint's (or the defaults).
+    ``device`` ``auto`` is the GPU when there is one.
     """
+    from hlip.train.distributed import pick_device
+
     path = Path(checkpoint)
+    if path.is_dir() and (path / RUN_CHECKPOINT).is_file():
+        path = path / RUN_CHECKPOINT
     if not path.is_file():
         raise EvalInputError(f"checkpoint not found: {path}")
     loaded = _load_published(path, preset, text_path) if preset else _load_trained(path)
     loaded.config = _with_overrides(loaded.config, overrides)
-    loaded.model.to(device).eval()
+    loaded.model.to(pick_device(device, 0)).eval()
     return loaded
 
 

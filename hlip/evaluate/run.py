@@ -48,7 +48,7 @@ class EvalOptions:
     """Restrict the prompts file to these labels/tasks (e.g. the subset a paper reports)."""
     batch_size: int = 8
     workers: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     settings: Sequence[str] = ()
     bootstrap: int = DEFAULT_BOOTSTRAP
     folds: int = DEFAULT_FOLDS

@@ -14,22 +14,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hlip.cli import make_app, out_option, workers_option
 from hlip.ingest import pipeline
 from hlip.ingest.config import IngestConfig, Spacing, default_target_spacing
 from hlip.shards.format import DEFAULT_CODEC, DEFAULT_MAX_SHARD_BYTES, SLAB_CODECS
 
-app = typer.Typer(
-    help="Turn DICOM archives (+ report tables) or NIfTI collections into study shards.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+app = make_app("Turn DICOM archives (+ report tables) or NIfTI collections into study shards.")
 console = Console()
 
 SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
-WORKERS = typer.Option(
-    None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
-)
+WORKERS = workers_option(None, "of the local Dask cluster", show_default="sized to the machine")
 MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+OUT_DATASET = out_option("Output dataset directory (re-run to resume).")
 CODEC = typer.Option(
     DEFAULT_CODEC,
     "--codec",
@@ -98,7 +94,7 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
 @app.command()
 def run(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: Path = OUT_DATASET,
     reports: Path | None = typer.Option(
         None, "--reports", exists=True, help="Report table (CSV, TSV, Parquet or JSON lines)."
     ),
@@ -139,7 +135,7 @@ def run(
 @app.command()
 def index(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to index."),
-    out: Path = typer.Option(..., "--out", help="Parquet file to write (contains PHI)."),
+    out: Path = out_option("Parquet file to write (contains PHI)."),
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
     memory_limit: str = MEMORY_LIMIT,
@@ -185,7 +181,7 @@ def plan(
 @app.command()
 def nifti(
     table: Path = typer.Argument(..., exists=True, help="Collection table (CSV, Parquet, JSONL)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: Path = OUT_DATASET,
     study_column: str = typer.Option(
         "study_id", help="Column of the study id (rows sharing it are one study)."
     ),
@@ -235,7 +231,7 @@ def nifti(
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "--out", help="Directory for the archive and reports.csv."),
+    out: Path = out_option("Directory for the archive and reports.csv."),
     studies: int = typer.Option(24, "--studies", help="Number of studies."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     ct_matrix: int | None = typer.Option(None, "--ct-matrix", help="CT in-plane matrix (e.g. 512)."),

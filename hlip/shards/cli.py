@@ -13,13 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hlip.cli import make_app, out_option
 from hlip.shards import inspect
 from hlip.shards.format import ShardFormatError
 from hlip.shards.reader import ShardDataset
 
-app = typer.Typer(
-    help="Inspect, verify and export hlip study-shard datasets.", no_args_is_help=True, add_completion=False
-)
+app = make_app("Inspect, verify and export hlip study-shard datasets.")
 console = Console()
 
 DATASET = typer.Argument(
@@ -121,7 +120,7 @@ def verify(path: Path = DATASET) -> None:
 def export(
     path: Path = DATASET,
     key: str = KEY,
-    out: Path = typer.Option(..., "--out", help="Directory for <scan>.nii.gz, report.txt, study.json."),
+    out: Path = out_option("Directory for <scan>.nii.gz, report.txt, study.json."),
 ) -> None:
     """One NIfTI per scan (RAS affine), the report and the study metadata."""
     dataset = _open(path)

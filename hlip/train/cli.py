@@ -1,9 +1,10 @@
-"""``hlip-train``: parse a config and overrides, print the resolved config, call :func:`train`.
+"""``hlip-train``: train from a preset and overrides, list the config keys, export a model folder.
 
-hlip-train --config demo-cpu --data shards/ --out runs/demo
-hlip-train --config configs/ct-rate.toml --set lr=3e-5 --set 'ct_windows=[[-1150, 350], [-160, 240]]'
-hlip-train --config runs/demo/config.json --resume auto
-torchrun --nproc_per_node 8 -m hlip.train.cli --config ct-rate --data 'shards/ds-{000000..000099}.tar'
+hlip-train run shards/ --config demo-cpu --out runs/demo
+hlip-train run 'shards/ds-{000000..000099}.tar' --config ct-rate --set lr=3e-5
+hlip-train run --config runs/demo/config.json --resume auto
+hlip-train config --list
+torchrun --nproc_per_node 8 -m hlip.train.cli run shards/ --config ct-rate
 """
 
 from __future__ import annotations
@@ -14,66 +15,119 @@ import os
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
-from hlip.train.config import load_config
-from hlip.train.loop import train
+from hlip.cli import device_option, make_app, out_option, set_option, workers_option
+from hlip.train.config import TrainConfig, config_fields, load_config
 
-app = typer.Typer(add_completion=False, help="Pre-train an HLIP CLIP model on study shards.")
+app = make_app("Pre-train an HLIP CLIP model on study shards; list config keys; export a model folder.")
+console = Console()
+errors = Console(stderr=True)
+
+CONFIG = typer.Option(
+    None, "--config", "-c", help="Preset name (demo-cpu, ct-rate, brain-mri) or TOML/JSON file."
+)
+SET = set_option("Override a config key (`hlip-train config --list` lists them):")
+SUMMARY_KEYS = ("model", "steps", "batch_size", "lr", "device", "num_workers", "out")
+"""Config keys printed in the console summary of a run (config.json in the run folder has all)."""
+
+
+def _from_config(key: str) -> str:
+    return f"the config's, else {getattr(TrainConfig(), key)}"
+
+
+def overrides_of(options: dict[str, object], data: list[str], val_data: list[str]) -> list[str]:
+    """The shortcut options as ``key=value`` overrides (after ``--set``, so they win)."""
+    overrides = [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]
+    overrides += [f"data={json.dumps(data)}"] if data else []
+    return overrides + ([f"val_data={json.dumps(val_data)}"] if val_data else [])
+
+
+def summary_line(config: TrainConfig, preset: str | None, overrides: list[str]) -> str:
+    """One line for the console: where the config came from and the keys people look for."""
+    keys = " ".join(f"{key}={getattr(config, key)}" for key in SUMMARY_KEYS)
+    sets = f" + {len(overrides)} override(s)" if overrides else ""
+    return f"config {preset or 'defaults'}{sets}: {keys} data={len(config.data)} source(s)"
 
 
 @app.command()
-def main(
-    config: str = typer.Option(
-        None, "--config", "-c", help="Preset name (demo-cpu, ct-rate, brain-mri) or TOML/JSON file."
+def run(
+    data: list[str] = typer.Argument(
+        None, help="Training shards: dataset dirs, globs, brace patterns, URLs (default: the config's)."
     ),
-    set_: list[str] = typer.Option(
-        [], "--set", "-s", help="Override any config key: key=value (TOML literal)."
-    ),
-    data: list[str] = typer.Option(
-        [], "--data", help="Training shards (dataset dir, glob, brace pattern, URL); repeatable."
-    ),
+    config: str = CONFIG,
+    set_: list[str] = SET,
     val_data: list[str] = typer.Option(
         [], "--val-data", help="Validation shards for zero-shot evaluation; repeatable."
     ),
-    out: str = typer.Option(None, "--out", help="Run directory."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Global batch (studies per optimizer step)."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
-    workers: int = typer.Option(None, "--workers", help="DataLoader workers per rank."),
-    seed: int = typer.Option(None, "--seed"),
-    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    out: str = out_option("Run directory.", None, show_default=_from_config("out")),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps.", show_default=_from_config("steps")),
+    batch_size: int = typer.Option(
+        None,
+        "--batch-size",
+        help="Global batch (studies per optimizer step).",
+        show_default=_from_config("batch_size"),
+    ),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate.", show_default=_from_config("lr")),
+    workers: int = workers_option(
+        None, "decoding studies per rank", show_default=_from_config("num_workers")
+    ),
+    seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=_from_config("seed")),
+    device: str = device_option(None, show_default=_from_config("device")),
     resume: str = typer.Option(
         "", "--resume", help="Checkpoint file or run dir to continue from; 'auto' = last.pt of --out if any."
     ),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
-    """Train; every option is a shortcut for a ``--set`` of the same name."""
-    shortcuts = {
-        "out": out,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "num_workers": workers,
-        "seed": seed,
-        "device": device,
-    }
-    overrides = list(set_)
-    overrides += [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
-    overrides += [f"data={json.dumps(data)}"] if data else []
-    overrides += [f"val_data={json.dumps(val_data)}"] if val_data else []
-    resolved = load_config(config, overrides)
+    """Train; each option is a shortcut for the ``--set`` of its config key."""
+    from hlip.train.loop import train
+
+    shortcuts = {"out": out, "steps": steps, "batch_size": batch_size, "lr": lr, "num_workers": workers}
+    shortcuts |= {"seed": seed, "device": device}
+    overrides = list(set_) + overrides_of(shortcuts, data or [], val_data)
+    resolved = _load(config, overrides)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=log_level.upper() if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
     if rank == 0:
-        Console(stderr=True).print_json(json.dumps(resolved.to_dict(), sort_keys=True))
+        errors.print(summary_line(resolved, config, overrides), highlight=False, soft_wrap=True)
+        errors.print(f"full config: {resolved.run_dir / 'config.json'}", highlight=False, soft_wrap=True)
     result = train(resolved, resume=resume)
     if rank == 0:
         typer.echo(
             f"done: step {result.step}, loss {result.loss:.4f}, checkpoint {result.run_dir / 'checkpoints'}"
         )
+
+
+@app.command("config")
+def show_config(
+    config: str = CONFIG,
+    set_: list[str] = SET,
+    list_keys: bool = typer.Option(
+        False, "--list", "-l", help="List every config key with its type and default."
+    ),
+) -> None:
+    """Print the resolved config of a preset and overrides as JSON, or (--list) every key."""
+    if not list_keys:
+        console.print_json(json.dumps(_load(config, list(set_)).to_dict(), sort_keys=True))
+        return
+    table = Table(title="hlip-train config keys (--set key=value, or a TOML/JSON file)")
+    for column in ("key", "type", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for field in config_fields():
+        table.add_row(field.name, field.type, json.dumps(field.default), field.doc)
+    console.print(table)
+
+
+def _load(config: str | None, overrides: list[str]) -> TrainConfig:
+    """:func:`load_config`, with a bad preset, key or value as a one-line error."""
+    try:
+        return load_config(config, overrides)
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import math
 import tomllib
@@ -206,6 +208,35 @@ class TrainConfig:
         for key, value in values.items():
             set_value(config, key, value)
         return config
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One config key as ``hlip-train config --list`` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
+def config_fields() -> list[ConfigField]:
+    """Every key of :class:`TrainConfig` with its type, default and docstring (read from the source)."""
+    docs: dict[str, str] = {}
+    body = ast.parse(inspect.getsource(TrainConfig)).body[0].body
+    for statement, following in zip(body, body[1:], strict=False):
+        if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[statement.target.id] = " ".join(str(following.value.value).split())
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig().to_dict()
+    return [
+        ConfigField(f.name, _type_name(hints[f.name]), defaults[f.name], docs.get(f.name, ""))
+        for f in dataclasses.fields(TrainConfig)
+    ]
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
 
 
 def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = None) -> tuple[int, int, int]:
