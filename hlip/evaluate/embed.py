@@ -61,6 +61,30 @@ class LoadedModel:
         """exp(learned temperature), clamped at 100 as in training."""
         return min(math.exp(float(self.model.logit_scale.detach())), MAX_LOGIT_SCALE)
 
+    @property
+    def transform(self) -> Any:
+        """The evaluation preprocessing the model was trained with (``Study`` -> tensors)."""
+        from hlip.train.data import StudyTransform
+
+        return StudyTransform(self.config, train=False)
+
+    def embed_study(self, study: Any) -> np.ndarray:
+        """The L2-normalised image embedding of one study: a ``Study`` (``hlip.open_study``)
+        or a folder of one study's DICOM files (built in memory as ``hlip-ingest`` would)."""
+        from hlip.model.packing import pack_studies
+
+        if not hasattr(study, "scans"):
+            from hlip.ingest.pipeline import read_dicom_study
+
+            study = read_dicom_study(study)
+        packed = pack_studies([self.transform(study)["scans"]], self.model.visual.trunk.patch_size)
+        with torch.inference_mode():
+            return self.model.encode_image(packed, normalize=True)[0].float().cpu().numpy()
+
+    def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings ``[n, E]`` of reports or prompts."""
+        return text_encoder(self)([texts] if isinstance(texts, str) else list(texts))
+
 
 def load_model(
     checkpoint: str | Path,
@@ -70,24 +94,38 @@ def load_model(
     overrides: Sequence[str] = (),
     device: str = "auto",
 ) -> LoadedModel:
-    """Load an hlip-train checkpoint (or run directory: its ``checkpoints/last.pt``), or a
-    published open_clip-layout one with ``preset``.
+    """Load a model folder (``hlip-train export``), an hlip-train checkpoint (or run
+    directory: its ``checkpoints/last.pt``), or a published open_clip-layout file with ``preset``.
 
     ``overrides`` are ``key=value`` settings of the data transform (e.g. ``max_scans=4``,
     ``ct_windows=[[-1000, 1000]]``), applied on top of the checkpoint's (or the defaults).
     ``device`` ``auto`` is the GPU when there is one.
     """
+    from hlip.pretrained import is_model_folder
     from hlip.train.distributed import pick_device
 
     path = Path(checkpoint)
     if path.is_dir() and (path / RUN_CHECKPOINT).is_file():
         path = path / RUN_CHECKPOINT
-    if not path.is_file():
-        raise EvalInputError(f"checkpoint not found: {path}")
-    loaded = _load_published(path, preset, text_path) if preset else _load_trained(path)
+    if is_model_folder(path):
+        loaded = _load_folder(path)
+    elif not path.is_file():
+        raise EvalInputError(f"no model folder, run directory or checkpoint at {path}")
+    else:
+        loaded = _load_published(path, preset, text_path) if preset else _load_trained(path)
     loaded.config = _with_overrides(loaded.config, overrides)
     loaded.model.to(pick_device(device, 0)).eval()
     return loaded
+
+
+def _load_folder(path: Path) -> LoadedModel:
+    from hlip.pretrained import read_model_folder
+
+    try:
+        model, tokenizer, config = read_model_folder(path)
+    except (ValueError, KeyError, TypeError) as error:
+        raise EvalInputError(f"cannot load the model folder {path}: {error}") from None
+    return LoadedModel(model, tokenizer, config, {"checkpoint": str(path), "kind": "hlip-model"})
 
 
 def _load_trained(path: Path) -> LoadedModel:

@@ -27,6 +27,7 @@ import ctypes
 import functools
 import json
 import os
+import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -620,6 +621,27 @@ def run_ingest(
         keys = [task.key for task in tasks]
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
         return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client)
+
+
+def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
+    """The one study in a folder (or zip) of DICOM files, built in memory as ``run_ingest``
+    builds it (same planning, resampling and de-identification, no report needed), for
+    embedding a study that is not in a dataset. Its key is a pseudonym under a throwaway secret.
+    """
+    config = config or IngestConfig(allow_missing_report=True)
+    rows = [index.index_file(source_file) for source_file in index.iter_source_files([str(source)])]
+    index_table = index.rows_to_table(rows)
+    study_plan = plan(index_table, plan_config(config))
+    if len(study_plan.studies) != 1:
+        found = len(study_plan.studies)
+        reasons = sorted({reject.reason for reject in study_plan.rejects})
+        raise ValueError(f"{source}: expected the files of one study, found {found} (rejects: {reasons})")
+    (task,) = study_tasks(study_plan.studies, index_table, {}, config, secrets.token_bytes(32))
+    study, outcomes = build_study(task, config)
+    if study is None:
+        reasons = sorted({outcome.reason for outcome in outcomes if outcome.reason})
+        raise ValueError(f"{source}: the study was rejected ({', '.join(reasons)})")
+    return study
 
 
 def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:

@@ -121,6 +121,24 @@ def show_config(
     console.print(table)
 
 
+@app.command("export")
+def export(
+    run: str = typer.Argument(..., help="hlip-train run directory or checkpoint file."),
+    out: str = out_option("Model folder to write (model.safetensors, config.json, text/)."),
+) -> None:
+    """Write a portable model folder: weights only, configs and tokenizer; hlip.load() reads it."""
+    from hlip.pretrained import export_model_folder
+
+    try:
+        folder = export_model_folder(run, out)
+    except (FileNotFoundError, ValueError) as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(
+        f"wrote {folder} (load it with hlip.load({str(folder)!r}) or hlip-eval run DATASET -m {folder})"
+    )
+
+
 def _load(config: str | None, overrides: list[str]) -> TrainConfig:
     """:func:`load_config`, with a bad preset, key or value as a one-line error."""
     try:
