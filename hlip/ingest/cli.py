@@ -39,12 +39,18 @@ CODEC = typer.Option(
 
 
 def parse_spacing(values: list[str]) -> dict[str, Spacing]:
-    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults."""
+    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults.
+
+    A bare ``native`` keeps every modality's native grid (later ``MODALITY=...`` values
+    still apply on top of it)."""
     spacing = default_target_spacing()
     for value in values:
+        if value == "native":
+            spacing = dict.fromkeys(spacing, "native")
+            continue
         modality, sep, setting = value.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{value!r}: expected MODALITY=d,h,w or MODALITY=native")
+            raise typer.BadParameter(f"{value!r}: expected native, MODALITY=d,h,w or MODALITY=native")
         if setting == "native":
             spacing[modality.upper()] = "native"
             continue
@@ -107,7 +113,7 @@ def run(
     ),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
     allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
-    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native."),
+    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
     codec: str = CODEC,
