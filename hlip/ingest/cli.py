@@ -113,7 +113,9 @@ def run(
     ),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
     allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
-    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."),
+    spacing: list[str] = typer.Option(
+        [], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."
+    ),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
     codec: str = CODEC,

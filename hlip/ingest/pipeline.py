@@ -53,7 +53,7 @@ from hlip.shards import format as fmt
 from hlip.shards.format import Scan, Study
 from hlip.shards.writer import STAGING_DIR, DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
 
-INGEST_DIR = "_ingest"
+INGEST_DIR = fmt.LOCAL_DIR
 INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
 CONFIG_FILE = "config.json"
