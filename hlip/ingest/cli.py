@@ -30,6 +30,15 @@ WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
 )
 MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+LABEL_COLUMN = typer.Option(
+    [],
+    "--label-column",
+    help="Table column allowed as a label (repeatable). Default: only columns of 0/1 findings. "
+    "Identifiers, dates and free text are refused.",
+)
+LABEL_PREFIX = typer.Option(
+    [], "--label-prefix", help="Allow every table column whose name starts with this as a label (repeatable)."
+)
 CODEC = typer.Option(
     DEFAULT_CODEC,
     "--codec",
@@ -112,6 +121,8 @@ def run(
         "StudyInstanceUID", help="Report table column: StudyInstanceUID|AccessionNumber."
     ),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
     spacing: list[str] = typer.Option(
         [], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."
@@ -132,6 +143,8 @@ def run(
             report_table=str(reports) if reports else None,
             report_key_column=report_key,
             report_text_columns=tuple(report_column),
+            label_columns=tuple(label_column) if label_column else None,
+            label_prefixes=tuple(label_prefix),
             allow_missing_report=allow_missing_report,
             max_shard_bytes=max_shard_bytes,
             codec=codec,
@@ -199,6 +212,8 @@ def nifti(
     ),
     volume_column: str = typer.Option("volumes", help="Column of the volume path(s), ';'-separated."),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     modality: str = typer.Option("CT", help="Modality of rows without a 'modality' column."),
     body_part: str = typer.Option("", help="BodyPartExamined of every study."),
     ct_rate_volumes: Path | None = typer.Option(
@@ -230,6 +245,8 @@ def nifti(
             study_column=study_column,
             volume_column=volume_column,
             text_columns=tuple(report_column),
+            label_columns=tuple(label_column) if label_column else None,
+            label_prefixes=tuple(label_prefix),
             modality=modality,
             body_part=body_part,
         )

@@ -608,7 +608,11 @@ def run_ingest(
     report_table = {}
     if config.report_table:
         report_table = reports.load_report_table(
-            config.report_table, config.report_key_column, config.report_text_columns
+            config.report_table,
+            config.report_key_column,
+            config.report_text_columns,
+            config.label_columns,
+            config.label_prefixes,
         )
     with _client(client, scheduler, workers, memory_limit) as client:
         index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
