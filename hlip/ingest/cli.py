@@ -7,6 +7,7 @@ and the stage modules, so every command can be called from Python as well.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -236,19 +237,19 @@ def nifti(
     """Ingest studies given as NIfTI volumes listed in a table (e.g. CT-RATE)."""
     from hlip.ingest import nifti as collections
 
+    labels = {"label_columns": tuple(label_column) or None, "label_prefixes": tuple(label_prefix)}
     if ct_rate_volumes is not None:
         source = collections.ct_rate_table(table, ct_rate_volumes.resolve(), ct_rate_labels, ct_rate_metadata)
-        spec = collections.CT_RATE_SPEC
+        spec = dataclasses.replace(collections.CT_RATE_SPEC, **labels)
     else:
         source = table
         spec = collections.NiftiTableSpec(
             study_column=study_column,
             volume_column=volume_column,
             text_columns=tuple(report_column),
-            label_columns=tuple(label_column) if label_column else None,
-            label_prefixes=tuple(label_prefix),
             modality=modality,
             body_part=body_part,
+            **labels,
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_nifti_ingest(
