@@ -604,9 +604,8 @@ def run_ingest(
     """
     config = config or IngestConfig()
     progress = progress or Progress(disable=True)
-    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     report_table = {}
-    if config.report_table:
+    if config.report_table:  # read first: a table refused leaves no half-made --out behind
         report_table = reports.load_report_table(
             config.report_table,
             config.report_key_column,
@@ -614,6 +613,7 @@ def run_ingest(
             config.label_columns,
             config.label_prefixes,
         )
+    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     with _client(client, scheduler, workers, memory_limit) as client:
         index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
         study_plan = plan(index_table, plan_config(config))
