@@ -256,6 +256,7 @@ def test_phi_columns_of_a_hospital_export_never_reach_the_dataset(archive, tmp_p
             tmp_path / "asked",
             small_config(archive, report_table=str(table), label_columns=("MRN",)),
         )
+    assert not (tmp_path / "asked").exists()
 
 
 def test_output_bytes_do_not_depend_on_worker_count(archive, reference, tmp_path):
