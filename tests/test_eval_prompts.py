@@ -149,7 +149,7 @@ def test_select_restricts_to_named_labels():
 
 
 def test_synth_prompts_follow_the_planted_findings():
-    from hlip.ingest.synth import FINDINGS, NORMAL_SENTENCES
+    from hlip.synth import FINDINGS, NORMAL_SENTENCES
 
     prompts = load_prompts(ROOT / "configs" / "prompts" / "synth.toml")
     assert [b.name for b in prompts.binary] == list(FINDINGS)

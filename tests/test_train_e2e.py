@@ -14,8 +14,8 @@ from train_support import corrupt_chunks, read_jsonl
 
 from hlip.evaluate.embed import embed_dataset, load_model
 from hlip.evaluate.retrieval import run_retrieval
-from hlip.ingest.synth import FINDINGS
 from hlip.shards.reader import ShardDataset
+from hlip.synth import FINDINGS
 from hlip.train.checkpoint import load_checkpoint
 from hlip.train.config import CONFIG_DIR, load_config
 from hlip.train.loop import train, zero_shot_metrics
