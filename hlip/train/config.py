@@ -13,6 +13,7 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
@@ -34,6 +35,10 @@ HLIP_INTENSITY_MEAN = 0.449
 """Mean of the ImageNet channel means: HLIP normalises [0, 1] intensities with it."""
 HLIP_INTENSITY_STD = 0.226
 """Mean of the ImageNet channel standard deviations, likewise."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as written: an unknown key, a value of the wrong type or range."""
 
 
 @dataclass
@@ -129,6 +134,10 @@ class TrainConfig:
     """"bf16" autocasts the forward pass on GPU (CPU always runs fp32); "fp32" never does."""
     nan_policy: str = "raise"
     """On a non-finite loss or gradient: "raise" stops with the step and study keys, "skip" drops the step."""
+    max_skipped_share: float = 0.1
+    """Stop the run when more than this share of the studies read were skipped (damaged
+    shards, failing transforms), checked from 100 studies read on (``loop.SKIP_CHECK_STUDIES``) and at the
+    end; 1 never stops."""
 
     # --- run: output, logging, checkpoints, evaluation -----------------------------------------
     out: str = "runs/hlip"
@@ -158,7 +167,7 @@ class TrainConfig:
         """Studies per forward pass on one rank."""
         per_rank, rest = divmod(self.batch_size, world_size * self.accum_steps)
         if rest or per_rank == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={self.batch_size} must be a positive multiple of "
                 f"world_size x accum_steps = {world_size} x {self.accum_steps}"
             )
@@ -174,20 +183,22 @@ class TrainConfig:
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+                raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
         if self.img_size and len(self.img_size) != 3:
-            raise ValueError(f"img_size={self.img_size}: expected [d, h, w]")
+            raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
         if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
-            raise ValueError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
+            raise ConfigError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
-            raise ValueError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
+            raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
         if not self.mr_ceiling >= 1:
-            raise ValueError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+            raise ConfigError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+        if not 0.0 <= self.max_skipped_share <= 1.0:
+            raise ConfigError(f"max_skipped_share={self.max_skipped_share}: expected a share in [0, 1]")
         if self.steps <= 0 and self.epochs <= 0:
-            raise ValueError("set steps (optimizer steps) or epochs")
+            raise ConfigError("set steps (optimizer steps) or epochs")
         if self.max_scans < 1 or self.accum_steps < 1:
-            raise ValueError("max_scans and accum_steps must be >= 1")
+            raise ConfigError("max_scans and accum_steps must be >= 1")
         return self
 
     def resolve(self) -> TrainConfig:
@@ -214,7 +225,7 @@ def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = N
     from hlip.model.presets import VISION_PRESETS
 
     if model_name not in MODEL_PRESETS:
-        raise KeyError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
     vision = {**MODEL_PRESETS[model_name]["vision"], **(vision_overrides or {})}
     kwargs = {**VISION_PRESETS[vision["name"]], **vision}
     return tuple(int(s) for s in kwargs["img_size"])
@@ -240,7 +251,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         set_value(config, key.strip(), parse_value(raw.strip()))
     return config.resolve()
 
@@ -258,10 +269,12 @@ def set_value(config: TrainConfig, key: str, value: Any) -> None:
     name, _, sub_key = key.partition(".")
     hints = typing.get_type_hints(TrainConfig)
     if name not in hints or name.startswith("_"):
-        raise KeyError(f"unknown config key {name!r}")
+        close = difflib.get_close_matches(name, [h for h in hints if not h.startswith("_")], n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (docs/training.md lists every key)"
+        raise ConfigError(f"unknown config key {name!r}{hint}")
     if sub_key:
         if hints[name] != dict[str, Any]:
-            raise KeyError(f"{name!r} has no sub-keys (got {key!r})")
+            raise ConfigError(f"{name!r} has no sub-keys (got {key!r})")
         getattr(config, name)[sub_key] = value
         return
     setattr(config, name, coerce(value, hints[name], name))
@@ -276,7 +289,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
         return [coerce(v, item_kind, name) for v in items]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{name}: expected a table, got {value!r}")
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
@@ -287,7 +300,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{name}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
     return value
 
 
