@@ -130,6 +130,9 @@ def run(
     ),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    max_study_voxels: int | None = typer.Option(
+        None, help="Most pixels a study's files may declare (default: worker memory / 16 bytes)."
+    ),
     codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
     scheduler: str | None = SCHEDULER,
@@ -148,6 +151,7 @@ def run(
             label_prefixes=tuple(label_prefix),
             allow_missing_report=allow_missing_report,
             max_shard_bytes=max_shard_bytes,
+            max_study_voxels=max_study_voxels,
             codec=codec,
             secret=secret,
         )

@@ -47,6 +47,11 @@ class IngestConfig:
     :data:`hlip.shards.format.SLAB_CODECS`), which changes bytes, not values; a resumed run
     must still use the same one, so that a dataset has one codec.
 
+    ``max_study_voxels`` bounds the pixels a study's files may declare, checked before any is
+    decoded (:func:`hlip.ingest.volume.check_decoded_size`); None derives it from the worker's
+    memory. Like the table's path it is neither hashed nor checked on resume: it decides
+    which studies are built, not what a sample holds.
+
     ``label_columns`` and ``label_prefixes`` allow report-table columns as labels
     (:func:`hlip.ingest.reports.choose_label_columns`); with neither, only 0/1 findings are.
     """
@@ -60,6 +65,7 @@ class IngestConfig:
     label_prefixes: tuple[str, ...] = ()
     allow_missing_report: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_study_voxels: int | None = None
     codec: str = DEFAULT_CODEC
     secret: str | None = None
 
@@ -97,7 +103,7 @@ class IngestConfig:
     def resume_fields(self) -> dict:
         """What must match for a run to resume in an existing output directory."""
         recorded = asdict(self)
-        del recorded["secret"], recorded["report_table"]
+        del recorded["secret"], recorded["report_table"], recorded["max_study_voxels"]
         recorded["target_spacing"] = self.hashed_fields()["target_spacing"]
         for name in ("report_text_columns", "label_columns", "label_prefixes"):
             recorded[name] = self.hashed_fields()[name]

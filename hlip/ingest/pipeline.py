@@ -48,7 +48,13 @@ from hlip.ingest.nifti import (
 )
 from hlip.ingest.plan import REASONS as PLAN_REASONS
 from hlip.ingest.plan import PlanConfig, StudyPlan, plan
-from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
+from hlip.ingest.volume import (
+    ScanRejected,
+    VolumeConfig,
+    build_scan,
+    check_decoded_size,
+    default_study_voxels,
+)
 from hlip.shards import format as fmt
 from hlip.shards.format import Scan, Study
 from hlip.shards.writer import STAGING_DIR, DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
@@ -315,6 +321,24 @@ def volume_config(config: IngestConfig) -> VolumeConfig:
     return VolumeConfig(target_spacing=dict(config.target_spacing))
 
 
+def study_voxel_budget(config: IngestConfig) -> int:
+    """``config.max_study_voxels``, else what this worker's memory holds: the Dask worker's
+    memory limit when it has one, else the machine's physical memory."""
+    if config.max_study_voxels is not None:
+        return config.max_study_voxels
+    return default_study_voxels(worker_memory_bytes())
+
+
+def worker_memory_bytes() -> int:
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not in a Dask worker
+        limit = None
+    return int(limit) if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _rejected(file_ids: Iterable[str], key: str, reason: str, message: str) -> list[FileOutcome]:
     return [FileOutcome(file_id, REJECTED, key, "", reason, message) for file_id in file_ids]
 
@@ -401,6 +425,10 @@ def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, li
         message = "no report in the report table and no SR text in the study"
         return None, _rejected(_study_files(task.plan), task.key, "no_report", message)
     rows = {row["file_id"]: row for row in task.index_rows.to_pylist()}
+    try:
+        check_decoded_size(task.plan.scans, rows, study_voxel_budget(config))
+    except ScanRejected as rejected:
+        return None, _rejected(_study_files(task.plan), task.key, rejected.reason, rejected.message)
     scans, scan_outcomes = _build_scans(task, rows, config)
     if not scans:
         message = "every scan of the study was rejected"
