@@ -155,7 +155,9 @@ def build_scan(
     rows = index_rows if isinstance(index_rows, Mapping) else {r["file_id"]: r for r in index_rows}
     target = config.spacing_for(scan_plan.modality)
     if scan_plan.uneven_spacing and target is None:
-        raise ScanRejected("uneven_spacing", "uneven slice positions and a native grid requested")
+        if scan_plan.spacing_rule != "regimes":
+            raise ScanRejected("uneven_spacing", "uneven slice positions and a native grid requested")
+        target = (_smallest_step(scan_plan), None, None)  # native: equalize to the finest regime
     n_voxels = len(scan_plan.slices) * scan_plan.rows * scan_plan.columns
     if n_voxels > config.max_voxels:
         raise ScanRejected("too_large", f"{n_voxels} voxels > max_voxels={config.max_voxels}")
@@ -187,6 +189,12 @@ def build_scan(
     )
 
 
+def _smallest_step(scan_plan: ScanPlan) -> float:
+    positions = np.array([ref.position for ref in scan_plan.slices], dtype=np.float64)
+    steps = geometry.stack_geometry(positions, scan_plan.image_orientation, scan_plan.pixel_spacing).steps
+    return float(steps.min())
+
+
 def _extra(scan_plan: ScanPlan, encoded: EncodedIntensity, *, resampled: bool) -> dict[str, Any]:
     """Technical provenance only (no UIDs or other identifiers)."""
     return {
@@ -198,6 +206,7 @@ def _extra(scan_plan: ScanPlan, encoded: EncodedIntensity, *, resampled: bool) -
         "volume_count": scan_plan.volume_count,
         "tilt_corrected": scan_plan.tilted,
         "uneven_spacing": scan_plan.uneven_spacing,
+        "spacing_rule": scan_plan.spacing_rule,
         "resampled": resampled,
         "lossless_intensity": encoded.lossless,
     }
