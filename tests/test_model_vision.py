@@ -178,14 +178,20 @@ def test_gpu_check_flop_count_matches_torch_flop_counter():
 
 
 def test_gpu_check_dry_run_writes_markdown(tmp_path):
+    """The GPU check's whole plumbing on CPU: every section, trunk steps eager and compiled, and
+    two hlip-train runs (today's eager sdpa path, the compiled auto path) on shards it writes."""
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
     out = tmp_path / "gpu.md"
     done = subprocess.run(
-        [sys.executable, str(script), "--dry-run", "--steps", "1", "--studies", "2", "--out", str(out)],
+        [sys.executable, str(script), "--dry-run", "--out", str(out)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 0, done.stderr
     text = out.read_text()
-    assert "| 8 | 2 | 128 |" in text and "xformers unavailable" in text
+    assert text.startswith("#### GPU check: CPU (dry run)") and "| sdpa | 0.000e+00 | 0.000e+00 |" in text
+    assert "| 2 | 2 | sdpa | eager | 32 |" in text and "| 2 | 2 | sdpa | compiled | 32 |" in text
+    assert "| eager sdpa (today) | sdpa |" in text and "| compiled auto | sdpa |" in text
+    failed = [line for line in text.splitlines() if "failed" in line or "skipped" in line]
+    assert all(line.startswith("| flex (candidate) |") for line in failed), failed  # no CPU backward
