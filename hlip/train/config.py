@@ -139,6 +139,19 @@ class TrainConfig:
     shards, failing transforms), checked from 100 studies read on (``loop.SKIP_CHECK_STUDIES``) and at the
     end; 1 never stops."""
 
+    # --- GPU step: attention kernel, compilation, synchronisation checks ----------------------
+    attention: str = "auto"
+    """Attention backend of the vision trunk: "auto" (on CUDA the faster of varlen and xformers
+    by a probe, else sdpa; sdpa on CPU), "sdpa", "varlen" (CUDA, bf16) or "xformers" (CUDA)."""
+    compile: bool = False
+    """``torch.compile`` the token-wise parts of every trunk block (rows marked dynamic, so a
+    few graphs serve every batch; their count is logged as ``compiled_graphs``)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend (``inductor``; ``aot_eager`` checks the plumbing cheaply)."""
+    sync_debug: bool = False
+    """On CUDA, warn at every host synchronisation inside a step (``torch.cuda.set_sync_debug_mode``);
+    the one read of loss and gradient norm per step, which decides the update, is not checked."""
+
     # --- run: output, logging, checkpoints, evaluation -----------------------------------------
     out: str = "runs/hlip"
     seed: int = 0
@@ -184,6 +197,10 @@ class TrainConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
+        from hlip.model.attention import BACKENDS_NAMES
+
+        if self.attention not in BACKENDS_NAMES:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
         if self.img_size and len(self.img_size) != 3:
             raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
         if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
