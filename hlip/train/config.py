@@ -11,6 +11,7 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hlip.train.windows import REGION_WINDOWS, REGION_WORDS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """Presets shipped with the project (``--config demo-cpu`` finds ``configs/demo-cpu.toml``)."""
@@ -69,7 +72,14 @@ class TrainConfig:
     max_scans: int = 8
     """Most scans fed per study (a random subset in training, the first ones in evaluation)."""
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-1150.0, 350.0]])
-    """CT windows [low, high] in HU mapped to [0, 1]; HLIP's chest window is [-1150, 350]."""
+    """CT windows [low, high] in HU mapped to [0, 1] for scans of no known region (or of a region
+    without an entry in ``ct_region_windows``); HLIP's chest window is [-1150, 350]."""
+    ct_region_windows: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(REGION_WINDOWS))
+    """CT windows per body region ("head", "chest"), the region read from the study's
+    BodyPartExamined or the scan's series description (hlip.train.windows); the head's are
+    brain, subdural and bone windows."""
+    ct_region: str = ""
+    """Region assumed for CT scans whose metadata names none ("" = use ``ct_windows``)."""
     ct_window_mode: str = "scans"
     """With several windows: "scans" feeds each windowed copy as its own scan, "mean" averages."""
     mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
@@ -176,8 +186,13 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r}: expected one of {allowed}")
         if self.img_size and len(self.img_size) != 3:
             raise ValueError(f"img_size={self.img_size}: expected [d, h, w]")
-        if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
-            raise ValueError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
+        for name, windows in {"ct_windows": self.ct_windows, **{
+            f"ct_region_windows.{region}": w for region, w in self.ct_region_windows.items()
+        }}.items():  # fmt: skip
+            if not windows or any(len(w) != 2 or w[0] >= w[1] for w in windows):
+                raise ValueError(f"{name}={windows}: expected a list of [low, high], low < high")
+        if self.ct_region and self.ct_region not in REGION_WORDS:
+            raise ValueError(f"ct_region={self.ct_region!r}: expected one of {sorted(REGION_WORDS)} or ''")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
