@@ -12,6 +12,7 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hlip import resources
+from hlip.train.windows import REGION_WINDOWS, REGION_WORDS
 
 TEXT_MODES = ("full", "shuffle", "sentence")
 CT_WINDOW_MODES = ("scans", "mean")
@@ -75,7 +77,14 @@ class TrainConfig:
     max_scans: int = 8
     """Most scans fed per study (a random subset in training, the first ones in evaluation)."""
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-1150.0, 350.0]])
-    """CT windows [low, high] in HU mapped to [0, 1]; HLIP's chest window is [-1150, 350]."""
+    """CT windows [low, high] in HU mapped to [0, 1] for scans of no known region (or of a region
+    without an entry in ``ct_region_windows``); HLIP's chest window is [-1150, 350]."""
+    ct_region_windows: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(REGION_WINDOWS))
+    """CT windows per body region ("head", "chest"), the region read from the study's
+    BodyPartExamined or the scan's series description (hlip.train.windows); the head's are
+    brain, subdural and bone windows."""
+    ct_region: str = ""
+    """Region assumed for CT scans whose metadata names none ("" = use ``ct_windows``)."""
     ct_window_mode: str = "scans"
     """With several windows: "scans" feeds each windowed copy as its own scan, "mean" averages."""
     mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
@@ -203,8 +212,13 @@ class TrainConfig:
             raise ConfigError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
         if self.img_size and len(self.img_size) != 3:
             raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
-        if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
-            raise ConfigError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
+        window_sets = {"ct_windows": self.ct_windows}
+        window_sets.update({f"ct_region_windows.{region}": w for region, w in self.ct_region_windows.items()})
+        for name, windows in window_sets.items():
+            if not windows or any(len(w) != 2 or w[0] >= w[1] for w in windows):
+                raise ConfigError(f"{name}={windows}: expected a list of [low, high], low < high")
+        if self.ct_region and self.ct_region not in REGION_WORDS:
+            raise ConfigError(f"ct_region={self.ct_region!r}: expected one of {sorted(REGION_WORDS)} or ''")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
