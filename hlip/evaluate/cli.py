@@ -90,6 +90,12 @@ def run(
     prompts: str = typer.Option(
         None, "--prompts", "-p", help="Prompts or benchmark TOML (configs/benchmarks/)."
     ),
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="Labelled shards other than --data (training or validation studies): each label's "
+        "threshold for sensitivity/specificity/balanced accuracy is chosen on their zero-shot scores.",
+    ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
     ),
@@ -117,6 +123,7 @@ def run(
         data=data,
         out=str(out),
         prompts=prompts,
+        calibrate=calibrate,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         labels=labels,
         label_key=label_key,

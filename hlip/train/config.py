@@ -12,6 +12,7 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hlip import resources
+from hlip.train.windows import REGION_WINDOWS, REGION_WORDS
 
 TEXT_MODES = ("full", "shuffle", "sentence")
 CT_WINDOW_MODES = ("scans", "mean")
@@ -75,7 +77,14 @@ class TrainConfig:
     max_scans: int = 8
     """Most scans fed per study (a random subset in training, the first ones in evaluation)."""
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-1150.0, 350.0]])
-    """CT windows [low, high] in HU mapped to [0, 1]; HLIP's chest window is [-1150, 350]."""
+    """CT windows [low, high] in HU mapped to [0, 1] for scans of no known region (or of a region
+    without an entry in ``ct_region_windows``); HLIP's chest window is [-1150, 350]."""
+    ct_region_windows: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(REGION_WINDOWS))
+    """CT windows per body region ("head", "chest"), the region read from the study's
+    BodyPartExamined or the scan's series description (hlip.train.windows); the head's are
+    brain, subdural and bone windows."""
+    ct_region: str = ""
+    """Region assumed for CT scans whose metadata names none ("" = use ``ct_windows``)."""
     ct_window_mode: str = "scans"
     """With several windows: "scans" feeds each windowed copy as its own scan, "mean" averages."""
     mr_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
@@ -139,6 +148,19 @@ class TrainConfig:
     shards, failing transforms), checked from 100 studies read on (``loop.SKIP_CHECK_STUDIES``) and at the
     end; 1 never stops."""
 
+    # --- GPU step: attention kernel, compilation, synchronisation checks ----------------------
+    attention: str = "auto"
+    """Attention backend of the vision trunk: "auto" (on CUDA the faster of varlen and xformers
+    by a probe, else sdpa; sdpa on CPU), "sdpa", "varlen" (CUDA, bf16) or "xformers" (CUDA)."""
+    compile: bool = False
+    """``torch.compile`` the token-wise parts of every trunk block (rows marked dynamic, so a
+    few graphs serve every batch; their count is logged as ``compiled_graphs``)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend (``inductor``; ``aot_eager`` checks the plumbing cheaply)."""
+    sync_debug: bool = False
+    """On CUDA, warn at every host synchronisation inside a step (``torch.cuda.set_sync_debug_mode``);
+    the one read of loss and gradient norm per step, which decides the update, is not checked."""
+
     # --- run: output, logging, checkpoints, evaluation -----------------------------------------
     out: str = "runs/hlip"
     seed: int = 0
@@ -184,10 +206,19 @@ class TrainConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
+        from hlip.model.attention import BACKENDS_NAMES
+
+        if self.attention not in BACKENDS_NAMES:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
         if self.img_size and len(self.img_size) != 3:
             raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
-        if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
-            raise ConfigError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
+        window_sets = {"ct_windows": self.ct_windows}
+        window_sets.update({f"ct_region_windows.{region}": w for region, w in self.ct_region_windows.items()})
+        for name, windows in window_sets.items():
+            if not windows or any(len(w) != 2 or w[0] >= w[1] for w in windows):
+                raise ConfigError(f"{name}={windows}: expected a list of [low, high], low < high")
+        if self.ct_region and self.ct_region not in REGION_WORDS:
+            raise ConfigError(f"ct_region={self.ct_region!r}: expected one of {sorted(REGION_WORDS)} or ''")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")

@@ -38,6 +38,7 @@ from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
+from hlip.train.windows import body_region, region_windows
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,8 @@ class StudyTransform:
     the first ``max_scans`` scans in stored order, centre crops and the full report, so the
     same study always gives the same tensors. Scans smaller than the crop are padded.
 
-    Intensities: HU scans are windowed with each of ``ct_windows`` (several windows become
+    Intensities: HU scans are windowed with each window of their body region (``ct_region_windows``,
+    else ``ct_windows``: :mod:`hlip.train.windows`; several windows become
     several scans with ``ct_window_mode="scans"``, or are averaged with ``"mean"``: the encoder
     has one input channel); other scans map their ``mr_percentiles`` to [0, 1], clipped at
     ``mr_ceiling``. Then ``(x - intensity_mean) / intensity_std`` as HLIP does (padding is 0
@@ -247,7 +249,9 @@ class StudyTransform:
         if not study.scans:
             raise ValueError(f"study {study.key!r} has no scans")
         scans = [
-            tensor for scan in self.select_scans(study.scans, rng) for tensor in self.scan_tensors(scan, rng)
+            tensor
+            for scan in self.select_scans(study, rng)
+            for tensor in self.scan_tensors(scan, rng, study.body_part)
         ]
         return {
             "scans": scans,
@@ -256,23 +260,31 @@ class StudyTransform:
             "labels": dict(study.labels),
         }
 
-    def tensors_per_scan(self, scan: Scan) -> int:
-        several = is_hounsfield(scan) and self.config.ct_window_mode == "scans"
-        return len(self.config.ct_windows) if several else 1
+    def ct_windows(self, scan: Scan, body_part: str) -> list[list[float]]:
+        """The HU windows of a CT scan's body region (:mod:`hlip.train.windows`)."""
+        region = body_region(body_part, scan.series_description, self.config.ct_region)
+        return region_windows(region, self.config.ct_region_windows, self.config.ct_windows)
 
-    def select_scans(self, scans: Sequence[Scan], rng: np.random.Generator | None) -> list[Scan]:
+    def tensors_per_scan(self, scan: Scan, body_part: str = "") -> int:
+        several = is_hounsfield(scan) and self.config.ct_window_mode == "scans"
+        return len(self.ct_windows(scan, body_part)) if several else 1
+
+    def select_scans(self, study: Study, rng: np.random.Generator | None) -> list[Scan]:
         """Scans in random (training) or stored order, kept while their tensors fit ``max_scans``."""
+        scans = study.scans
         order = rng.permutation(len(scans)) if rng is not None else range(len(scans))
         chosen, used = [], 0
         for i in order:
-            needed = self.tensors_per_scan(scans[i])
+            needed = self.tensors_per_scan(scans[i], study.body_part)
             if chosen and used + needed > self.config.max_scans:
                 continue
             chosen.append(scans[i])
             used += needed
         return chosen
 
-    def scan_tensors(self, scan: Scan, rng: np.random.Generator | None) -> list[Crop | torch.Tensor]:
+    def scan_tensors(
+        self, scan: Scan, rng: np.random.Generator | None, body_part: str = ""
+    ) -> list[Crop | torch.Tensor]:
         crop_rng = rng if self.config.random_crop else None
         axes = crop_axes(scan.shape, self.config.img_size, crop_rng, pad=self.config.pad_to_size)
         region = read_crop(scan, axes)
@@ -280,7 +292,7 @@ class StudyTransform:
         if not is_hounsfield(scan):
             maps = [percentile_map(region, *self.config.mr_percentiles, self.config.mr_ceiling)]
         else:
-            maps = [window_map(scan, low, high) for low, high in self.config.ct_windows]
+            maps = [window_map(scan, low, high) for low, high in self.ct_windows(scan, body_part)]
         if len(maps) > 1 and self.config.ct_window_mode == "mean":
             units = [render(region, unit_map, axes, 0.0, 1.0) for unit_map in maps]
             return [torch.from_numpy((np.mean(units, axis=0, dtype=np.float32) - mean) / std)]
