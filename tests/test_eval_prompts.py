@@ -155,7 +155,7 @@ def test_synth_prompts_follow_the_planted_findings():
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
         # each phrase inside a findings section of its modality, as the reports write it
-        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.modality]),)
+        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.kind]),)
     bare = load_prompts("synth", template_set="sentence")
     assert {label.templates for label in bare.binary} == {("{}",)}
 

@@ -24,7 +24,15 @@ from pydicom.uid import (
 
 from hlip.ingest.deid import scrub_report
 from hlip.ingest.reports import load_report_table, sr_text
-from hlip.synth import FINDINGS, KINDS, SCAN_KINDS, Sizes, available_transfer_syntaxes, make_archive
+from hlip.synth import (
+    FINDINGS,
+    KINDS,
+    SCAN_KINDS,
+    STUDY_KINDS,
+    Sizes,
+    available_transfer_syntaxes,
+    make_archive,
+)
 from hlip.synth.encoding import file_meta, series_files
 from hlip.synth.findings import brain_site
 from hlip.synth.series import ct_series, mr_series
@@ -169,7 +177,11 @@ def test_reports_table_matches_the_summary(archive):
     for study in archive.studies:
         report = by_uid[study.study_uid]
         assert by_accession[study.accession_number] == report
-        own = {label for label, f in FINDINGS.items() if f.modality == study.modality}
+        own = {
+            label
+            for label, f in FINDINGS.items()
+            if (f.modality, f.body_part) == (study.modality, study.body_part)
+        }
         assert report.labels == {label: study.labels[label] for label in own}
         if study.report_in_sr:
             assert report.text == ""
@@ -186,6 +198,7 @@ KEYWORDS = {
     "mass": "mass",
     "hemorrhage": "hemorrhage",
     "hydrocephalus": "hydrocephalus",
+    "intracranial_hemorrhage": "hemorrhage",
 }
 
 
@@ -200,8 +213,8 @@ def test_reports_state_every_finding(archive):
 def test_findings_are_planted_with_their_labels():
     counts = Counter()
     for index in range(120):
-        modality = "CT" if index % 2 == 0 else "MR"
-        study = plan_study(index, seed=11, modality=modality, sizes=Sizes())
+        kind = list(STUDY_KINDS)[index % 3]
+        study = plan_study(index, seed=11, kind=kind, sizes=Sizes())
         tissues = {shape.tissue for shape in study.phantom.shapes}
         planted = {
             "lung_nodule": NODULE in tissues,
@@ -210,11 +223,41 @@ def test_findings_are_planted_with_their_labels():
             "mass": MASS in tissues,
             "hemorrhage": BLOOD in tissues,
             "hydrocephalus": "hydrocephalus" in study.details,
+            "intracranial_hemorrhage": BLOOD in tissues,
         }
+        assert set(study.labels) == {label for label, f in FINDINGS.items() if f.kind == kind}
         for label, value in study.labels.items():
             assert planted[label] == bool(value)
             counts[label] += value
-    assert all(15 <= counts[label] <= 40 for label in FINDINGS), counts  # ~45% of 60 studies
+    assert all(8 <= counts[label] <= 30 for label in FINDINGS), counts  # ~45% of 40 studies
+
+
+def test_head_ct_hemorrhages_vary_in_size_and_density():
+    sizes = Sizes(ct_matrix=96, ct_coverage_mm=160)
+    studies = [plan_study(index, seed=3, kind="CT-HEAD", sizes=sizes) for index in range(40)]
+    bleeds = [s for s in studies if s.labels["intracranial_hemorrhage"]]
+    diameters = [s.details["intracranial_hemorrhage"]["diameter"] for s in bleeds]
+    densities = [s.details["intracranial_hemorrhage"]["density"] for s in bleeds]
+    assert min(diameters) <= 10 and max(diameters) >= 24 and min(diameters) >= 6 and max(diameters) <= 30
+    assert min(densities) <= 60 and max(densities) >= 80 and min(densities) >= 50 and max(densities) <= 90
+    study = max(bleeds, key=lambda s: s.details["intracranial_hemorrhage"]["diameter"])
+    thin = next(s for s in ct_series(study, sizes) if s.kind == "ct_axial_thin")
+    assert (thin.template.BodyPartExamined, thin.template.StudyDescription) == (
+        "HEAD",
+        "CT HEAD WITHOUT CONTRAST",
+    )
+    (blood,) = [shape for shape in study.phantom.shapes if shape.tissue == BLOOD]
+    positions = np.array([i.ImagePositionPatient for i in thin.instances])
+    k = int(np.argmin(abs(positions[:, 2] - blood.center[2])))
+    spacing = thin.instances[k].PixelSpacing
+    col, row = ((np.array(blood.center[:2]) - positions[k, :2]) / spacing).round().astype(int)
+    window = (
+        thin.pixels[k, row - 1 : row + 2, col - 1 : col + 2].astype(float) + thin.template.RescaleIntercept
+    )
+    density = study.details["intracranial_hemorrhage"]["density"]
+    assert abs(window.mean() - density) < 12  # 10 HU noise over 9 voxels
+    assert study.hu[BLOOD] == density
+    assert next(s for s in studies if s not in bleeds).hu[BLOOD] == 60  # the default table
 
 
 def test_phi_is_in_headers_and_reports_and_scrubbable(archive):
@@ -277,7 +320,7 @@ def test_same_seed_same_bytes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("syntax", available_transfer_syntaxes(), ids=lambda uid: uid.name)
 def test_series_files_decode_exactly_and_match_pydicom(tmp_path, syntax):
     for index, modality in ((0, "CT"), (1, "CT"), (3, "MR")):  # unsigned and signed CT, MR
-        study = plan_study(index, seed=0, modality=modality, sizes=SIZES)
+        study = plan_study(index, seed=0, kind=modality, sizes=SIZES)
         build = ct_series if modality == "CT" else mr_series
         series = build(study, SIZES)[2 if modality == "CT" else 2]
         series.transfer_syntax = syntax

@@ -91,3 +91,29 @@ def test_head_windows_count_against_max_scans():
 def test_bad_region_settings_are_rejected(change):
     with pytest.raises(ValueError, match="ct_region"):
         TrainConfig.from_dict(change).validate()
+
+
+def test_a_mixed_archive_gets_its_windows_from_the_headers(tmp_path):
+    """Head CT, chest CT and brain MR from one synthetic archive, ingested as a user would:
+    the demo preset windows each without any window set by hand."""
+    from test_ingest_pipeline import SMALL, small_config
+
+    from hlip.ingest import pipeline
+    from hlip.shards.reader import ShardDataset
+    from hlip.synth import make_archive
+    from hlip.train.config import load_config
+
+    archive = make_archive(
+        tmp_path / "archive", n_studies=3, seed=2, modalities=("CT-HEAD", "CT", "MR"), sizes=SMALL
+    )
+    pipeline.run_ingest([archive.root], tmp_path / "shards", small_config(archive), workers=0)
+    dataset = ShardDataset(tmp_path / "shards")
+    transform = StudyTransform(load_config("demo-cpu").resolve(), train=False)
+    windows = {}
+    keys = dataset.keys()
+    for key in keys:
+        study = dataset[key]
+        windows[(study.modality, study.body_part)] = {
+            transform.tensors_per_scan(scan, study.body_part) for scan in study.scans
+        }
+    assert windows == {("CT", "HEAD"): {3}, ("CT", "CHEST"): {1}, ("MR", "HEAD"): {1}}

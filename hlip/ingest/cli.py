@@ -269,6 +269,11 @@ def synth(
     studies: int = typer.Option(24, "--studies", help="Number of studies."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
     ct_matrix: int | None = typer.Option(None, "--ct-matrix", help="CT in-plane matrix (e.g. 512)."),
+    kinds: str = typer.Option(
+        "CT,MR",
+        "--kinds",
+        help="Study kinds, taken in turn: CT (chest CT), MR (brain MR), CT-HEAD (head CT).",
+    ),
     lesion_scale: float = typer.Option(
         1.0,
         "--lesion-scale",
@@ -278,9 +283,15 @@ def synth(
     ),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
-    from hlip.synth import Sizes, make_archive
+    from hlip.synth import STUDY_KINDS, Sizes, make_archive
 
-    make_archive(out, studies, seed, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix)
+    modalities = [k.strip().upper() for k in kinds.split(",") if k.strip()]
+    unknown = sorted(set(modalities) - set(STUDY_KINDS))
+    if unknown or not modalities:
+        raise typer.BadParameter(f"unknown study kinds {unknown}; choose from {', '.join(STUDY_KINDS)}")
+    make_archive(
+        out, studies, seed, modalities=modalities, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix
+    )
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")
 
 

@@ -4,7 +4,8 @@ their radiology reports, and the clutter of a real hospital export.
 :func:`make_archive` writes, deterministically for a seed (same bytes):
 
 * chest CT studies (thin and thick axial, coronal and sagittal reformats, localizers, a dose
-  screen secondary capture) and brain MR studies (3-plane localizer, T1, T2, FLAIR), each
+  screen secondary capture), head CT studies (the same series over a head) and brain MR
+  studies (3-plane localizer, T1, T2, FLAIR), each
   image sampled from an analytic phantom in patient coordinates (LPS, mm), so every series,
   whatever its orientation, tilt or grid, shows the same anatomy and findings;
 * findings (:data:`FINDINGS`) planted in the phantom, positive in about 45% of the studies
@@ -39,7 +40,7 @@ from hlip.synth.archive import (
     make_archive,
 )
 from hlip.synth.encoding import TRANSFER_SYNTAX_CYCLE, available_transfer_syntaxes
-from hlip.synth.findings import FINDINGS, PREVALENCE, Finding
+from hlip.synth.findings import FINDINGS, PREVALENCE, STUDY_KINDS, Finding
 from hlip.synth.reports import NORMAL_SENTENCES
 from hlip.synth.studies import Sizes
 
@@ -49,6 +50,7 @@ __all__ = [
     "NORMAL_SENTENCES",
     "PREVALENCE",
     "SCAN_KINDS",
+    "STUDY_KINDS",
     "TRANSFER_SYNTAX_CYCLE",
     "Finding",
     "Sizes",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from hlip.synth.findings import plant_bullae, plant_effusion, plant_hematoma, plant_mass, plant_nodules
+from hlip.synth.findings import (
+    plant_bullae,
+    plant_ct_hemorrhage,
+    plant_effusion,
+    plant_hematoma,
+    plant_mass,
+    plant_nodules,
+)
 from hlip.synth.volumes import (
     BONE,
     CSF,
@@ -71,7 +78,11 @@ def brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int], s
         ph.add((sign * (16 if big else 10), -5, z0 + 10), (15, 34, 19) if big else (7, 27, 11), CSF)
     if big:
         details["hydrocephalus"] = {"degree": str(rng.choice(["mild", "moderate"]))}
-    for label, plant in (("mass", plant_mass), ("hemorrhage", plant_hematoma)):
+    for label, plant in (
+        ("mass", plant_mass),
+        ("hemorrhage", plant_hematoma),
+        ("intracranial_hemorrhage", plant_ct_hemorrhage),
+    ):
         if labels.get(label):
             details[label] = plant(rng, ph, z0, s, scale)
     return ph, details

@@ -264,7 +264,8 @@ def make_archive(
     """Write a synthetic uncurated archive of ``n_studies`` studies into ``out_dir`` (which
     must be empty or absent) and ``out_dir/reports.csv``; the same arguments give the same bytes.
 
-    Studies take ``modalities`` in turn. Features rotate over studies, so any archive of
+    Studies take the kinds in ``modalities`` in turn (:data:`~hlip.synth.findings.STUDY_KINDS`:
+    ``"CT"`` chest CT, ``"MR"`` brain MR, ``"CT-HEAD"`` head CT). Features rotate over studies, so any archive of
     4 or more studies (2 of each modality) has every kind of file in :data:`KINDS`: every third
     study carries its report in an SR, the last study is a zip export, the one before it a
     DICOMDIR file set; both SR classes (Basic Text, Enhanced) appear from 6 studies on.
@@ -314,7 +315,7 @@ def _summary(study: Study, series_list: list[Series], text: str) -> SynthStudy:
         study_uid=study.uid,
         accession_number=study.accession,
         modality=study.modality,
-        body_part="CHEST" if study.modality == "CT" else "HEAD",
+        body_part=study.body_part,
         labels=dict(study.labels),
         report=text,
         report_in_sr=study.report_in_sr,

@@ -27,6 +27,15 @@ class Finding:
     positive_prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
 
+    @property
+    def kind(self) -> str:
+        """The study kind (:data:`STUDY_KINDS`) that carries this finding."""
+        return next(k for k, where in STUDY_KINDS.items() if where == (self.modality, self.body_part))
+
+
+STUDY_KINDS = {"CT": ("CT", "CHEST"), "MR": ("MR", "HEAD"), "CT-HEAD": ("CT", "HEAD")}
+"""The kinds of study an archive holds (``make_archive(modalities=...)``), by (modality, body part):
+chest CT, brain MR and head CT."""
 
 FINDINGS: dict[str, Finding] = {
     f.label: f
@@ -99,10 +108,22 @@ FINDINGS: dict[str, Finding] = {
             ),
             ("No hydrocephalus.", "The ventricles are normal in size.", "There is no ventriculomegaly."),
         ),
+        Finding(
+            "intracranial_hemorrhage",
+            "CT",
+            "HEAD",
+            "A 6-30 mm intraparenchymal hemorrhage, hyperdense (50-90 HU) against grey (35 HU) and white (28 HU) matter.",
+            (
+                "There is an intraparenchymal hemorrhage.",
+                "Acute intracranial hemorrhage.",
+                "Hyperdense hematoma in the brain.",
+            ),
+            ("No intracranial hemorrhage.", "There is no hemorrhage.", "No acute intracranial abnormality."),
+        ),
     )
 }
 PREVALENCE = 0.45
-"""Probability that a finding is planted in a study of its modality, independently per finding."""
+"""Probability that a finding is planted in a study of its kind, independently per finding."""
 
 
 def _lobe(side: str, center, semi, z: float) -> str:
@@ -196,3 +217,14 @@ def plant_hematoma(rng, ph: Phantom, z0: float, s: float, scale: float) -> dict:
     point, side, lobe = brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter / 2, diameter * 0.4, diameter * 0.35), BLOOD)
     return {"diameter": diameter, "side": side, "lobe": lobe}
+
+
+def plant_ct_hemorrhage(rng, ph: Phantom, z0: float, s: float, scale: float) -> dict:
+    """An acute intraparenchymal hemorrhage on head CT, from a few millimetres to a large
+    hematoma and from faintly to clearly hyperdense: the density (HU) goes with the detail,
+    for the study's CT numbers."""
+    diameter = int(round(rng.integers(6, 31) * scale))
+    density = int(rng.integers(50, 91))
+    point, side, lobe = brain_site(rng, z0, s, diameter / 2)
+    ph.add(point, (diameter / 2, diameter * 0.42, diameter * 0.38), BLOOD)
+    return {"diameter": diameter, "side": side, "lobe": lobe, "density": density}

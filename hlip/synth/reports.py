@@ -84,6 +84,17 @@ def _hemorrhage_sentences(detail, rng):
     )  # fmt: skip
 
 
+def _ct_hemorrhage_sentences(detail, rng):
+    d, side, lobe, density = detail["diameter"], detail["side"], detail["lobe"], detail["density"]
+    return (
+        _pick(rng, (f"There is a {d} mm hyperdense intraparenchymal hemorrhage in the {side} {lobe} lobe.",
+                    f"Acute {side} {lobe} intraparenchymal hematoma measuring {d} mm (about {density} HU).",
+                    f"A small focus of hyperdense blood in the {side} {lobe} lobe, {d} mm." if d < 12 else
+                    f"{side.capitalize()} {lobe} hematoma of {d} mm with mild surrounding mass effect.")),
+        f"Acute {side} {lobe} intraparenchymal hemorrhage ({d} mm).",
+    )  # fmt: skip
+
+
 def _hydrocephalus_sentences(detail, rng):
     degree = detail["degree"]
     return (
@@ -100,6 +111,7 @@ POSITIVE_SENTENCES: dict[str, Callable] = {
     "mass": _mass_sentences,
     "hemorrhage": _hemorrhage_sentences,
     "hydrocephalus": _hydrocephalus_sentences,
+    "intracranial_hemorrhage": _ct_hemorrhage_sentences,
 }
 NEGATIVE_SENTENCES = {
     "lung_nodule": (
@@ -128,16 +140,30 @@ NEGATIVE_SENTENCES = {
         "The ventricles are normal in size.",
         "There is no evidence of hydrocephalus.",
     ),
+    "intracranial_hemorrhage": (
+        "No intracranial hemorrhage.",
+        "There is no evidence of acute hemorrhage.",
+        "No hyperdense blood is seen.",
+    ),
 }
 NORMAL_SENTENCES = {
     "CT": ("The heart is normal in size.", "No mediastinal or hilar lymphadenopathy.", "The central airways are patent.",
            "The osseous structures are unremarkable.", "The visualized upper abdomen is unremarkable."),
     "MR": ("No midline shift.", "The major intracranial flow voids are preserved.", "The cerebellum and brainstem are normal.",
            "The orbits and paranasal sinuses are unremarkable."),
+    "CT-HEAD": ("The ventricles are normal in size.", "No midline shift.", "The gray-white matter differentiation is preserved.",
+                "The calvarium is intact."),
 }  # fmt: skip
 INDICATIONS = {
     "CT": ("Cough.", "Shortness of breath.", "Weight loss.", "Chest pain.", "Staging."),
     "MR": ("Headache.", "Dizziness.", "Seizure.", "Memory loss.", "Visual disturbance."),
+    "CT-HEAD": ("Fall.", "Sudden headache.", "Confusion.", "Head trauma.", "Weakness of one side."),
+}
+EXAMS = {"CT": "CT CHEST", "MR": "MRI BRAIN WITHOUT CONTRAST", "CT-HEAD": "CT HEAD WITHOUT CONTRAST"}
+TECHNIQUES = {
+    "CT": "Axial images of the chest.",
+    "MR": "Sagittal T1, axial T2 and FLAIR images of the brain.",
+    "CT-HEAD": "Axial images of the head without contrast.",
 }
 
 
@@ -151,19 +177,17 @@ def report_sections(study: Study) -> list[tuple[str, str]]:
             findings.append(finding)
         if impression:
             impressions.append(impression)
-    findings += [s for s in NORMAL_SENTENCES[study.modality] if rng.random() < 0.6]
+    findings += [s for s in NORMAL_SENTENCES[study.kind] if rng.random() < 0.6]
     if not impressions:
         impressions = [_pick(rng, ("No acute abnormality.", "Normal study.", "No significant abnormality."))]
-    exam = (
-        "CT CHEST" + (" WITH CONTRAST" if study.contrast else " WITHOUT CONTRAST")
-        if study.modality == "CT"
-        else "MRI BRAIN WITHOUT CONTRAST"
-    )
+    exam = EXAMS[study.kind]
+    if study.kind == "CT":
+        exam += " WITH CONTRAST" if study.contrast else " WITHOUT CONTRAST"
     date = _date_text(study.study_date, study.index)
     referring = _pick(
         rng, (f"Dr. {study.referring.plain}", f"Dr. {study.referring.family}", study.referring.pn)
     )
-    history = f"{_pick(rng, INDICATIONS[study.modality])} Referred by {referring}."
+    history = f"{_pick(rng, INDICATIONS[study.kind])} Referred by {referring}."
     if study.index % 2:
         history += (
             f" Patient {study.patient.family.upper()}, {study.patient.given.upper()}, MRN {study.patient_id}."
@@ -171,12 +195,7 @@ def report_sections(study: Study) -> list[tuple[str, str]]:
     return [
         ("EXAMINATION", f"{exam}, {date}. Accession {study.accession}."),
         ("CLINICAL INFORMATION", history),
-        (
-            "TECHNIQUE",
-            "Axial images of the chest."
-            if study.modality == "CT"
-            else "Sagittal T1, axial T2 and FLAIR images of the brain.",
-        ),
+        ("TECHNIQUE", TECHNIQUES[study.kind]),
         ("COMPARISON", "None."),
         ("FINDINGS", "\n".join(findings)),
         (

@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from hlip.synth.studies import Sizes, Study
-from hlip.synth.volumes import AXIAL, CORONAL, HU, MR_SIGNAL, SAGITTAL, Grid, sample, stack, tilted
+from hlip.synth.volumes import AXIAL, CORONAL, MR_SIGNAL, SAGITTAL, Grid, sample, stack, tilted
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _new_series(study: Study, number: int, description: str, kind: str, sop_clas
     ds.PatientBirthDate = study.birth_date
     ds.PatientSex = study.sex
     ds.PatientAge = f"{int(study.study_date[:4]) - int(study.birth_date[:4]):03d}Y"
-    ds.BodyPartExamined = "CHEST" if study.modality == "CT" else "HEAD"
+    ds.BodyPartExamined = study.body_part
     ds.StudyInstanceUID = study.uid
     ds.SeriesInstanceUID = study.uid_for("series", number)
     ds.StudyID = str(1000 + study.index)
@@ -81,6 +81,8 @@ def _new_series(study: Study, number: int, description: str, kind: str, sop_clas
 def _exam_name(study: Study) -> str:
     if study.modality == "MR":
         return "MRI BRAIN WITHOUT CONTRAST"
+    if study.body_part == "HEAD":
+        return "CT HEAD WITHOUT CONTRAST"
     return "CT CHEST WITH CONTRAST" if study.contrast else "CT CHEST WITHOUT CONTRAST"
 
 
@@ -130,7 +132,7 @@ MR_SEQUENCES = {
 
 
 def ct_series(study: Study, sizes: Sizes) -> list[Series]:
-    fov = float(study.rng.uniform(350, 400))
+    fov = float(study.rng.uniform(220, 260) if study.body_part == "HEAD" else study.rng.uniform(350, 400))
     pixel = fov / sizes.ct_matrix
     center = (0.0, 0.0, study.z0)
     square = (sizes.ct_matrix, sizes.ct_matrix)
@@ -193,7 +195,7 @@ def _ct_stack(study, number, description, kind, grid: Grid, image_type, tilt: fl
     series = _new_series(study, number, description, kind, CTImageStorage)
     storage = CT_STORAGES[study.index % len(CT_STORAGES)]
     noise = np.random.default_rng([study.index, number, 7])
-    hu = sample(study.phantom, grid, HU)
+    hu = sample(study.phantom, grid, study.hu)
     hu += noise.normal(0, 10, hu.shape).astype(np.float32)
     _image_modules(series, study, image_type, storage.encode(hu), storage.bits_stored)
     _ct_template(study, series, storage)
@@ -218,7 +220,7 @@ def _ct_localizer(study: Study, sizes: Sizes) -> Series:
         depth = np.linspace(-200, 200, 40, dtype=np.float32)
         xyz = [c[0, ..., None] for c in grid.coordinates(0, 1)]
         xyz[depth_axis] = xyz[depth_axis] + depth
-        mu = np.clip(HU[study.phantom.labels(xyz)] + 1000.0, 0, None) / 1000.0
+        mu = np.clip(study.hu[study.phantom.labels(xyz)] + 1000.0, 0, None) / 1000.0
         images.append(np.clip(mu.sum(axis=2) * 100, 0, 4095).astype(np.uint16))
         grids.append(grid)
     _image_modules(series, study, ["ORIGINAL", "PRIMARY", "LOCALIZER"], np.stack(images), 12)

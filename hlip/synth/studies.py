@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from hlip.synth.anatomy import brain_phantom, chest_phantom
-from hlip.synth.findings import FINDINGS, PREVALENCE
-from hlip.synth.volumes import Phantom
+from hlip.synth.findings import FINDINGS, PREVALENCE, STUDY_KINDS
+from hlip.synth.volumes import BLOOD, HU, Phantom
 
 FAMILY_NAMES = (
     "Anderson", "Baker", "Castillo", "Delgado", "Eriksen", "Fischer", "Garcia", "Haddad", "Ivanova",
@@ -56,7 +56,11 @@ class Study:
     """Everything decided about one study before any pixel is made."""
 
     index: int
+    kind: str
     modality: str
+    body_part: str
+    hu: np.ndarray
+    """CT number of each tissue code in this study (a hemorrhage's density varies)."""
     rng: np.random.Generator
     uid: str
     frame_uid: str
@@ -83,24 +87,35 @@ class Study:
         return _uid(self.uid, *parts)
 
 
-def plan_study(index: int, seed: int, modality: str, sizes: Sizes) -> Study:
+def plan_study(index: int, seed: int, kind: str, sizes: Sizes) -> Study:
+    """The plan of study ``index`` of kind ``kind`` (a key of :data:`STUDY_KINDS`)."""
+    if kind not in STUDY_KINDS:
+        raise ValueError(f"unknown study kind {kind!r}; known: {list(STUDY_KINDS)}")
+    modality, body_part = STUDY_KINDS[kind]
     rng = np.random.default_rng([seed, index])
     uid = _uid("hlip-synth", seed, index)
-    labels = {name: int(rng.random() < PREVALENCE) for name, f in FINDINGS.items() if f.modality == modality}
+    labels = {name: int(rng.random() < PREVALENCE) for name, f in FINDINGS.items() if f.kind == kind}
     age_days = int(rng.integers(25 * 365, 89 * 365))
     study_day = np.datetime64("2019-01-01") + int(rng.integers(0, 6 * 365))
-    z0 = float(rng.uniform(-160, -100)) if modality == "CT" else float(rng.uniform(40, 80))
-    contrast = modality == "CT" and rng.random() < 0.35
-    if modality == "CT":
+    z0 = float(rng.uniform(-160, -100)) if body_part == "CHEST" else float(rng.uniform(40, 80))
+    contrast = kind == "CT" and rng.random() < 0.35
+    hu = HU
+    if kind == "CT":
         phantom, details = chest_phantom(
             rng, z0, labels, contrast, sizes.ct_coverage_mm / 2, sizes.lesion_scale
         )
     else:
         phantom, details = brain_phantom(rng, z0, labels, sizes.lesion_scale)
+    if "density" in details.get("intracranial_hemorrhage", {}):
+        hu = HU.copy()
+        hu[BLOOD] = details["intracranial_hemorrhage"]["density"]
     scanners = CT_SCANNERS if modality == "CT" else MR_SCANNERS
     return Study(
         index=index,
+        kind=kind,
         modality=modality,
+        body_part=body_part,
+        hu=hu,
         rng=rng,
         uid=uid,
         frame_uid=_uid(uid, "frame"),
