@@ -52,6 +52,22 @@ def list_studies(dataset: ShardDataset) -> list[dict[str, Any]]:
     ]
 
 
+def list_versions(dataset: ShardDataset) -> list[dict[str, Any]]:
+    """One row per committed version: number, commit time, studies added and superseded,
+    the shards it added and the studies it holds."""
+    return [
+        {
+            "version": version.number,
+            "created": version.created or "(before versions)",
+            "added": version.added,
+            "superseded": version.superseded,
+            "shards": len(version.shards),
+            "studies": version.studies,
+        }
+        for version in dataset.history
+    ]
+
+
 @dataclass
 class DatasetStats:
     """Counts and per-item distributions of a dataset."""
@@ -269,11 +285,15 @@ class VerifyReport:
         return sorted({p.key for p in self.problems if p.key is not None})
 
 
-def _check_schema(path: Path) -> list[Problem]:
+def _check_schema(dataset: ShardDataset) -> list[Problem]:
+    """Every manifest and scans fragment of the dataset's version has the format's columns."""
     problems = []
-    for name, schema in ((fmt.MANIFEST_FILE, MANIFEST_SCHEMA), (fmt.SCANS_FILE, SCANS_SCHEMA)):
+    fragments = [(name, MANIFEST_SCHEMA) for name in dataset.version.manifests]
+    fragments += [(name, SCANS_SCHEMA) for name in dataset.version.scans]
+    for name, schema in fragments:
         try:
-            found = pq.read_schema(path / name)
+            with dataset.location.open(name) as file:
+                found = pq.read_schema(file)
         except (OSError, ValueError) as error:
             problems.append(Problem(None, f"{name}: {error}"))
             continue
@@ -289,7 +309,7 @@ def _check_tar_headers(dataset: ShardDataset, key: str) -> None:
     """Each member's tar header names ``<key>.<ext>`` and its size: catches offsets that
     point at the wrong bytes and damage to headers, which member checksums cannot see."""
     row = dataset.row(key)
-    with open(dataset.path / row["shard"], "rb") as file:
+    with dataset.open_shard(key, row["shard"]) as file:
         for ext, column in MEMBER_COLUMNS.items():
             file.seek(row[f"{column}_offset"] - TAR_BLOCK)
             try:
@@ -320,14 +340,16 @@ def verify_study(dataset: ShardDataset, key: str) -> None:
             raise ShardFormatError(f"study {key!r} scan {scan.name!r}: decoded {voxels.dtype}{voxels.shape}")
 
 
-def verify_dataset(path: str | os.PathLike, progress: Progress | None = None) -> VerifyReport:
-    """Verify every study of the dataset at ``path``; failures are collected, not raised."""
-    path = Path(path)
+def verify_dataset(
+    path: str | os.PathLike, progress: Progress | None = None, version: int | None = None
+) -> VerifyReport:
+    """Verify every study of the dataset at ``path`` (at ``version``, default the latest);
+    failures are collected, not raised."""
     try:
-        dataset = ShardDataset(path)
+        dataset = ShardDataset(path, version=version)
     except (ShardFormatError, OSError) as error:
         return VerifyReport(problems=[Problem(None, str(error))])
-    report = VerifyReport(studies=len(dataset), problems=_check_schema(path))
+    report = VerifyReport(studies=len(dataset), problems=_check_schema(dataset))
     for key in dataset:
         try:
             verify_study(dataset, key)
