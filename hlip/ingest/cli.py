@@ -76,6 +76,14 @@ def _progress() -> Progress:
     )
 
 
+def version_line(summary: pipeline.IngestSummary) -> str:
+    """What this run committed: a new dataset version, or nothing (an unchanged re-run)."""
+    if summary.version is None:
+        return "0 new studies: the dataset is up to date (no new version)"
+    rebuilt = f", {summary.studies_superseded} rebuilt" if summary.studies_superseded else ""
+    return f"version {summary.version}: {summary.studies_added} new studies{rebuilt}"
+
+
 def print_summary(summary: pipeline.IngestSummary) -> None:
     """Outcome counts, then reject reasons with their meaning."""
     outcomes = Table(title=f"Ingest of {summary.out_dir}", show_footer=True)
@@ -84,7 +92,8 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
     for outcome, count in summary.outcomes.items():
         outcomes.add_row(outcome, str(count))
     console.print(outcomes)
-    console.print(f"studies: {summary.studies_staged} written, {summary.studies_rejected} rejected")
+    console.print(f"studies: {summary.studies_staged} in the dataset, {summary.studies_rejected} rejected")
+    console.print(version_line(summary))
     if summary.reasons:
         reasons = Table(title="Rejected files by reason")
         for column in ("reason", "files", "meaning"):

@@ -129,6 +129,11 @@ class Location:
             tmp.unlink(missing_ok=True)
         return True
 
+    def delete(self, name: str) -> None:
+        """Remove the file ``name`` if it exists."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(name))
+
     def delete_folder(self, name: str) -> None:
         """Remove the folder ``name`` and everything in it, if it exists."""
         with contextlib.suppress(FileNotFoundError):

@@ -614,8 +614,9 @@ class DatasetWriter:
 
     def finalize(self, map: Callable = map) -> versions.DatasetVersion | None:
         """Pack the staged samples into new shards and commit them as the next version;
-        return it (None when nothing was staged and a version exists already: nothing to
-        commit).
+        return it. A staged sample that the latest version already holds with the same
+        bytes is dropped (a run that crashed after its commit, a rebuild that changed
+        nothing); None when nothing is left to commit on a dataset that has a version.
 
         ``map`` writes the shards (:func:`pack_shards`); the bytes do not depend on it.
         Shards and fragments are complete before the version file that names them is
@@ -625,8 +626,10 @@ class DatasetWriter:
         """
         history = versions.list_versions(self.location)
         previous = history[-1] if history else None
-        keys = self.staged_keys()
+        committed = {} if previous is None else self._digests(previous)
+        keys = [key for key in self.staged_keys() if committed.get(key) != self._staged_digests(key)]
         if previous is not None and not keys:
+            self.location.delete_folder(STAGING_DIR)
             return None
         first = versions.next_shard_index(history, self.prefix)
         staged = [self._staged_name(key) for key in keys]
@@ -635,14 +638,23 @@ class DatasetWriter:
         manifest_name, scans_name = versions.fragment_names(number)
         self.location.write(scans_name, parquet_bytes(scans_table(packed)))
         self.location.write(manifest_name, parquet_bytes(manifest_table(packed)))
-        previous_keys = set() if previous is None else set(self._keys_of(previous))
         shards = sorted({sample.shard for sample in packed})
-        version = versions.commit(self.location, previous, shards, keys, previous_keys)
+        version = versions.commit(self.location, previous, shards, keys, set(committed))
         self.location.delete_folder(STAGING_DIR)
         return version
 
-    def _keys_of(self, version: versions.DatasetVersion) -> list[str]:
-        return versions.read_tables(self.location, version)[0].column("key").to_pylist()
+    def _digests(self, version: versions.DatasetVersion) -> dict[str, tuple[str, ...]]:
+        """``key -> member sha256s`` of the studies in ``version``."""
+        manifest = versions.read_tables(self.location, version)[0]
+        columns = [manifest[f"{column}_sha256"].to_pylist() for column in MEMBER_COLUMNS.values()]
+        return dict(zip(manifest["key"].to_pylist(), zip(*columns, strict=True), strict=True))
+
+    def _staged_digests(self, key: str) -> tuple[str, ...]:
+        """Member sha256s of a staged sample, in :data:`MEMBER_COLUMNS` order."""
+        data = self.location.read_bytes(self._staged_name(key))
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = {info.name.partition(".")[2]: tar.extractfile(info).read() for info in tar}
+        return tuple(_sha256(members[ext]) for ext in MEMBER_COLUMNS)
 
 
 def read_manifest(location: Location) -> pa.Table:
