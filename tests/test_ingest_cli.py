@@ -21,9 +21,9 @@ from hlip.ingest import pipeline
 from hlip.ingest.cli import app, parse_spacing
 from hlip.ingest.config import IngestConfig
 from hlip.ingest.deid import study_key
-from hlip.ingest.synth import make_archive
 from hlip.shards.reader import ShardDataset
 from hlip.shards.writer import STAGING_DIR
+from hlip.synth import make_archive
 
 KILL_WAIT_S = 300
 """Upper bound on waiting for a kill point; the test fails loudly if it is never reached."""

@@ -23,9 +23,9 @@ from hlip.ingest import deid, pipeline
 from hlip.ingest.config import IngestConfig
 from hlip.ingest.index import iter_source_files
 from hlip.ingest.plan import Reject
-from hlip.ingest.synth import Sizes, make_archive
 from hlip.ingest.volume import ScanRejected
 from hlip.shards.reader import ShardDataset
+from hlip.synth import Sizes, make_archive
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SMALL = Sizes(ct_matrix=64, mr_matrix=64, ct_coverage_mm=80.0)

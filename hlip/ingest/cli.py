@@ -257,7 +257,7 @@ def synth(
     ),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
-    from hlip.ingest.synth import Sizes, make_archive
+    from hlip.synth import Sizes, make_archive
 
     make_archive(out, studies, seed, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix)
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")

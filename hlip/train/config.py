@@ -1,6 +1,7 @@
 """Every knob of a training run in one flat, typed object.
 
-A run is described by a TOML file (``configs/<name>.toml``) plus ``key=value`` overrides;
+A run is described by a TOML file (a preset shipped in ``hlip/configs/`` or one's own) plus
+``key=value`` overrides;
 :func:`load_config` merges them into a :class:`TrainConfig`, :meth:`TrainConfig.resolve`
 fills what depends on other fields (the crop grid from the model preset), and the resolved
 object is saved in the run directory so a checkpoint always knows how it was made.
@@ -18,11 +19,11 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-"""Presets shipped with the project (``--config demo-cpu`` finds ``configs/demo-cpu.toml``)."""
+from hlip import resources
 
 TEXT_MODES = ("full", "shuffle", "sentence")
 CT_WINDOW_MODES = ("scans", "mean")
@@ -222,23 +223,14 @@ def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = N
 # --- loading and overriding --------------------------------------------------------------------
 
 
-def find_config_file(name_or_path: str) -> Path:
-    """A path to a TOML/JSON file, or a preset name looked up in ``configs/``."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (Path("configs") / f"{name_or_path}.toml", CONFIG_DIR / f"{name_or_path}.toml"):
-        if candidate.is_file():
-            return candidate
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    raise FileNotFoundError(f"no config file or preset {name_or_path!r} (presets: {presets})")
+def find_config_file(name_or_path: str) -> Path | Traversable:
+    """A path to a TOML/JSON file, or the name of a shipped preset (``demo-cpu``)."""
+    return resources.find_file(name_or_path, (resources.PRESETS,), "config")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    with path.open("rb") as f:
-        return tomllib.load(f)
+def read_config_file(path: Path | Traversable) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if path.name.endswith(".json") else tomllib.loads(text)
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
