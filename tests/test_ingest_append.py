@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from hlip.ingest import cli, deid, pipeline
 from hlip.ingest.lock import LOCK_FILE, IngestLocked, ingest_lock
-from hlip.ingest.synth import make_archive
 from hlip.shards import inspect
 from hlip.shards.reader import ShardDataset
 from hlip.shards.stream import stream_studies
+from hlip.synth import make_archive
 
 AMENDED = "ADDENDUM: amended report."
 
