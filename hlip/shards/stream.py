@@ -74,6 +74,13 @@ def resolve_sources(source: UrlSource, version: int | None = None) -> list[str |
     return wds.shardlists.expand_urls(text)
 
 
+def locate(source: UrlSource, version: int | None = None) -> tuple[list[str], dict[str, frozenset[str]]]:
+    """The shard URLs of ``source`` and, for its datasets, the keys each shard serves at
+    ``version`` (:func:`dataset_members`): what a :class:`StudyStream` reads."""
+    items = resolve_sources(source, version)
+    return _urls(items), dataset_members(items)
+
+
 def expand_urls(source: UrlSource, version: int | None = None) -> list[str]:
     """Shard URLs from a dataset (local directory or object-store URL, via its manifest at
     ``version``), a ShardDataset, a glob, brace notation (``ds-{000000..000009}.tar``),
@@ -328,8 +335,7 @@ def stream_studies(
     A dataset is read at ``version`` (default: its latest; :mod:`hlip.shards.versions`):
     only the samples that version holds, not the older samples of studies it rebuilt.
     """
-    items = resolve_sources(source, version)
-    urls = _urls(items)
+    urls, members = locate(source, version)
     if not urls:
         raise FileNotFoundError(f"no shards found for {source!r}")
     return StudyStream(
@@ -343,6 +349,6 @@ def stream_studies(
         decode=decode,
         skip_errors=skip_errors,
         keys=keys,
-        members=dataset_members(items),
+        members=members,
         errors=ErrorCounter(on_error),
     )
