@@ -25,6 +25,11 @@ app = typer.Typer(
 )
 console = Console()
 
+OUT = typer.Option(
+    ...,
+    "--out",
+    help="Output dataset directory or object-store URL (s3://bucket/prefix); re-run to resume or grow it.",
+)
 SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
 WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
@@ -101,13 +106,13 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
         for reason, count in summary.reasons.items():
             reasons.add_row(reason, str(count), pipeline.REASONS.get(reason, ""))
         console.print(reasons)
-    console.print(f"per-file outcomes: {summary.out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE}")
+    console.print(f"per-file outcomes: {pipeline.ingest_dir(summary.out_dir) / pipeline.FILES_FILE}")
 
 
 @app.command()
 def run(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     reports: Path | None = typer.Option(
         None, "--reports", exists=True, help="Report table (CSV, TSV, Parquet or JSON lines)."
     ),
@@ -194,7 +199,7 @@ def plan(
 @app.command()
 def nifti(
     table: Path = typer.Argument(..., exists=True, help="Collection table (CSV, Parquet, JSONL)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     study_column: str = typer.Option(
         "study_id", help="Column of the study id (rows sharing it are one study)."
     ),

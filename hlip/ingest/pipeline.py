@@ -54,10 +54,11 @@ from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
 from hlip.shards import format as fmt
 from hlip.shards import versions
 from hlip.shards.format import Scan, Study
-from hlip.shards.storage import Location
+from hlip.shards.storage import Location, is_remote
 from hlip.shards.writer import DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
 
 INGEST_DIR = "_ingest"
+WORK_ENV = "HLIP_INGEST_WORK"
 INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
 CONFIG_FILE = "config.json"
@@ -136,7 +137,7 @@ class IngestSummary:
     """Counts of a finished run, from ``files.parquet``, and the dataset version it
     committed (``version`` is None when the dataset was already up to date)."""
 
-    out_dir: Path
+    out_dir: Path | str
     files: int
     studies_staged: int
     studies_rejected: int
@@ -434,11 +435,22 @@ def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, li
     return study, scan_outcomes + report_outcomes
 
 
-def _outcome_path(out_dir: Path, key: str) -> Path:
-    return out_dir / INGEST_DIR / OUTCOMES_DIR / f"{key}.json"
+def ingest_dir(out_dir: str | os.PathLike) -> Path:
+    """The ``_ingest/`` folder of an output: inside a local output directory; for an
+    object-store output, on this machine's disk under ``$HLIP_INGEST_WORK``
+    (default ``~/.cache/hlip/ingest``), one folder per output URL, so that the index and the
+    secret (PHI) never go to the bucket."""
+    if not is_remote(out_dir):
+        return Path(out_dir) / INGEST_DIR
+    base = Path(os.environ.get(WORK_ENV, Path.home() / ".cache" / "hlip" / "ingest")).expanduser()
+    return base / hashlib.sha256(os.fspath(out_dir).encode()).hexdigest()[:16] / INGEST_DIR
 
 
-def _write_outcome(out_dir: Path, outcome: StudyOutcome) -> None:
+def _outcome_path(out_dir: str | os.PathLike, key: str) -> Path:
+    return ingest_dir(out_dir) / OUTCOMES_DIR / f"{key}.json"
+
+
+def _write_outcome(out_dir: str | os.PathLike, outcome: StudyOutcome) -> None:
     record = {
         "key": outcome.key,
         "staged": outcome.staged,
@@ -450,7 +462,7 @@ def _write_outcome(out_dir: Path, outcome: StudyOutcome) -> None:
     write_bytes_atomic(path, json.dumps(record, sort_keys=True).encode())
 
 
-def read_outcome(out_dir: Path, key: str) -> StudyOutcome | None:
+def read_outcome(out_dir: str | os.PathLike, key: str) -> StudyOutcome | None:
     """The recorded outcome of a study, or None when it has not finished."""
     path = _outcome_path(out_dir, key)
     if not path.exists():
@@ -489,10 +501,12 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
         except ValueError as error:
             members, files = None, _rejected(_study_files(task.plan), task.key, "invalid_study", str(error))
     outcome = StudyOutcome(task.key, members is not None, files, task_inputs(task))
-    return _record_and_stage(Path(out_dir), outcome, members)
+    return _record_and_stage(out_dir, outcome, members)
 
 
-def _record_and_stage(out_dir: Path, outcome: StudyOutcome, members: dict[str, bytes] | None) -> StudyOutcome:
+def _record_and_stage(
+    out_dir: str | os.PathLike, outcome: StudyOutcome, members: dict[str, bytes] | None
+) -> StudyOutcome:
     """Write the outcome record, then stage the sample (when there is one)."""
     _write_outcome(out_dir, outcome)
     if members is not None:
@@ -583,7 +597,7 @@ def account(index_table: pa.Table, rejects: Iterable, outcomes: Iterable[StudyOu
 
 
 def summarize(
-    files: pa.Table, out_dir: Path, version: versions.DatasetVersion | None = None
+    files: pa.Table, out_dir: Path | str, version: versions.DatasetVersion | None = None
 ) -> IngestSummary:
     """Counts by outcome and by reject reason, and studies staged vs. wholly rejected."""
     rows = files.select(["outcome", "study_key", "reason"]).to_pylist()
@@ -663,7 +677,7 @@ def run_ingest(
             config.report_table, config.report_key_column, config.report_text_columns
         )
     with _client(client, scheduler, workers, memory_limit) as client:
-        index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
+        index_table = index_stage(sources, ingest_dir(out) / INDEX_FILE, client, progress, exclude=out)
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
         # Largest studies first (tasks start in submission order): the last to start are
@@ -676,10 +690,10 @@ def run_ingest(
 
 def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:
     """Create ``out/_ingest``, resolve the secret, and check the settings of a resumed run."""
-    out = Path(out_dir)
-    (out / INGEST_DIR).mkdir(parents=True, exist_ok=True)
-    secret = deid.resolve_secret(secret_option, out)
-    _check_config(out / INGEST_DIR, settings, secret)
+    out = out_dir if is_remote(out_dir) else Path(out_dir)
+    ingest_dir(out).mkdir(parents=True, exist_ok=True)
+    secret = deid.resolve_secret(secret_option, ingest_dir(out).parent)
+    _check_config(ingest_dir(out), settings, secret)
     return out, secret
 
 
@@ -706,7 +720,7 @@ def _finish(
     manifests."""
     version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
     files = account(index_table, rejects, outcomes)
-    write_bytes_atomic(out / INGEST_DIR / FILES_FILE, parquet_bytes(files))
+    write_bytes_atomic(ingest_dir(out) / FILES_FILE, parquet_bytes(files))
     return summarize(files, out, version)
 
 
@@ -740,9 +754,9 @@ def stage_nifti_study(
         outcome = StudyOutcome(
             key, False, _rejected(paths, key, "unreadable_nifti", message), task_inputs(task)
         )
-        return _record_and_stage(Path(out_dir), outcome, None)
+        return _record_and_stage(out_dir, outcome, None)
     files = [FileOutcome(path, SCAN, key, scan.name) for path, scan in zip(paths, study.scans, strict=True)]
-    return _record_and_stage(Path(out_dir), StudyOutcome(key, True, files, task_inputs(task)), members)
+    return _record_and_stage(out_dir, StudyOutcome(key, True, files, task_inputs(task)), members)
 
 
 @holds_out_lock

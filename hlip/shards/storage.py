@@ -39,7 +39,9 @@ class Location:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.url = os.fspath(root).rstrip("/") or "/"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # Listings are not cached: other processes add files (staged samples, versions).
+        options = {"use_listings_cache": False} if is_remote(self.url) else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def __repr__(self) -> str:

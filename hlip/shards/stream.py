@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import group_by_keys, url_opener
 
 from hlip.shards import format as fmt
@@ -169,7 +170,7 @@ def open_shard(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[
     """``{"url", "stream"}`` of one shard: object-store URLs (``s3://``) through fsspec
     (a seekable file, read member by member), everything else through webdataset."""
     scheme = url.split("://", 1)[0] if is_remote(url) else ""
-    if not scheme or scheme in wds.gopen.gopen_schemes:
+    if not scheme or scheme in gopen_schemes:
         yield from url_opener([{"url": url}], handler=handler)
         return
     try:
