@@ -475,14 +475,15 @@ def read_outcome(out_dir: str | os.PathLike, key: str) -> StudyOutcome | None:
 def task_inputs(task: StudyTask | tuple[str, NiftiStudyPlan]) -> str:
     """Digest of what a study is built from: its plan (which files make which scans), the
     size of each of its files and its report-table row. (The settings are fixed per
-    output directory by :func:`_check_config`.)"""
+    output directory by :func:`_check_config`.) Dataclass reprs are exact and about ten
+    times cheaper than ``asdict``: an unchanged re-run digests every study."""
     if isinstance(task, StudyTask):
-        sizes = task.index_rows.select(["file_id", "size"]).to_pylist()
-        parts = [asdict(task.plan), sorted(sizes, key=lambda row: row["file_id"])]
-        parts.append(None if task.report is None else asdict(task.report))
+        sizes = sorted(
+            zip(task.index_rows["file_id"].to_pylist(), task.index_rows["size"].to_pylist(), strict=True)
+        )
+        text = repr((task.plan, sizes, task.report))
     else:
-        parts = [asdict(task[1])]
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+        text = repr(task[1])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -678,6 +679,9 @@ def run_ingest(
         )
     with _client(client, scheduler, workers, memory_limit) as client:
         index_table = index_stage(sources, ingest_dir(out) / INDEX_FILE, client, progress, exclude=out)
+        digest = inputs_digest(index_table, report_table)
+        if (unchanged := unchanged_run(out, digest)) is not None:
+            return unchanged
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
         # Largest studies first (tasks start in submission order): the last to start are
@@ -685,7 +689,7 @@ def run_ingest(
         tasks.sort(key=lambda task: -task.index_rows.num_rows)
         keys = [task.key for task in tasks]
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
-        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client)
+        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client, digest)
 
 
 def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:
@@ -712,16 +716,48 @@ def _stage_all(client, progress: Progress, out: Path, tasks: Sequence, keys: Seq
 
 
 def _finish(
-    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None
+    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None, digest: str = ""
 ) -> IngestSummary:
     """Commit the staged studies as the dataset's next version (none when nothing is
     staged: the dataset is up to date), then the accounting. Each shard is written by
     one task on the workers: the client only plans the boundaries and writes the
-    manifests."""
+    manifests. ``digest`` (:func:`inputs_digest`) is recorded with the counts, last, so
+    that a re-run on the same inputs can stop after the index (:func:`unchanged_run`)."""
     version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
     files = account(index_table, rejects, outcomes)
     write_bytes_atomic(ingest_dir(out) / FILES_FILE, parquet_bytes(files))
-    return summarize(files, out, version)
+    summary = summarize(files, out, version)
+    if digest:
+        counts = {name: getattr(summary, name) for name in RUN_COUNTS}
+        record = json.dumps({"inputs": digest, **counts}, sort_keys=True).encode()
+        write_bytes_atomic(ingest_dir(out) / RUN_FILE, record)
+    return summary
+
+
+RUN_FILE = "last_run.json"
+RUN_COUNTS = ("files", "studies_staged", "studies_rejected", "outcomes", "reasons")
+
+
+def inputs_digest(index_table: pa.Table, report_table: dict) -> str:
+    """Digest of everything a run plans from besides its settings (fixed per output): the
+    indexed files with their sizes (an index row is reused exactly when both match) and
+    the report table."""
+    files = zip(index_table["file_id"].to_pylist(), index_table["size"].to_pylist(), strict=True)
+    text = repr((sorted(files), sorted(report_table.items())))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def unchanged_run(out: str | os.PathLike, digest: str) -> IngestSummary | None:
+    """The summary of a re-run whose inputs (``digest``) are those of the last finished run,
+    with nothing staged since: the plan, and so every study, would be the same, and the
+    dataset is up to date. None when there is anything to do."""
+    path = ingest_dir(out) / RUN_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_bytes())
+    if record.get("inputs") != digest or DatasetWriter(out).staged_keys():
+        return None
+    return IngestSummary(out_dir=out, **{name: record[name] for name in RUN_COUNTS})
 
 
 # --- NIfTI collections -------------------------------------------------------------------
