@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "hlip-study-shards"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 """Major.minor. Readers accept any minor of a major they know and reject other majors."""
 
 SHARD_PREFIX = "ds"
