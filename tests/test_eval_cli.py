@@ -98,16 +98,22 @@ def _run(*args: str):
 
 def test_run_on_a_published_layout_checkpoint_end_to_end(tmp_path, shards, prompts, published, tiny_text):
     out = tmp_path / "eval"
+    calibration = tmp_path / "calibration"  # other labelled studies choose the thresholds
+    write_dataset(calibration, _studies(6))
     result = _run(
         "run", "--checkpoint", published, "--preset", PRESET, "--text-model", tiny_text, "--data", shards,
         "--prompts", prompts, "--out", out, "--tasks", "zeroshot,retrieval,probe", "--folds", "2",
-        "--bootstrap", "50", "--batch-size", "5", "--set", SMALL,
+        "--bootstrap", "50", "--batch-size", "5", "--set", SMALL, "--calibrate", calibration,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "macro AUC" in result.output and str(out / "report.md") in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["studies"] == 12 and metrics["run"]["preset"] == PRESET
     assert metrics["zeroshot"]["binary"]["finding"]["n"] == 12
+    assert (
+        metrics["run"]["calibrate"] == str(calibration) and metrics["zeroshot"]["thresholds"] == "calibrated"
+    )
+    assert 0 < metrics["zeroshot"]["binary"]["finding"]["threshold"] < 1
     assert len(metrics["zeroshot"]["multiclass"]["diagnosis"]["confusion_matrix"]) == 3
     assert (
         metrics["retrieval"]["n"] == 12 and 1 <= metrics["retrieval"]["image_to_report"]["median_rank"] <= 12

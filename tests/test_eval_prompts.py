@@ -37,7 +37,8 @@ def test_parse_resolves_templates_columns_and_defaults():
     assert effusion.templates == ("The volume shows: {}.",)
     assert prompts.multiclass[0].classes == ("Normal", "Tumour")
     assert prompts.columns == ["Nodule", "effusion", "dx"]
-    assert (prompts.ensemble, prompts.threshold) == ("embedding", 0.5)
+    assert (prompts.ensemble, prompts.threshold) == ("embedding", None)  # thresholds come from calibration
+    assert parse_prompts({**BASE, "threshold": 0.3}).threshold == 0.3
 
 
 def test_forced_template_set_overrides_every_label():

@@ -64,6 +64,8 @@ def reference(archive, tmp_path_factory):
 def test_parse_spacing():
     assert parse_spacing(["CT=2,1,1", "mr=native"]) == {"CT": (2.0, 1.0, 1.0), "MR": "native"}
     assert parse_spacing([])["CT"] == IngestConfig().target_spacing["CT"]
+    assert set(parse_spacing(["native"]).values()) == {"native"}
+    assert parse_spacing(["native", "CT=2,1,1"])["CT"] == (2.0, 1.0, 1.0)
 
 
 def test_synth_index_and_plan_commands(tmp_path):

@@ -78,8 +78,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hlip.evaluate.embed import EvalInputError
     from hlip.evaluate.labels import LabelError
     from hlip.evaluate.prompts import PromptsError
+    from hlip.model.checkpoint import CheckpointError
 
-    return EvalInputError, LabelError, PromptsError, FileNotFoundError
+    return EvalInputError, LabelError, PromptsError, CheckpointError, FileNotFoundError
 
 
 @app.command()
@@ -89,6 +90,12 @@ def run(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (metrics.json, report.md, plots/)."),
     prompts: str = typer.Option(
         None, "--prompts", "-p", help="Prompts or benchmark TOML (configs/benchmarks/)."
+    ),
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="Labelled shards other than --data (training or validation studies): each label's "
+        "threshold for sensitivity/specificity/balanced accuracy is chosen on their zero-shot scores.",
     ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
@@ -119,6 +126,7 @@ def run(
         version=version,
         out=str(out),
         prompts=prompts,
+        calibrate=calibrate,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         labels=labels,
         label_key=label_key,

@@ -19,9 +19,10 @@ import os
 import socket
 from collections.abc import Iterator
 
+from hlip.shards.format import LOCK_FILE
 from hlip.shards.storage import Location
 
-LOCK_FILE = "_ingest.lock"
+__all__ = ["LOCK_FILE", "IngestLocked", "ingest_lock"]
 
 
 class IngestLocked(FileExistsError):
@@ -77,12 +78,15 @@ def _acquire(location: Location, record: bytes) -> None:
 def ingest_lock(out: str | os.PathLike) -> Iterator[None]:
     """Hold ``<out>/_ingest.lock`` for the block; IngestLocked names another holder."""
     location = Location(out)
-    if location.local:
-        os.makedirs(location.root, exist_ok=True)
+    created = location.local and not os.path.exists(location.root)
+    if created:
+        os.makedirs(location.root)
     record = json.dumps(_holder(), sort_keys=True).encode()
-    _acquire(location, record)
     try:
+        _acquire(location, record)
         yield
     finally:
         if location.exists(LOCK_FILE) and location.read_bytes(LOCK_FILE) == record:
             location.delete(LOCK_FILE)
+        if created and not os.listdir(location.root):
+            os.rmdir(location.root)  # a run refused before it wrote anything leaves no folder

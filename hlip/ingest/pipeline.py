@@ -57,7 +57,7 @@ from hlip.shards.format import Scan, Study
 from hlip.shards.storage import Location, is_remote
 from hlip.shards.writer import DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
 
-INGEST_DIR = "_ingest"
+INGEST_DIR = fmt.LOCAL_DIR
 WORK_ENV = "HLIP_INGEST_WORK"
 INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
@@ -671,12 +671,16 @@ def run_ingest(
     """
     config = config or IngestConfig()
     progress = progress or Progress(disable=True)
-    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     report_table = {}
-    if config.report_table:
+    if config.report_table:  # read first: a table refused leaves no half-made --out behind
         report_table = reports.load_report_table(
-            config.report_table, config.report_key_column, config.report_text_columns
+            config.report_table,
+            config.report_key_column,
+            config.report_text_columns,
+            config.label_columns,
+            config.label_prefixes,
         )
+    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     with _client(client, scheduler, workers, memory_limit) as client:
         index_table = index_stage(sources, ingest_dir(out) / INDEX_FILE, client, progress, exclude=out)
         digest = inputs_digest(index_table, report_table)

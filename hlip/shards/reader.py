@@ -226,6 +226,13 @@ def parse_record(data: bytes, key: str) -> dict[str, Any]:
         _require(record, field, key)
     if record["key"] != key:
         raise ShardFormatError(f"study {key!r}: sample JSON names key {record['key']!r}")
+    if not isinstance(record["scans"], list) or not all(isinstance(scan, dict) for scan in record["scans"]):
+        raise ShardFormatError(f"study {key!r}: sample JSON's scans is not a list of objects")
+    for scan in record["scans"]:
+        try:
+            fmt.check_name(scan.get("name"), fmt.SCAN_NAME_PATTERN, "scan name")
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
     return record
 
 
@@ -413,6 +420,17 @@ class ShardDataset:
             )
         )
 
+    def listed_files(self) -> set[str]:
+        """The dataset's files as its version log lists them (paths relative to the dataset
+        root): every version file, fragment and shard of every version, so the old shards
+        of rebuilt studies count (earlier versions read them)."""
+        files = set()
+        for version in self.history:
+            if self.location.exists(versions.version_file(version.number)):
+                files.add(versions.version_file(version.number))
+            files.update(version.manifests, version.scans, version.shards)
+        return files
+
     def row(self, key: str) -> dict[str, Any]:
         if key not in self._rows:
             raise KeyError(f"no study {key!r} in {self.path}")
@@ -421,8 +439,12 @@ class ShardDataset:
     def read_members(self, key: str, verify: bool = True) -> dict[str, bytes]:
         """The sample's raw members, read by offset (no shard scan)."""
         row = self.row(key)
+        try:
+            shard = fmt.check_name(row["shard"], fmt.SHARD_NAME_PATTERN, "shard name")
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
         members = {}
-        with self.open_shard(key, row["shard"]) as file:
+        with self.open_shard(key, shard) as file:
             for ext, column in MEMBER_COLUMNS.items():
                 file.seek(row[f"{column}_offset"])
                 data = file.read(row[f"{column}_size"])

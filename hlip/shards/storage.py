@@ -85,6 +85,11 @@ class Location:
         prefix = f"{folder}/" if folder else ""
         return sorted(prefix + entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
+    def find(self) -> list[str]:
+        """Names of every file under the root, in any folder, sorted."""
+        start = len(self.root.rstrip("/")) + 1
+        return sorted(path[start:] for path in self.fs.find(self.root))
+
     def write(self, name: str, data: bytes) -> None:
         """Put ``data`` at ``name`` as one whole file (replacing an older one)."""
         if self.local:

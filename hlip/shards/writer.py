@@ -397,7 +397,9 @@ def write_shard(staged: Sequence[str], root: str, shard: str) -> list[PackedSamp
     parallel (in other processes, e.g. as tasks on a cluster) with the same bytes."""
     location = Location(root)
     if location.local:
-        with AtomicFile(Path(location.path(shard))) as file:
+        with AtomicFile(
+            fmt.path_inside(location.root, fmt.check_name(shard, fmt.SHARD_NAME_PATTERN, "shard name"))
+        ) as file:
             return _write_samples(file, location, staged, shard)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder) / shard
