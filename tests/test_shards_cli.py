@@ -148,6 +148,26 @@ def test_real_nifti_survives_shards_and_export_unchanged(tmp_path):
     assert np.array_equal(np.asarray(exported.dataobj.get_unscaled()), voxels)
 
 
+def test_ls_shows_versions_and_version_pins_an_earlier_one(dataset):
+    changed = synthetic_study("ct0", n_scans=2, shape=(5, 20, 18), seed=9)
+    write_dataset(
+        dataset, [changed, synthetic_study("ct9", n_scans=1, shape=(4, 8, 8))], max_shard_bytes=20_000
+    )
+    result = runner.invoke(app, ["ls", str(dataset)])
+    assert result.exit_code == 0, result.output
+    assert "version 2 (5 studies)" in result.output and "ct9" in result.output
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if line.startswith("│")]
+    counts = [[cell.strip() for cell in row] for row in rows if row[0].strip() in ("1", "2")][:2]
+    assert [row[:1] + row[2:] for row in counts] == [["1", "4", "0", "2", "4"], ["2", "1", "1", "1", "5"]]
+    pinned = runner.invoke(app, ["ls", str(dataset), "--version", "1"])
+    assert "version 1 (4 studies)" in pinned.output and "ct9" not in pinned.output.split("versions")[-1]
+    for version in ("1", "2"):
+        assert runner.invoke(app, ["verify", str(dataset), "--version", version]).exit_code == 0
+    assert "scans 7" in runner.invoke(app, ["stats", str(dataset), "--version", "1"]).output
+    missing = runner.invoke(app, ["ls", str(dataset), "--version", "3"])
+    assert missing.exit_code == 2 and "no version 3" in " ".join(missing.output.split())
+
+
 def forged_dataset(path: Path, scan_name: str) -> Path:
     """A dataset whose one study names its scan ``scan_name`` in the JSON and the zarr.zip
     alike, with offsets and checksums recomputed, as anyone producing a dataset can."""

@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 console = Console()
 
+OUT = typer.Option(
+    ...,
+    "--out",
+    help="Output dataset directory or object-store URL (s3://bucket/prefix); re-run to resume or grow it.",
+)
 SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
 WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
@@ -92,6 +97,14 @@ def _progress() -> Progress:
     )
 
 
+def version_line(summary: pipeline.IngestSummary) -> str:
+    """What this run committed: a new dataset version, or nothing (an unchanged re-run)."""
+    if summary.version is None:
+        return "0 new studies: the dataset is up to date (no new version)"
+    rebuilt = f", {summary.studies_superseded} rebuilt" if summary.studies_superseded else ""
+    return f"version {summary.version}: {summary.studies_added} new studies{rebuilt}"
+
+
 def print_summary(summary: pipeline.IngestSummary) -> None:
     """Outcome counts, then reject reasons with their meaning."""
     outcomes = Table(title=f"Ingest of {summary.out_dir}", show_footer=True)
@@ -100,7 +113,8 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
     for outcome, count in summary.outcomes.items():
         outcomes.add_row(outcome, str(count))
     console.print(outcomes)
-    console.print(f"studies: {summary.studies_staged} written, {summary.studies_rejected} rejected")
+    console.print(f"studies: {summary.studies_staged} in the dataset, {summary.studies_rejected} rejected")
+    console.print(version_line(summary))
     if summary.reasons:
         reasons = Table(title="Rejected files by reason")
         for column in ("reason", "files", "meaning"):
@@ -108,13 +122,13 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
         for reason, count in summary.reasons.items():
             reasons.add_row(reason, str(count), pipeline.REASONS.get(reason, ""))
         console.print(reasons)
-    console.print(f"per-file outcomes: {summary.out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE}")
+    console.print(f"per-file outcomes: {pipeline.ingest_dir(summary.out_dir) / pipeline.FILES_FILE}")
 
 
 @app.command()
 def run(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     reports: Path | None = typer.Option(
         None, "--reports", exists=True, help="Report table (CSV, TSV, Parquet or JSON lines)."
     ),
@@ -211,7 +225,7 @@ def plan(
 @app.command()
 def nifti(
     table: Path = typer.Argument(..., exists=True, help="Collection table (CSV, Parquet, JSONL)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     study_column: str = typer.Option(
         "study_id", help="Column of the study id (rows sharing it are one study)."
     ),

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "hlip-study-shards"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 """Major.minor. Readers accept any minor of a major they know and reject other majors."""
 
 SHARD_PREFIX = "ds"
@@ -139,6 +139,10 @@ SCANS_FILE = "scans.parquet"
 LOCAL_DIR = "_ingest"
 """The ingest's local folder in a dataset directory (index, per-file outcomes, secret):
 kept where the dataset was made, never shipped, so not among the files a dataset lists."""
+
+
+LOCK_FILE = "_ingest.lock"
+"""Present while an ingest writes the dataset (hlip/ingest/lock.py); not a dataset file."""
 
 
 class ShardFormatError(ValueError):

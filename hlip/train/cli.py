@@ -45,6 +45,9 @@ def main(
     val_data: list[str] = typer.Option(
         [], "--val-data", help="Validation shards for zero-shot evaluation; repeatable."
     ),
+    version: int = typer.Option(
+        None, "--version", min=1, help="Version of the --data datasets (default: the latest)."
+    ),
     out: str = typer.Option(None, "--out", help="Run directory."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch (studies per optimizer step)."),
@@ -66,6 +69,7 @@ def main(
         "num_workers": workers,
         "seed": seed,
         "device": device,
+        "data_version": version,
     }
     overrides = list(set_)
     overrides += [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]

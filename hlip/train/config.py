@@ -51,6 +51,9 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     """Training shards: dataset directories, shard paths, globs, brace patterns
     (``ds-{000000..000009}.tar``) or anything webdataset opens (``pipe:``, ``https://``)."""
+    data_version: int = 0
+    """Version of the ``data`` datasets to read (docs/shard-format.md, "Versions"); 0 reads
+    the latest. Pin it to reproduce a run on a dataset that has grown since."""
     val_data: list[str] = field(default_factory=list)
     """Validation shards for the periodic zero-shot evaluation (same forms as ``data``)."""
     shuffle_buffer: int = 64

@@ -471,17 +471,17 @@ def require_sources(sources: Sequence[str], option: str = "--data") -> None:
             raise FileNotFoundError(f"{option} {source}: no such dataset folder or shard file(s)")
 
 
-def count_studies(sources: Sequence[str], study_filter: StudyFilter) -> int | None:
-    """Studies passing the filter, from the manifests (None when a source has no manifest)."""
-    from pathlib import Path
-
+def count_studies(sources: Sequence[str], study_filter: StudyFilter, version: int = 0) -> int | None:
+    """Studies passing the filter, from the manifests of the datasets at ``version`` (0: the
+    latest); None when a source is not a dataset."""
     from hlip.shards.reader import ShardDataset
+    from hlip.shards.stream import is_dataset
 
     total = 0
     for source in sources:
-        if not (Path(source) / "manifest.parquet").is_file():
+        if not is_dataset(source):
             return None
-        rows = ShardDataset(source).manifest.select(
+        rows = ShardDataset(source, version=version or None).manifest.select(
             ["modality", "body_part", "n_scans", "labels", "report_length"]
         )
         total += sum(study_filter.accepts(StudySummary.of_manifest_row(r)) for r in rows.to_pylist())
@@ -577,10 +577,10 @@ class TrainStream(IterableDataset):
         self, config: TrainConfig, rank: int, world_size: int, state: DataState | None = None
     ) -> None:
         super().__init__()
-        from hlip.shards.stream import expand_urls
+        from hlip.shards.stream import locate
 
         self.config = config
-        self.urls = expand_urls(config.data)
+        self.urls, self.members = locate(config.data, config.data_version or None)
         if not self.urls:
             raise FileNotFoundError(f"no training shards found in {config.data}")
         self.rank, self.world_size = rank, world_size
@@ -612,6 +612,7 @@ class TrainStream(IterableDataset):
             world_size=self.world_size,
             skip_errors=True,
             errors=ErrorCounter(self._count_skip),
+            members=self.members,
             reader=reader,
             num_readers=num_readers,
         )

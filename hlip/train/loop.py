@@ -211,7 +211,7 @@ def resolve_steps(config: TrainConfig) -> int:
     """``steps``, or ``epochs`` x filtered studies / global batch when steps is 0."""
     if config.steps > 0:
         return config.steps
-    n = count_studies(config.data, StudyFilter.from_config(config))
+    n = count_studies(config.data, StudyFilter.from_config(config), config.data_version)
     if n is None:
         raise ValueError("epochs needs dataset directories with a manifest; give steps for URL sources")
     return max(1, math.ceil(config.epochs * n / config.batch_size))
