@@ -1,7 +1,7 @@
 """Where the demo's zero-shot AUC is lost: the data, the vision trunk, or the text tower.
 
 Three upper bounds per planted finding, on held-out synthetic studies, for the demo recipe
-(configs/demo-cpu.toml transforms and crops):
+(the demo-cpu preset's transforms and crops):
 
 * **histogram**: logistic regression on intensity histograms of the evaluation crops (is the
   finding in the voxels at all, at the demo's grid?);
@@ -27,7 +27,7 @@ Three upper bounds per planted finding, on held-out synthetic studies, for the d
     python bench/demo_signal.py TRAIN_SHARDS HELDOUT_SHARDS [--steps 300] [--set key=value ...]
                                 [--checkpoint CKPT] [--prompts TOML] [--template-set NAME]
 
-The prompts are the demo's (configs/prompts/synth.toml, each phrase in a findings-section
+The prompts are the demo's (the shipped prompt set synth, each phrase in a findings-section
 context); ``--template-set sentence`` scores with the bare phrases.
 
 The shards come from `hlip-ingest run` on `hlip-ingest synth` archives (see scripts/demo.sh).
@@ -49,9 +49,9 @@ from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.prompts import PromptSet, load_prompts
 from hlip.evaluate.zeroshot import SentenceBank, prompt_sentences
-from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
 from hlip.shards.reader import ShardDataset
+from hlip.synth import FINDINGS
 from hlip.train.checkpoint import build_model
 from hlip.train.config import load_config
 from hlip.train.data import StudyTransform, select_sections
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], help="demo-cpu config override, key=value")
     parser.add_argument("--checkpoint", help="a trained model whose image embeddings to probe")
-    parser.add_argument("--prompts", default="configs/prompts/synth.toml", help="the zero-shot prompts")
+    parser.add_argument("--prompts", default="synth", help="the zero-shot prompts")
     parser.add_argument("--template-set", help="one template set for every label (e.g. sentence)")
     args = parser.parse_args()
     prompts = load_prompts(args.prompts, template_set=args.template_set)

@@ -11,7 +11,7 @@ difference.
 
 REPORTS.csv: any report table, e.g. the ``reports.csv`` that ``hlip-ingest synth`` writes.
 Two towers: the demo's (built-in MiniLM, mean pooling, last two layers trained, 96 tokens as
-configs/demo-cpu.toml) and a BERT-base of the published presets' shape (config only, CLS
+the demo-cpu preset) and a BERT-base of the published presets' shape (config only, CLS
 pooling, fully trained, 256 tokens as hlip-brain-mri; random weights time the same).
 """
 

@@ -75,7 +75,7 @@ done
 stage "3/5 shard statistics (training set)"
 "$BIN/hlip-shards" stats "$OUT/shards-train" --png "$OUT/shards-train-stats.png"
 
-stage "4/5 train the demo model (configs/demo-cpu.toml)"
+stage "4/5 train the demo model (preset demo-cpu)"
 if [[ -f "$OUT/run/checkpoints/last.pt" ]]; then
     echo "run/checkpoints/last.pt exists, skipped"
 else
@@ -84,7 +84,7 @@ fi
 
 stage "5/5 evaluate on the held-out studies: zero-shot classification and report retrieval"
 "$BIN/hlip-eval" run --checkpoint "$OUT/run/checkpoints/last.pt" --data "$OUT/shards-heldout" \
-    --prompts configs/prompts/synth.toml --tasks zeroshot,retrieval --out "$OUT/eval"
+    --prompts synth --tasks zeroshot,retrieval --out "$OUT/eval"
 
 "$BIN/python" - "$OUT/eval/metrics.json" "$TARGET_AUC" "$SECONDS" <<'EOF'
 import json, sys

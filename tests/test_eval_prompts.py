@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,8 +15,7 @@ from hlip.evaluate.labels import (
     to_binary,
 )
 from hlip.evaluate.prompts import PromptsError, load_prompts, parse_prompts
-
-ROOT = Path(__file__).resolve().parents[1]
+from hlip.resources import BENCHMARKS, PROMPTS, shipped_names
 
 BASE = {
     "templates": "volume",
@@ -80,10 +77,10 @@ def test_load_prompts_reports_missing_and_broken_files(tmp_path):
         load_prompts(tmp_path / "bad.toml")
 
 
-SHIPPED = sorted([*ROOT.glob("configs/prompts/*.toml"), *ROOT.glob("configs/benchmarks/*.toml")])
+SHIPPED = [*shipped_names(PROMPTS), *shipped_names(BENCHMARKS)]
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
 def test_shipped_prompt_and_benchmark_files_parse(path):
     prompts = load_prompts(path)
     assert prompts.binary or prompts.multiclass
@@ -149,21 +146,21 @@ def test_select_restricts_to_named_labels():
 
 
 def test_synth_prompts_follow_the_planted_findings():
-    from hlip.ingest.synth import FINDINGS, NORMAL_SENTENCES
+    from hlip.synth import FINDINGS, NORMAL_SENTENCES
 
-    prompts = load_prompts(ROOT / "configs" / "prompts" / "synth.toml")
+    prompts = load_prompts("synth")
     assert [b.name for b in prompts.binary] == list(FINDINGS)
     for label in prompts.binary:
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
         # each phrase inside a findings section of its modality, as the reports write it
         assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.modality]),)
-    bare = load_prompts(ROOT / "configs" / "prompts" / "synth.toml", template_set="sentence")
+    bare = load_prompts("synth", template_set="sentence")
     assert {label.templates for label in bare.binary} == {("{}",)}
 
 
 def test_benchmark_label_sets():
-    benchmarks = {p.stem: load_prompts(p) for p in ROOT.glob("configs/benchmarks/*.toml")}
+    benchmarks = {name: load_prompts(name) for name in shipped_names(BENCHMARKS)}
     assert len(benchmarks["ct-rate"].binary) == 18
     assert set(benchmarks["ct-rate"].benchmark["hlip_published_subset"]) < {
         b.name for b in benchmarks["ct-rate"].binary

@@ -21,9 +21,9 @@ from hlip.ingest import pipeline
 from hlip.ingest.cli import app, parse_spacing
 from hlip.ingest.config import IngestConfig
 from hlip.ingest.deid import study_key
-from hlip.ingest.synth import make_archive
 from hlip.shards.reader import ShardDataset
 from hlip.shards.writer import STAGING_DIR
+from hlip.synth import make_archive
 
 KILL_WAIT_S = 300
 """Upper bound on waiting for a kill point; the test fails loudly if it is never reached."""
@@ -64,6 +64,8 @@ def reference(archive, tmp_path_factory):
 def test_parse_spacing():
     assert parse_spacing(["CT=2,1,1", "mr=native"]) == {"CT": (2.0, 1.0, 1.0), "MR": "native"}
     assert parse_spacing([])["CT"] == IngestConfig().target_spacing["CT"]
+    assert set(parse_spacing(["native"]).values()) == {"native"}
+    assert parse_spacing(["native", "CT=2,1,1"])["CT"] == (2.0, 1.0, 1.0)
 
 
 def test_synth_index_and_plan_commands(tmp_path):

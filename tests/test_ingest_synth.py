@@ -22,10 +22,14 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from hlip.ingest import synth
 from hlip.ingest.deid import scrub_report
 from hlip.ingest.reports import load_report_table, sr_text
-from hlip.ingest.synth import FINDINGS, KINDS, SCAN_KINDS, Sizes, available_transfer_syntaxes, make_archive
+from hlip.synth import FINDINGS, KINDS, SCAN_KINDS, Sizes, available_transfer_syntaxes, make_archive
+from hlip.synth.encoding import file_meta, series_files
+from hlip.synth.findings import brain_site
+from hlip.synth.series import ct_series, mr_series
+from hlip.synth.studies import plan_study
+from hlip.synth.volumes import BLOOD, BULLA, FLUID, MASS, NODULE
 
 SIZES = Sizes(ct_matrix=64, mr_matrix=64, ct_coverage_mm=100)
 
@@ -197,14 +201,14 @@ def test_findings_are_planted_with_their_labels():
     counts = Counter()
     for index in range(120):
         modality = "CT" if index % 2 == 0 else "MR"
-        study = synth._plan_study(index, seed=11, modality=modality, sizes=Sizes())
+        study = plan_study(index, seed=11, modality=modality, sizes=Sizes())
         tissues = {shape.tissue for shape in study.phantom.shapes}
         planted = {
-            "lung_nodule": synth.NODULE in tissues,
-            "pleural_effusion": synth.FLUID in tissues,
-            "emphysema": synth.BULLA in tissues,
-            "mass": synth.MASS in tissues,
-            "hemorrhage": synth.BLOOD in tissues,
+            "lung_nodule": NODULE in tissues,
+            "pleural_effusion": FLUID in tissues,
+            "emphysema": BULLA in tissues,
+            "mass": MASS in tissues,
+            "hemorrhage": BLOOD in tissues,
             "hydrocephalus": "hydrocephalus" in study.details,
         }
         for label, value in study.labels.items():
@@ -273,11 +277,11 @@ def test_same_seed_same_bytes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("syntax", available_transfer_syntaxes(), ids=lambda uid: uid.name)
 def test_series_files_decode_exactly_and_match_pydicom(tmp_path, syntax):
     for index, modality in ((0, "CT"), (1, "CT"), (3, "MR")):  # unsigned and signed CT, MR
-        study = synth._plan_study(index, seed=0, modality=modality, sizes=SIZES)
-        build = synth._ct_series if modality == "CT" else synth._mr_series
+        study = plan_study(index, seed=0, modality=modality, sizes=SIZES)
+        build = ct_series if modality == "CT" else mr_series
         series = build(study, SIZES)[2 if modality == "CT" else 2]
         series.transfer_syntax = syntax
-        files = synth.series_files(series, tmp_path)
+        files = series_files(series, tmp_path)
         for i in (0, len(files) - 1):
             ds = pydicom.dcmread(io.BytesIO(files[i]))
             np.testing.assert_array_equal(ds.pixel_array, series.pixels[i])
@@ -292,7 +296,7 @@ def _pydicom_bytes(series, i: int) -> bytes:
     ds.update(series.instances[i])
     ds.PixelData = series.pixels[i].astype(series.pixels.dtype.newbyteorder("<")).tobytes()
     ds["PixelData"].VR = "OW"
-    ds.file_meta = synth._file_meta(ds.SOPClassUID, ds.SOPInstanceUID, series.transfer_syntax)
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, series.transfer_syntax)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -312,11 +316,9 @@ def test_lesion_scale_scales_planted_lesions_and_reports():
     diameters = {}
     for scale in (1.0, 2.0):
         sizes = Sizes(lesion_scale=scale, ct_coverage_mm=200)
-        study = next(
-            s for i in range(0, 40, 2) if (s := synth._plan_study(i, 0, "CT", sizes)).labels["lung_nodule"]
-        )
+        study = next(s for i in range(0, 40, 2) if (s := plan_study(i, 0, "CT", sizes)).labels["lung_nodule"])
         diameters[scale] = study.details["lung_nodule"]["nodules"][0][0]
-        semi = max(shape.semi[0] for shape in study.phantom.shapes if shape.tissue == synth.NODULE)
+        semi = max(shape.semi[0] for shape in study.phantom.shapes if shape.tissue == NODULE)
         assert semi * 2 == diameters[scale]
     assert diameters[2.0] == pytest.approx(2 * diameters[1.0], abs=1)
     with pytest.raises(ValueError, match="lesion_scale"):
@@ -327,6 +329,6 @@ def test_lesion_scale_scales_planted_lesions_and_reports():
 def test_brain_sites_exist_for_every_lesion_size(radius):
     rng = np.random.default_rng(0)
     for _ in range(50):
-        point, side, _lobe = synth._brain_site(rng, 0.0, 0.94, radius)
+        point, side, _lobe = brain_site(rng, 0.0, 0.94, radius)
         assert abs(point[0]) > min(radius * 0.5 + 22, 0.75 * (47 - radius * 0.6)) - 1e-9
         assert side == ("left" if point[0] > 0 else "right")

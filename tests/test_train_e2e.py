@@ -14,13 +14,12 @@ from train_support import corrupt_chunks, read_jsonl
 
 from hlip.evaluate.embed import embed_dataset, load_model
 from hlip.evaluate.retrieval import run_retrieval
-from hlip.ingest.synth import FINDINGS
 from hlip.shards.reader import ShardDataset
+from hlip.synth import FINDINGS
 from hlip.train.checkpoint import load_checkpoint
-from hlip.train.config import CONFIG_DIR, load_config
+from hlip.train.config import load_config
 from hlip.train.loop import train, zero_shot_metrics
 
-PROMPTS = CONFIG_DIR / "prompts" / "synth.toml"
 # Coarse grids keep the test fast: a whole chest (about 380 x 380 x 160 mm) or head fits the
 # 16x48x48 crop below (the demo uses 5x4x4 mm and the preset's 32x96x96 crop).
 SPACING = ["--spacing", "CT=10,8,8", "--spacing", "MR=10,5.2,5.2"]
@@ -120,7 +119,7 @@ def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synt
 
     model, tokenizer, _ = load_checkpoint(result.checkpoint)
     evaluation = load_config(
-        str(result.run_dir / "config.json"), [f'val_data=["{heldout}"]', f'prompts="{PROMPTS}"']
+        str(result.run_dir / "config.json"), [f'val_data=["{heldout}"]', 'prompts="synth"']
     )
     metrics = zero_shot_metrics(model, tokenizer, evaluation, "cpu")
     (result.run_dir / "zeroshot.json").write_text(json.dumps(metrics, indent=2))

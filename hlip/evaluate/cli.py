@@ -77,8 +77,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hlip.evaluate.embed import EvalInputError
     from hlip.evaluate.labels import LabelError
     from hlip.evaluate.prompts import PromptsError
+    from hlip.model.checkpoint import CheckpointError
 
-    return EvalInputError, LabelError, PromptsError, FileNotFoundError
+    return EvalInputError, LabelError, PromptsError, CheckpointError, FileNotFoundError
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Zero-shot prompt files: which labels to score, and the sentences that describe them.
 
-A prompts file is TOML (the benchmark files in ``configs/benchmarks/`` use the same
-schema, plus a free-form ``[benchmark]`` table for people)::
+A prompts file is TOML (the benchmark files shipped in ``hlip/configs/benchmarks/`` use the
+same schema, plus a free-form ``[benchmark]`` table for people); a shipped prompt set or
+benchmark is also found by its name (``synth``, ``ct-rate``)::
 
     version = 1
     name = "CT-RATE"
@@ -42,6 +43,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from hlip import resources
 
 PROMPTS_VERSION = 1
 ENSEMBLES = ("embedding", "probability")
@@ -130,13 +133,14 @@ class PromptSet:
         )
 
 
-def load_prompts(path: str | Path, *, template_set: str | None = None) -> PromptSet:
-    """Read and validate a prompts TOML; ``template_set`` forces one set for every label."""
-    path = Path(path)
+def load_prompts(name_or_path: str | Path, *, template_set: str | None = None) -> PromptSet:
+    """Read and validate a prompts TOML (a path, or a shipped prompt set or benchmark name);
+    ``template_set`` forces one set for every label."""
     try:
+        path = resources.find_file(name_or_path, (resources.PROMPTS, resources.BENCHMARKS), "prompts")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptsError(f"prompts file not found: {path}") from None
+    except FileNotFoundError as exc:
+        raise PromptsError(f"prompts file not found: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PromptsError(f"{path}: not valid TOML: {exc}") from None
     return parse_prompts(data, source=str(path), template_set=template_set)

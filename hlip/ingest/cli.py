@@ -7,6 +7,7 @@ and the stage modules, so every command can be called from Python as well.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -30,6 +31,15 @@ WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
 )
 MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+LABEL_COLUMN = typer.Option(
+    [],
+    "--label-column",
+    help="Table column allowed as a label (repeatable). Default: only columns of 0/1 findings. "
+    "Identifiers, dates and free text are refused.",
+)
+LABEL_PREFIX = typer.Option(
+    [], "--label-prefix", help="Allow every table column whose name starts with this as a label (repeatable)."
+)
 CODEC = typer.Option(
     DEFAULT_CODEC,
     "--codec",
@@ -39,12 +49,18 @@ CODEC = typer.Option(
 
 
 def parse_spacing(values: list[str]) -> dict[str, Spacing]:
-    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults."""
+    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults.
+
+    A bare ``native`` keeps every modality's native grid (later ``MODALITY=...`` values
+    still apply on top of it)."""
     spacing = default_target_spacing()
     for value in values:
+        if value == "native":
+            spacing = dict.fromkeys(spacing, "native")
+            continue
         modality, sep, setting = value.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{value!r}: expected MODALITY=d,h,w or MODALITY=native")
+            raise typer.BadParameter(f"{value!r}: expected native, MODALITY=d,h,w or MODALITY=native")
         if setting == "native":
             spacing[modality.upper()] = "native"
             continue
@@ -106,8 +122,12 @@ def run(
         "StudyInstanceUID", help="Report table column: StudyInstanceUID|AccessionNumber."
     ),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
-    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native."),
+    spacing: list[str] = typer.Option(
+        [], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."
+    ),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
     codec: str = CODEC,
@@ -124,6 +144,8 @@ def run(
             report_table=str(reports) if reports else None,
             report_key_column=report_key,
             report_text_columns=tuple(report_column),
+            label_columns=tuple(label_column) if label_column else None,
+            label_prefixes=tuple(label_prefix),
             allow_missing_report=allow_missing_report,
             max_shard_bytes=max_shard_bytes,
             codec=codec,
@@ -191,6 +213,8 @@ def nifti(
     ),
     volume_column: str = typer.Option("volumes", help="Column of the volume path(s), ';'-separated."),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     modality: str = typer.Option("CT", help="Modality of rows without a 'modality' column."),
     body_part: str = typer.Option("", help="BodyPartExamined of every study."),
     ct_rate_volumes: Path | None = typer.Option(
@@ -213,9 +237,10 @@ def nifti(
     """Ingest studies given as NIfTI volumes listed in a table (e.g. CT-RATE)."""
     from hlip.ingest import nifti as collections
 
+    labels = {"label_columns": tuple(label_column) or None, "label_prefixes": tuple(label_prefix)}
     if ct_rate_volumes is not None:
         source = collections.ct_rate_table(table, ct_rate_volumes.resolve(), ct_rate_labels, ct_rate_metadata)
-        spec = collections.CT_RATE_SPEC
+        spec = dataclasses.replace(collections.CT_RATE_SPEC, **labels)
     else:
         source = table
         spec = collections.NiftiTableSpec(
@@ -224,6 +249,7 @@ def nifti(
             text_columns=tuple(report_column),
             modality=modality,
             body_part=body_part,
+            **labels,
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_nifti_ingest(
@@ -248,7 +274,7 @@ def synth(
     ),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
-    from hlip.ingest.synth import Sizes, make_archive
+    from hlip.synth import Sizes, make_archive
 
     make_archive(out, studies, seed, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix)
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")

@@ -53,7 +53,7 @@ from hlip.shards import format as fmt
 from hlip.shards.format import Scan, Study
 from hlip.shards.writer import STAGING_DIR, DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
 
-INGEST_DIR = "_ingest"
+INGEST_DIR = fmt.LOCAL_DIR
 INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
 CONFIG_FILE = "config.json"
@@ -604,12 +604,16 @@ def run_ingest(
     """
     config = config or IngestConfig()
     progress = progress or Progress(disable=True)
-    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     report_table = {}
-    if config.report_table:
+    if config.report_table:  # read first: a table refused leaves no half-made --out behind
         report_table = reports.load_report_table(
-            config.report_table, config.report_key_column, config.report_text_columns
+            config.report_table,
+            config.report_key_column,
+            config.report_text_columns,
+            config.label_columns,
+            config.label_prefixes,
         )
+    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     with _client(client, scheduler, workers, memory_limit) as client:
         index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
         study_plan = plan(index_table, plan_config(config))

@@ -126,5 +126,10 @@ def export(
     """One NIfTI per scan (RAS affine), the report and the study metadata."""
     dataset = _open(path)
     _require_key(dataset, key)
-    for written in inspect.export_study(dataset, key, out):
-        console.print(f"wrote {written}")
+    try:
+        written = inspect.export_study(dataset, key, out)
+    except (ShardFormatError, OSError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    for name in written:
+        console.print(f"wrote {name}")

@@ -320,6 +320,20 @@ def verify_study(dataset: ShardDataset, key: str) -> None:
             raise ShardFormatError(f"study {key!r} scan {scan.name!r}: decoded {voxels.dtype}{voxels.shape}")
 
 
+def _unlisted_files(dataset: ShardDataset) -> list[Problem]:
+    """Files in the dataset directory that its manifests do not list (the local ingest
+    folder aside): whoever ships or receives a dataset should know of anything extra."""
+    listed = dataset.listed_files()
+    found = (
+        path.relative_to(dataset.path).as_posix()
+        for path in sorted(dataset.path.rglob("*"))
+        if not path.is_dir() and path.relative_to(dataset.path).parts[0] != fmt.LOCAL_DIR
+    )
+    return [
+        Problem(None, f"unlisted file {name} (no manifest lists it)") for name in found if name not in listed
+    ]
+
+
 def verify_dataset(path: str | os.PathLike, progress: Progress | None = None) -> VerifyReport:
     """Verify every study of the dataset at ``path``; failures are collected, not raised."""
     path = Path(path)
@@ -327,7 +341,7 @@ def verify_dataset(path: str | os.PathLike, progress: Progress | None = None) ->
         dataset = ShardDataset(path)
     except (ShardFormatError, OSError) as error:
         return VerifyReport(problems=[Problem(None, str(error))])
-    report = VerifyReport(studies=len(dataset), problems=_check_schema(path))
+    report = VerifyReport(studies=len(dataset), problems=_check_schema(path) + _unlisted_files(dataset))
     for key in dataset:
         try:
             verify_study(dataset, key)
@@ -369,19 +383,23 @@ def scan_to_nifti(scan: Scan):
 
 
 def export_study(dataset: ShardDataset, key: str, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``<scan>.nii.gz`` per scan, ``report.txt`` and ``study.json`` into ``out_dir``."""
+    """Write ``<scan>.nii.gz`` per scan, ``report.txt`` and ``study.json`` into ``out_dir``.
+
+    The study is read and checked first (ShardFormatError, nothing written), and no name
+    from the data can place a file outside ``out_dir``."""
     import nibabel as nib
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     members = dataset.read_members(key)
     study = decode_study(key, members)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for scan in study.scans:
-        target = out / f"{scan.name}.nii.gz"
+        target = fmt.path_inside(out, f"{scan.name}.nii.gz")
         nib.save(scan_to_nifti(scan), target)
         written.append(target)
-    (out / "report.txt").write_text(study.report, encoding="utf-8")
+    report, metadata = fmt.path_inside(out, "report.txt"), fmt.path_inside(out, "study.json")
+    report.write_text(study.report, encoding="utf-8")
     record = json.loads(members[fmt.JSON_MEMBER])
-    (out / "study.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-    return [*written, out / "report.txt", out / "study.json"]
+    metadata.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    return [*written, report, metadata]

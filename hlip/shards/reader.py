@@ -225,6 +225,13 @@ def parse_record(data: bytes, key: str) -> dict[str, Any]:
         _require(record, field, key)
     if record["key"] != key:
         raise ShardFormatError(f"study {key!r}: sample JSON names key {record['key']!r}")
+    if not isinstance(record["scans"], list) or not all(isinstance(scan, dict) for scan in record["scans"]):
+        raise ShardFormatError(f"study {key!r}: sample JSON's scans is not a list of objects")
+    for scan in record["scans"]:
+        try:
+            fmt.check_name(scan.get("name"), fmt.SCAN_NAME_PATTERN, "scan name")
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
     return record
 
 
@@ -382,6 +389,14 @@ class ShardDataset:
         """Shards holding this view's studies, in name order."""
         return [self.path / name for name in sorted(set(self.manifest.column("shard").to_pylist()))]
 
+    def listed_files(self) -> set[str]:
+        """The dataset's files as its manifests list them (paths relative to the dataset
+        directory): the two manifests and every shard a study lies in."""
+        shards = set(
+            pq.read_table(self.path / fmt.MANIFEST_FILE, columns=["shard"]).column("shard").to_pylist()
+        )
+        return {fmt.MANIFEST_FILE, fmt.SCANS_FILE, *shards}
+
     def row(self, key: str) -> dict[str, Any]:
         if key not in self._rows:
             raise KeyError(f"no study {key!r} in {self.path}")
@@ -390,7 +405,12 @@ class ShardDataset:
     def read_members(self, key: str, verify: bool = True) -> dict[str, bytes]:
         """The sample's raw members, read by offset (no shard scan)."""
         row = self.row(key)
-        shard = self.path / row["shard"]
+        try:
+            shard = fmt.path_inside(
+                self.path, fmt.check_name(row["shard"], fmt.SHARD_NAME_PATTERN, "shard name")
+            )
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
         if not shard.exists():
             raise ShardFormatError(f"study {key!r}: shard {row['shard']} is missing")
         members = {}

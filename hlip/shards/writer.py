@@ -399,7 +399,7 @@ def pack_shards(
     """
     groups = plan_shards([staged_sample_size(path) for path in staged], max_shard_bytes)
     samples = [[staged[i] for i in group] for group in groups]
-    paths = [out_dir / shard_name(prefix, index) for index in range(len(groups))]
+    paths = [fmt.path_inside(out_dir, shard_name(prefix, index)) for index in range(len(groups))]
     return [sample for shard in map(write_shard, samples, paths) for sample in shard]
 
 
@@ -557,7 +557,7 @@ class DatasetWriter:
         self.staging.mkdir(parents=True, exist_ok=True)
 
     def _staged_path(self, key: str) -> Path:
-        return self.staging / f"{fmt.check_key(key)}{STAGED_SUFFIX}"
+        return fmt.path_inside(self.staging, f"{fmt.check_key(key)}{STAGED_SUFFIX}")
 
     def has(self, key: str) -> bool:
         """Whether ``key`` is already staged (a resumed run can skip it)."""

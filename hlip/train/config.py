@@ -1,6 +1,7 @@
 """Every knob of a training run in one flat, typed object.
 
-A run is described by a TOML file (``configs/<name>.toml``) plus ``key=value`` overrides;
+A run is described by a TOML file (a preset shipped in ``hlip/configs/`` or one's own) plus
+``key=value`` overrides;
 :func:`load_config` merges them into a :class:`TrainConfig`, :meth:`TrainConfig.resolve`
 fills what depends on other fields (the crop grid from the model preset), and the resolved
 object is saved in the run directory so a checkpoint always knows how it was made.
@@ -12,17 +13,18 @@ so ``--set lr=3e-4`` and the TOML file use the same names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-"""Presets shipped with the project (``--config demo-cpu`` finds ``configs/demo-cpu.toml``)."""
+from hlip import resources
 
 TEXT_MODES = ("full", "shuffle", "sentence")
 CT_WINDOW_MODES = ("scans", "mean")
@@ -33,6 +35,10 @@ HLIP_INTENSITY_MEAN = 0.449
 """Mean of the ImageNet channel means: HLIP normalises [0, 1] intensities with it."""
 HLIP_INTENSITY_STD = 0.226
 """Mean of the ImageNet channel standard deviations, likewise."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as written: an unknown key, a value of the wrong type or range."""
 
 
 @dataclass
@@ -128,6 +134,10 @@ class TrainConfig:
     """"bf16" autocasts the forward pass on GPU (CPU always runs fp32); "fp32" never does."""
     nan_policy: str = "raise"
     """On a non-finite loss or gradient: "raise" stops with the step and study keys, "skip" drops the step."""
+    max_skipped_share: float = 0.1
+    """Stop the run when more than this share of the studies read were skipped (damaged
+    shards, failing transforms), checked from 100 studies read on (``loop.SKIP_CHECK_STUDIES``) and at the
+    end; 1 never stops."""
 
     # --- GPU step: attention kernel, compilation, synchronisation checks ----------------------
     attention: str = "auto"
@@ -170,7 +180,7 @@ class TrainConfig:
         """Studies per forward pass on one rank."""
         per_rank, rest = divmod(self.batch_size, world_size * self.accum_steps)
         if rest or per_rank == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={self.batch_size} must be a positive multiple of "
                 f"world_size x accum_steps = {world_size} x {self.accum_steps}"
             )
@@ -186,24 +196,26 @@ class TrainConfig:
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+                raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
         from hlip.model.attention import BACKENDS_NAMES
 
         if self.attention not in BACKENDS_NAMES:
-            raise ValueError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
+            raise ConfigError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
         if self.img_size and len(self.img_size) != 3:
-            raise ValueError(f"img_size={self.img_size}: expected [d, h, w]")
+            raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
         if any(len(w) != 2 or w[0] >= w[1] for w in self.ct_windows) or not self.ct_windows:
-            raise ValueError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
+            raise ConfigError(f"ct_windows={self.ct_windows}: expected a list of [low, high], low < high")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
-            raise ValueError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
+            raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
         if not self.mr_ceiling >= 1:
-            raise ValueError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+            raise ConfigError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+        if not 0.0 <= self.max_skipped_share <= 1.0:
+            raise ConfigError(f"max_skipped_share={self.max_skipped_share}: expected a share in [0, 1]")
         if self.steps <= 0 and self.epochs <= 0:
-            raise ValueError("set steps (optimizer steps) or epochs")
+            raise ConfigError("set steps (optimizer steps) or epochs")
         if self.max_scans < 1 or self.accum_steps < 1:
-            raise ValueError("max_scans and accum_steps must be >= 1")
+            raise ConfigError("max_scans and accum_steps must be >= 1")
         return self
 
     def resolve(self) -> TrainConfig:
@@ -230,7 +242,7 @@ def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = N
     from hlip.model.presets import VISION_PRESETS
 
     if model_name not in MODEL_PRESETS:
-        raise KeyError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
     vision = {**MODEL_PRESETS[model_name]["vision"], **(vision_overrides or {})}
     kwargs = {**VISION_PRESETS[vision["name"]], **vision}
     return tuple(int(s) for s in kwargs["img_size"])
@@ -239,23 +251,14 @@ def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = N
 # --- loading and overriding --------------------------------------------------------------------
 
 
-def find_config_file(name_or_path: str) -> Path:
-    """A path to a TOML/JSON file, or a preset name looked up in ``configs/``."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (Path("configs") / f"{name_or_path}.toml", CONFIG_DIR / f"{name_or_path}.toml"):
-        if candidate.is_file():
-            return candidate
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    raise FileNotFoundError(f"no config file or preset {name_or_path!r} (presets: {presets})")
+def find_config_file(name_or_path: str) -> Path | Traversable:
+    """A path to a TOML/JSON file, or the name of a shipped preset (``demo-cpu``)."""
+    return resources.find_file(name_or_path, (resources.PRESETS,), "config")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    with path.open("rb") as f:
-        return tomllib.load(f)
+def read_config_file(path: Path | Traversable) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    return json.loads(text) if path.name.endswith(".json") else tomllib.loads(text)
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -265,7 +268,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         set_value(config, key.strip(), parse_value(raw.strip()))
     return config.resolve()
 
@@ -283,10 +286,12 @@ def set_value(config: TrainConfig, key: str, value: Any) -> None:
     name, _, sub_key = key.partition(".")
     hints = typing.get_type_hints(TrainConfig)
     if name not in hints or name.startswith("_"):
-        raise KeyError(f"unknown config key {name!r}")
+        close = difflib.get_close_matches(name, [h for h in hints if not h.startswith("_")], n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (docs/training.md lists every key)"
+        raise ConfigError(f"unknown config key {name!r}{hint}")
     if sub_key:
         if hints[name] != dict[str, Any]:
-            raise KeyError(f"{name!r} has no sub-keys (got {key!r})")
+            raise ConfigError(f"{name!r} has no sub-keys (got {key!r})")
         getattr(config, name)[sub_key] = value
         return
     setattr(config, name, coerce(value, hints[name], name))
@@ -301,7 +306,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
         return [coerce(v, item_kind, name) for v in items]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{name}: expected a table, got {value!r}")
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
@@ -312,7 +317,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{name}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
     return value
 
 

@@ -15,10 +15,12 @@ micro-batch the next one is taken from the loader and copied on a side stream (`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,14 @@ from torch.nn.parallel import DistributedDataParallel
 from hlip.model.attention import compile_blocks
 from hlip.train import checkpoint as ckpt
 from hlip.train.config import TrainConfig, save_config
-from hlip.train.data import Batch, DataState, StudyFilter, build_train_loader, count_studies
+from hlip.train.data import (
+    Batch,
+    DataState,
+    StudyFilter,
+    build_train_loader,
+    count_studies,
+    require_sources,
+)
 from hlip.train.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
@@ -42,12 +51,23 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm was NaN/Inf (``nan_policy = "raise"``)."""
 
 
+class TooManySkippedError(RuntimeError):
+    """More than ``max_skipped_share`` of the studies read were skipped: the data is damaged."""
+
+
+SKIP_CHECK_STUDIES = 100
+"""Studies read before the skipped share can stop a run (one bad study among the first
+few is not yet a damaged dataset); the end of a run checks whatever was read."""
+
+
 @dataclass
 class TrainResult:
     step: int
     loss: float
     run_dir: Path
     checkpoint: Path | None
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Studies skipped over the whole run (all ranks), by reason."""
 
 
 def train(config: TrainConfig, resume: str = "") -> TrainResult:
@@ -61,10 +81,8 @@ def train(config: TrainConfig, resume: str = "") -> TrainResult:
 
 def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
     run_dir = config.run_dir
+    require_sources(config.data)
     total_steps = resolve_steps(config)
-    if info.is_main:
-        save_config(config, run_dir)
-        log.debug("resolved config:\n%s", json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
     # --- model, loss, optimizer, schedule (identical initial weights on every rank) -----------
     torch.manual_seed(config.seed)
@@ -101,6 +119,9 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         data_state,
         pin_memory=info.device.type == "cuda",
     )
+    if info.is_main:  # only now: a run that cannot start leaves no run folder behind
+        save_config(config, run_dir)
+        log.debug("resolved config:\n%s", json.dumps(config.to_dict(), indent=2, sort_keys=True))
     feed = DeviceFeed(iter(loader), info)
     run_log = RunLog(config, info, start_step=step, total_steps=total_steps)
     if rng is not None:
@@ -150,6 +171,8 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         step += 1
 
         step_time = time.perf_counter() - step_start
+        skipped = skipped_studies(data_state, info)
+        check_skipped(config, skipped, step * config.batch_size + skipped, data_state, info, final=False)
         run_log.step(
             step,
             loss=loss_value,
@@ -159,7 +182,7 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
             studies_per_s=config.batch_size / step_time,
             data_wait=data_wait / step_time,
             epoch=data_state.epoch,
-            skipped=skipped_studies(data_state, info),
+            skipped=skipped,
             finite=finite,
             **({"compiled_graphs": compiled.graphs} if compiled is not None else {}),
         )
@@ -176,7 +199,9 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         else:
             ckpt.export_openclip(saved, run_dir / "checkpoints" / "openclip.pt")
     run_log.close()
-    return TrainResult(step, loss_value, run_dir, last if saved is not None else None)
+    skipped = skipped_studies(data_state, info)
+    reasons = check_skipped(config, skipped, step * config.batch_size + skipped, data_state, info, final=True)
+    return TrainResult(step, loss_value, run_dir, last if saved is not None else None, reasons)
 
 
 # --- steps and schedule --------------------------------------------------------------------------
@@ -373,6 +398,29 @@ def handle_nonfinite(
     if config.nan_policy == "raise":
         raise NonFiniteLossError(message)
     log.warning("%s; update skipped", message)
+
+
+def check_skipped(
+    config: TrainConfig, skipped: int, read: int, state: DataState, info: DistInfo, final: bool
+) -> dict[str, int]:
+    """Skips by reason over all ranks (at the end, or when they stop the run); raise
+    TooManySkippedError when their share of the ``read`` studies exceeds the config's.
+
+    ``skipped`` and ``read`` are totals over ranks, so every rank decides alike (the
+    reasons are gathered collectively only when needed)."""
+    too_many = skipped > config.max_skipped_share * read and (final or read >= SKIP_CHECK_STUDIES)
+    if not (final or too_many):
+        return {}
+    reasons = sum((Counter(r) for r in all_gather_objects(dict(state.reasons()), info)), Counter())
+    summary = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+    if too_many and skipped:
+        raise TooManySkippedError(
+            f"{skipped} of {read} studies read were skipped ({skipped / read:.0%} > max_skipped_share "
+            f"{config.max_skipped_share:.0%}): {summary}; check the data with hlip-shards verify"
+        )
+    if skipped and info.is_main:
+        log.warning("skipped %d of %d studies read: %s", skipped, read, summary)
+    return dict(reasons.most_common())
 
 
 def skipped_studies(state: DataState, info: DistInfo) -> int:
