@@ -49,9 +49,9 @@ from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.prompts import PromptSet, load_prompts
 from hlip.evaluate.zeroshot import SentenceBank, prompt_sentences
-from hlip.ingest.synth import FINDINGS
 from hlip.model.text import TextTower, Tokenizer
 from hlip.shards.reader import ShardDataset
+from hlip.synth import FINDINGS
 from hlip.train.checkpoint import build_model
 from hlip.train.config import load_config
 from hlip.train.data import StudyTransform, select_sections

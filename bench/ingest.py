@@ -54,8 +54,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from hlip.ingest.config import IngestConfig, default_target_spacing
 from hlip.ingest.index import iter_source_files
 from hlip.ingest.pipeline import run_ingest
-from hlip.ingest.synth import Sizes, make_archive
 from hlip.ingest.volume import NATIVE
+from hlip.synth import Sizes, make_archive
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REAL_SETS = ("dcm_qa_nih/In", "dcm_qa_table/In", "dcm_qa_ts/In", "dicom2nifti/tests/data")

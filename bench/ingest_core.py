@@ -27,8 +27,8 @@ from pathlib import Path
 
 from hlip.ingest.index import index_sources, iter_source_files
 from hlip.ingest.plan import PlanConfig, plan
-from hlip.ingest.synth import Sizes, make_archive
 from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
+from hlip.synth import Sizes, make_archive
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REAL_SETS = ("dcm_qa_ts/In", "dcm_qa_nih/In", "dcm_qa_table/In", "dicom2nifti/tests/data")

@@ -17,7 +17,7 @@
 #
 # Stages whose output already exists are skipped, so an interrupted demo resumes; delete
 # OUTDIR to start over. Sizes can be changed with HLIP_DEMO_TRAIN_STUDIES,
-# HLIP_DEMO_HELDOUT_STUDIES and HLIP_DEMO_STEPS.
+# HLIP_DEMO_HELDOUT_STUDIES, HLIP_DEMO_VAL_STUDIES and HLIP_DEMO_STEPS.
 set -euo pipefail
 
 OUT=${1:-demo-out}
@@ -25,6 +25,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${HLIP_BIN:-$ROOT/.venv/bin}
 TRAIN_STUDIES=${HLIP_DEMO_TRAIN_STUDIES:-480}
 HELDOUT_STUDIES=${HLIP_DEMO_HELDOUT_STUDIES:-64}
+# Validation studies (another seed, like the training ones): their zero-shot scores choose each
+# finding's threshold for sensitivity, specificity and balanced accuracy (AUC needs none).
+VAL_STUDIES=${HLIP_DEMO_VAL_STUDIES:-48}
 STEPS=${HLIP_DEMO_STEPS:-}
 TARGET_AUC=0.90
 # Coarse grids: a whole chest (about 380 mm across, 160 mm long) or head then fits the
@@ -47,10 +50,10 @@ SECONDS=0
 
 stage() { printf '\n\033[1m== %s (%dm%02ds)\033[0m\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 
-stage "1/5 synthetic archives: $TRAIN_STUDIES training + $HELDOUT_STUDIES held-out studies"
+stage "1/5 synthetic archives: $TRAIN_STUDIES training + $HELDOUT_STUDIES held-out + $VAL_STUDIES validation studies"
 # The two archives are independent single-process jobs: written side by side, one per core.
 synth_pids=()
-for split in train:"$TRAIN_STUDIES":0 heldout:"$HELDOUT_STUDIES":1; do
+for split in train:"$TRAIN_STUDIES":0 heldout:"$HELDOUT_STUDIES":1 val:"$VAL_STUDIES":2; do
     IFS=: read -r name n seed <<<"$split"
     if [[ -f "$OUT/archive-$name/reports.csv" ]]; then
         echo "archive-$name exists, skipped"
@@ -63,7 +66,7 @@ done
 for pid in "${synth_pids[@]}"; do wait "$pid"; done
 
 stage "2/5 ingest: DICOM + report table -> study shards"
-for name in train heldout; do
+for name in train heldout val; do
     if [[ -f "$OUT/shards-$name/manifest.parquet" ]]; then
         echo "shards-$name exists, skipped"
     else
@@ -84,7 +87,7 @@ fi
 
 stage "5/5 evaluate on the held-out studies: zero-shot classification and report retrieval"
 "$BIN/hlip-eval" run "$OUT/shards-heldout" --model "$OUT/run" \
-    --prompts synth --tasks zeroshot,retrieval --out "$OUT/eval"
+    --prompts synth --calibrate "$OUT/shards-val" --tasks zeroshot,retrieval --out "$OUT/eval"
 
 "$BIN/python" - "$OUT/eval/metrics.json" "$TARGET_AUC" "$SECONDS" <<'EOF'
 import json, sys

@@ -98,16 +98,22 @@ def _run(*args: str):
 
 def test_run_on_a_published_layout_checkpoint_end_to_end(tmp_path, shards, prompts, published, tiny_text):
     out = tmp_path / "eval"
+    calibration = tmp_path / "calibration"  # other labelled studies choose the thresholds
+    write_dataset(calibration, _studies(6))
     result = _run(
         "run", shards, "--model", published, "--preset", PRESET, "--text-model", tiny_text,
         "--prompts", prompts, "--out", out, "--tasks", "zeroshot,retrieval,probe", "--folds", "2",
-        "--bootstrap", "50", "--batch-size", "5", "--set", SMALL,
+        "--bootstrap", "50", "--batch-size", "5", "--set", SMALL, "--calibrate", calibration,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "macro AUC" in result.output and str(out / "report.md") in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["run"]["studies"] == 12 and metrics["run"]["preset"] == PRESET
     assert metrics["zeroshot"]["binary"]["finding"]["n"] == 12
+    assert (
+        metrics["run"]["calibrate"] == str(calibration) and metrics["zeroshot"]["thresholds"] == "calibrated"
+    )
+    assert 0 < metrics["zeroshot"]["binary"]["finding"]["threshold"] < 1
     assert len(metrics["zeroshot"]["multiclass"]["diagnosis"]["confusion_matrix"]) == 3
     assert (
         metrics["retrieval"]["n"] == 12 and 1 <= metrics["retrieval"]["image_to_report"]["median_rank"] <= 12
@@ -199,3 +205,30 @@ def test_hlip_train_checkpoint_loads_without_preset(tmp_path, shards, tiny_text)
     assert result.exit_code == 0, result.output
     table = Embeddings.load(tmp_path / "e.parquet")
     assert len(table) == 12 and table.meta["kind"] == "hlip-train"
+
+
+def test_version_pins_the_studies_that_train_and_eval_read(tmp_path, published, tiny_text):
+    """A dataset that grew (study03 rebuilt with an amended report, two added) reads as it
+    was at version 1 through the training stream, hlip-eval and embed_dataset."""
+    from train_support import tiny_config
+
+    from hlip.train.data import StudyFilter, TrainStream, count_studies
+
+    data = tmp_path / "ds"
+    write_dataset(data, _studies(4))
+    grown = list(_studies(6))[3:]
+    grown[0].report += " Addendum."
+    write_dataset(data, grown)
+    v1 = [f"study{i:02d}" for i in range(4)]
+    for version, keys in ((1, v1), (0, [*v1, "study04", "study05"])):
+        config = tiny_config(data, tmp_path / "run", f"data_version={version}")
+        assert count_studies(config.data, StudyFilter.from_config(config), version) == len(keys)
+        studies = {study.key: study for study in TrainStream(config, 0, 1).studies(0, 1, 0)}
+        assert sorted(studies) == keys and studies["study03"].report.endswith("Addendum.") == (version == 0)
+    loaded = load_model(published, preset=PRESET, text_path=tiny_text, overrides=[SMALL])
+    pinned = embed_dataset(loaded, data, version=1)
+    assert pinned.keys == v1 and pinned.meta["data_version"] == 1
+    out = tmp_path / "e.parquet"
+    args = ("embed", data, "--model", published, "--out", out, "--preset", PRESET)
+    assert _run(*args, "--text-model", tiny_text, "--set", SMALL, "--version", "1").exit_code == 0
+    assert Embeddings.load(out).keys == v1

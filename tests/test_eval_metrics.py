@@ -44,6 +44,32 @@ def test_threshold_metrics_match_sklearn(data, threshold):
         assert rows["balanced_accuracy"][0] == pytest.approx(skm.balanced_accuracy_score(y, pred))
 
 
+@settings(max_examples=80, deadline=None)
+@given(labels_and_scores)
+def test_youden_threshold_reaches_the_best_balanced_accuracy_of_any_cut(data):
+    y, s = map(np.array, data)
+    if len(set(y.tolist())) < 2:
+        with pytest.warns(m.MetricWarning, match="Youden threshold undefined"):
+            assert np.isnan(m.youden_threshold(y, s))
+        return
+    cut = m.youden_threshold(y, s)
+    best = max(skm.balanced_accuracy_score(y, s >= c) for c in [*np.unique(s), np.inf])
+    assert skm.balanced_accuracy_score(y, s >= cut) == pytest.approx(best)
+    assert cut not in set(s.tolist()) or cut == s.min()  # between two scores, not on one
+
+
+def test_youden_threshold_lies_between_the_classes_it_separates():
+    # every score above 0.5 (a two-prompt softmax that calls all positive at 0.5), ranked well
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = np.array([0.55, 0.58, 0.60, 0.70, 0.72, 0.90])
+    assert m.youden_threshold(y, s) == pytest.approx(0.65)
+    at_half = m.binary_metrics(y, s, threshold=0.5, n_boot=0)
+    assert (at_half["sensitivity"]["value"], at_half["specificity"]["value"]) == (1.0, 0.0)
+    calibrated = m.binary_metrics(y, s, threshold=m.youden_threshold(y, s), n_boot=0)
+    assert calibrated["balanced_accuracy"]["value"] == 1.0
+    assert m.youden_threshold([np.nan, 0, 1], [0.0, 0.2, 0.4]) == pytest.approx(0.3)  # unannotated left out
+
+
 def test_hand_computed_auc_and_ties():
     # pairs (pos, neg): (0.35 > 0.1), (0.35 < 0.4), (0.8 > 0.1), (0.8 > 0.4) -> 3/4
     assert m.roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75

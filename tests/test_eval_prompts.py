@@ -37,7 +37,8 @@ def test_parse_resolves_templates_columns_and_defaults():
     assert effusion.templates == ("The volume shows: {}.",)
     assert prompts.multiclass[0].classes == ("Normal", "Tumour")
     assert prompts.columns == ["Nodule", "effusion", "dx"]
-    assert (prompts.ensemble, prompts.threshold) == ("embedding", 0.5)
+    assert (prompts.ensemble, prompts.threshold) == ("embedding", None)  # thresholds come from calibration
+    assert parse_prompts({**BASE, "threshold": 0.3}).threshold == 0.3
 
 
 def test_forced_template_set_overrides_every_label():
@@ -146,7 +147,7 @@ def test_select_restricts_to_named_labels():
 
 
 def test_synth_prompts_follow_the_planted_findings():
-    from hlip.ingest.synth import FINDINGS, NORMAL_SENTENCES
+    from hlip.synth import FINDINGS, NORMAL_SENTENCES
 
     prompts = load_prompts("synth")
     assert [b.name for b in prompts.binary] == list(FINDINGS)
@@ -154,7 +155,7 @@ def test_synth_prompts_follow_the_planted_findings():
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
         # each phrase inside a findings section of its modality, as the reports write it
-        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.modality]),)
+        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.kind]),)
     bare = load_prompts("synth", template_set="sentence")
     assert {label.templates for label in bare.binary} == {("{}",)}
 

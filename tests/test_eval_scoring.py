@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hlip.evaluate.prompts import parse_prompts
 from hlip.evaluate.retrieval import run_retrieval
 from hlip.evaluate.zeroshot import (
     SentenceBank,
+    calibrate_thresholds,
     class_probabilities,
     l2_normalize,
     prompt_sentences,
@@ -98,20 +100,43 @@ def test_embedding_ensemble_is_the_normalised_mean_then_one_softmax():
 def test_zero_shot_recovers_planted_labels():
     tower = FakeTextTower()
     images, labels = _planted(tower)
-    result = run_zeroshot(images, labels, PROMPTS, tower, logit_scale=100.0, n_boot=50)
+    calibration = calibrate_thresholds(*_planted(tower, seed=2), PROMPTS, tower, logit_scale=100.0)
+    assert set(calibration) == {"nodule", "effusion", "bleed"}  # similarity-scored labels too
+    result = run_zeroshot(images, labels, PROMPTS, tower, 100.0, thresholds=calibration, n_boot=50)
     binary = result.metrics["binary"]
-    for name in ("nodule", "effusion"):
-        assert binary[name]["auc"]["value"] == 1.0
-        assert binary[name]["balanced_accuracy"]["value"] == 1.0
-        assert binary[name]["threshold"] == 0.5
-    assert "threshold" not in binary["bleed"] and "sensitivity" not in binary["bleed"]
-    assert binary["bleed"]["auc"]["value"] > 0.9
+    assert result.metrics["thresholds"] == "calibrated"
+    for name in ("nodule", "effusion", "bleed"):
+        assert binary[name]["auc"]["value"] > 0.9
+        assert binary[name]["threshold"] == calibration[name]
+        assert binary[name]["balanced_accuracy"]["value"] > 0.9
     assert result.metrics["macro"]["auc"]["n_labels"] == 3
-    assert result.metrics["macro"]["balanced_accuracy"]["n_labels"] == 2
+    assert result.metrics["macro"]["balanced_accuracy"]["n_labels"] == 3
     dx = result.metrics["multiclass"]["dx"]
     assert dx["balanced_accuracy"]["value"] == 1.0
     assert np.trace(dx["confusion_matrix"]) == len(labels)
     assert result.scores["dx"].shape == (len(labels), 3)
+
+
+def test_without_calibration_only_a_stated_threshold_gives_thresholded_metrics():
+    tower = FakeTextTower()
+    images, labels = _planted(tower)
+    bare = run_zeroshot(images, labels, PROMPTS, tower, 100.0, n_boot=0)
+    assert bare.metrics["thresholds"] == "none"
+    assert all("sensitivity" not in m and "threshold" not in m for m in bare.metrics["binary"].values())
+    assert "balanced_accuracy" not in bare.metrics["macro"]
+    fixed = run_zeroshot(images, labels, replace(PROMPTS, threshold=0.5), tower, 100.0, n_boot=0)
+    assert fixed.metrics["thresholds"] == "fixed"
+    assert fixed.metrics["binary"]["nodule"]["threshold"] == 0.5
+    assert "threshold" not in fixed.metrics["binary"]["bleed"]  # a similarity is no probability
+
+
+def test_calibration_skips_a_label_with_one_class():
+    tower = FakeTextTower()
+    images, labels = _planted(tower)
+    only_negative = [{**study, "bleed": 0} for study in labels]
+    with pytest.warns(MetricWarning, match="Youden threshold undefined"):
+        cuts = calibrate_thresholds(images, only_negative, PROMPTS, tower, 100.0)
+    assert set(cuts) == {"nodule", "effusion"}
 
 
 def test_zero_shot_is_reproducible_and_skips_unannotated_studies():
@@ -181,8 +206,9 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     labels[0]["bleed"] = None
     for study in labels:  # a label with one class only: NaN metrics, no ROC plot
         study["effusion"] = 1
+    cuts = calibrate_thresholds(*_planted(tower, seed=2), PROMPTS, tower, 100.0)
     with pytest.warns(MetricWarning, match="only positive"):
-        zs = run_zeroshot(images, labels, PROMPTS, tower, 100.0, n_boot=20)
+        zs = run_zeroshot(images, labels, PROMPTS, tower, 100.0, thresholds=cuts, n_boot=20)
     retrieval, ranks = run_retrieval(images, images)
     metrics = {"run": {"prompts_name": "planted"}, "zeroshot": zs.metrics, "retrieval": retrieval}
     files = write_report(tmp_path, metrics, zeroshot=zs, ranks=ranks)
@@ -199,7 +225,10 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in files.plots)
     text = files.report.read_text()
     assert (
-        "| **macro** |" in text and "plots/roc-nodule.png" in text and "| effusion | 60 (60) | n/a |" in text
+        "| **macro** |" in text
+        and "plots/roc-nodule.png" in text
+        and f"| effusion | 60 (60) | {cuts['effusion']:.3f} | n/a |" in text
+        and "chosen by Youden's J on the calibration studies" in text
     )
     rows = summary_rows(metrics)
     assert ("zero-shot", "dx: balanced accuracy", "1.000 [1.000, 1.000]") in rows

@@ -30,7 +30,7 @@ from hlip.ingest.index import (
     split_file_id,
 )
 from hlip.ingest.mosaic import csa_mosaic_info, parse_csa_header, untile
-from hlip.ingest.synth import make_archive
+from hlip.synth import make_archive
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -22,10 +22,22 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from hlip.ingest import synth
 from hlip.ingest.deid import scrub_report
 from hlip.ingest.reports import load_report_table, sr_text
-from hlip.ingest.synth import FINDINGS, KINDS, SCAN_KINDS, Sizes, available_transfer_syntaxes, make_archive
+from hlip.synth import (
+    FINDINGS,
+    KINDS,
+    SCAN_KINDS,
+    STUDY_KINDS,
+    Sizes,
+    available_transfer_syntaxes,
+    make_archive,
+)
+from hlip.synth.encoding import file_meta, series_files
+from hlip.synth.findings import brain_site
+from hlip.synth.series import ct_series, mr_series
+from hlip.synth.studies import plan_study
+from hlip.synth.volumes import BLOOD, BULLA, FLUID, MASS, NODULE
 
 SIZES = Sizes(ct_matrix=64, mr_matrix=64, ct_coverage_mm=100)
 
@@ -165,7 +177,11 @@ def test_reports_table_matches_the_summary(archive):
     for study in archive.studies:
         report = by_uid[study.study_uid]
         assert by_accession[study.accession_number] == report
-        own = {label for label, f in FINDINGS.items() if f.modality == study.modality}
+        own = {
+            label
+            for label, f in FINDINGS.items()
+            if (f.modality, f.body_part) == (study.modality, study.body_part)
+        }
         assert report.labels == {label: study.labels[label] for label in own}
         if study.report_in_sr:
             assert report.text == ""
@@ -182,6 +198,7 @@ KEYWORDS = {
     "mass": "mass",
     "hemorrhage": "hemorrhage",
     "hydrocephalus": "hydrocephalus",
+    "intracranial_hemorrhage": "hemorrhage",
 }
 
 
@@ -196,21 +213,51 @@ def test_reports_state_every_finding(archive):
 def test_findings_are_planted_with_their_labels():
     counts = Counter()
     for index in range(120):
-        modality = "CT" if index % 2 == 0 else "MR"
-        study = synth._plan_study(index, seed=11, modality=modality, sizes=Sizes())
+        kind = list(STUDY_KINDS)[index % 3]
+        study = plan_study(index, seed=11, kind=kind, sizes=Sizes())
         tissues = {shape.tissue for shape in study.phantom.shapes}
         planted = {
-            "lung_nodule": synth.NODULE in tissues,
-            "pleural_effusion": synth.FLUID in tissues,
-            "emphysema": synth.BULLA in tissues,
-            "mass": synth.MASS in tissues,
-            "hemorrhage": synth.BLOOD in tissues,
+            "lung_nodule": NODULE in tissues,
+            "pleural_effusion": FLUID in tissues,
+            "emphysema": BULLA in tissues,
+            "mass": MASS in tissues,
+            "hemorrhage": BLOOD in tissues,
             "hydrocephalus": "hydrocephalus" in study.details,
+            "intracranial_hemorrhage": BLOOD in tissues,
         }
+        assert set(study.labels) == {label for label, f in FINDINGS.items() if f.kind == kind}
         for label, value in study.labels.items():
             assert planted[label] == bool(value)
             counts[label] += value
-    assert all(15 <= counts[label] <= 40 for label in FINDINGS), counts  # ~45% of 60 studies
+    assert all(8 <= counts[label] <= 30 for label in FINDINGS), counts  # ~45% of 40 studies
+
+
+def test_head_ct_hemorrhages_vary_in_size_and_density():
+    sizes = Sizes(ct_matrix=96, ct_coverage_mm=160)
+    studies = [plan_study(index, seed=3, kind="CT-HEAD", sizes=sizes) for index in range(40)]
+    bleeds = [s for s in studies if s.labels["intracranial_hemorrhage"]]
+    diameters = [s.details["intracranial_hemorrhage"]["diameter"] for s in bleeds]
+    densities = [s.details["intracranial_hemorrhage"]["density"] for s in bleeds]
+    assert min(diameters) <= 10 and max(diameters) >= 24 and min(diameters) >= 6 and max(diameters) <= 30
+    assert min(densities) <= 60 and max(densities) >= 80 and min(densities) >= 50 and max(densities) <= 90
+    study = max(bleeds, key=lambda s: s.details["intracranial_hemorrhage"]["diameter"])
+    thin = next(s for s in ct_series(study, sizes) if s.kind == "ct_axial_thin")
+    assert (thin.template.BodyPartExamined, thin.template.StudyDescription) == (
+        "HEAD",
+        "CT HEAD WITHOUT CONTRAST",
+    )
+    (blood,) = [shape for shape in study.phantom.shapes if shape.tissue == BLOOD]
+    positions = np.array([i.ImagePositionPatient for i in thin.instances])
+    k = int(np.argmin(abs(positions[:, 2] - blood.center[2])))
+    spacing = thin.instances[k].PixelSpacing
+    col, row = ((np.array(blood.center[:2]) - positions[k, :2]) / spacing).round().astype(int)
+    window = (
+        thin.pixels[k, row - 1 : row + 2, col - 1 : col + 2].astype(float) + thin.template.RescaleIntercept
+    )
+    density = study.details["intracranial_hemorrhage"]["density"]
+    assert abs(window.mean() - density) < 12  # 10 HU noise over 9 voxels
+    assert study.hu[BLOOD] == density
+    assert next(s for s in studies if s not in bleeds).hu[BLOOD] == 60  # the default table
 
 
 def test_phi_is_in_headers_and_reports_and_scrubbable(archive):
@@ -273,11 +320,11 @@ def test_same_seed_same_bytes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("syntax", available_transfer_syntaxes(), ids=lambda uid: uid.name)
 def test_series_files_decode_exactly_and_match_pydicom(tmp_path, syntax):
     for index, modality in ((0, "CT"), (1, "CT"), (3, "MR")):  # unsigned and signed CT, MR
-        study = synth._plan_study(index, seed=0, modality=modality, sizes=SIZES)
-        build = synth._ct_series if modality == "CT" else synth._mr_series
+        study = plan_study(index, seed=0, kind=modality, sizes=SIZES)
+        build = ct_series if modality == "CT" else mr_series
         series = build(study, SIZES)[2 if modality == "CT" else 2]
         series.transfer_syntax = syntax
-        files = synth.series_files(series, tmp_path)
+        files = series_files(series, tmp_path)
         for i in (0, len(files) - 1):
             ds = pydicom.dcmread(io.BytesIO(files[i]))
             np.testing.assert_array_equal(ds.pixel_array, series.pixels[i])
@@ -292,7 +339,7 @@ def _pydicom_bytes(series, i: int) -> bytes:
     ds.update(series.instances[i])
     ds.PixelData = series.pixels[i].astype(series.pixels.dtype.newbyteorder("<")).tobytes()
     ds["PixelData"].VR = "OW"
-    ds.file_meta = synth._file_meta(ds.SOPClassUID, ds.SOPInstanceUID, series.transfer_syntax)
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, series.transfer_syntax)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -312,11 +359,9 @@ def test_lesion_scale_scales_planted_lesions_and_reports():
     diameters = {}
     for scale in (1.0, 2.0):
         sizes = Sizes(lesion_scale=scale, ct_coverage_mm=200)
-        study = next(
-            s for i in range(0, 40, 2) if (s := synth._plan_study(i, 0, "CT", sizes)).labels["lung_nodule"]
-        )
+        study = next(s for i in range(0, 40, 2) if (s := plan_study(i, 0, "CT", sizes)).labels["lung_nodule"])
         diameters[scale] = study.details["lung_nodule"]["nodules"][0][0]
-        semi = max(shape.semi[0] for shape in study.phantom.shapes if shape.tissue == synth.NODULE)
+        semi = max(shape.semi[0] for shape in study.phantom.shapes if shape.tissue == NODULE)
         assert semi * 2 == diameters[scale]
     assert diameters[2.0] == pytest.approx(2 * diameters[1.0], abs=1)
     with pytest.raises(ValueError, match="lesion_scale"):
@@ -327,6 +372,6 @@ def test_lesion_scale_scales_planted_lesions_and_reports():
 def test_brain_sites_exist_for_every_lesion_size(radius):
     rng = np.random.default_rng(0)
     for _ in range(50):
-        point, side, _lobe = synth._brain_site(rng, 0.0, 0.94, radius)
+        point, side, _lobe = brain_site(rng, 0.0, 0.94, radius)
         assert abs(point[0]) > min(radius * 0.5 + 22, 0.75 * (47 - radius * 0.6)) - 1e-9
         assert side == ("left" if point[0] > 0 else "right")

@@ -32,7 +32,8 @@ MODEL = typer.Option(
     "-m",
     help="hlip-train run directory or checkpoint, exported model folder, or a published HLIP file with --preset.",
 )
-DATA = typer.Argument(..., help="Shard dataset directory (with manifest.parquet).")
+DATA = typer.Argument(..., help="Shard dataset directory or object-store URL (s3://...).")
+VERSION = typer.Option(None, "--version", min=1, help="Dataset version to read (default: the latest).")
 PRESET = typer.Option(None, "--preset", help="Model preset of a published (open_clip layout) checkpoint.")
 TEXT_MODEL = typer.Option(None, "--text-model", help="Local directory of the text encoder a preset needs.")
 BATCH = typer.Option(
@@ -78,8 +79,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hlip.evaluate.embed import EvalInputError
     from hlip.evaluate.labels import LabelError
     from hlip.evaluate.prompts import PromptsError
+    from hlip.model.checkpoint import CheckpointError
 
-    return EvalInputError, LabelError, PromptsError, FileNotFoundError
+    return EvalInputError, LabelError, PromptsError, CheckpointError, FileNotFoundError
 
 
 @app.command()
@@ -92,6 +94,12 @@ def run(
         "--prompts",
         "-p",
         help="Prompts or benchmark TOML, or a shipped one by name (synth, ct-rate, ...).",
+    ),
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="Labelled shards other than --data (training or validation studies): each label's "
+        "threshold for sensitivity/specificity/balanced accuracy is chosen on their zero-shot scores.",
     ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
@@ -111,6 +119,7 @@ def run(
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs."),
     folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds of the linear probe."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and probe splits."),
+    version: int = VERSION,
 ) -> None:
     """Embed the studies, run the tasks and write metrics.json, report.md and plots."""
     from hlip.evaluate.run import EvalOptions, run_evaluation
@@ -118,8 +127,10 @@ def run(
     options = EvalOptions(
         checkpoint=model,
         data=data,
+        version=version,
         out=str(out),
         prompts=prompts,
+        calibrate=calibrate,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         labels=labels,
         label_key=label_key,
@@ -174,6 +185,7 @@ def embed(
     workers: int = WORKERS,
     device: str = DEVICE,
     settings: list[str] = SETTINGS,
+    version: int = VERSION,
 ) -> None:
     """Write one row per study: key, labels, image and report embeddings (L2-normalised)."""
     from hlip.evaluate.embed import embed_dataset, load_model
@@ -182,7 +194,7 @@ def embed(
         loaded = load_model(model, preset=preset, text_path=text_model, overrides=settings, device=device)
         with _EmbeddingProgress() as progress:
             embeddings = embed_dataset(
-                loaded, data, batch_size=batch_size, num_workers=workers, progress=progress
+                loaded, data, batch_size=batch_size, num_workers=workers, progress=progress, version=version
             )
     except _user_errors() as error:
         _fail(error)

@@ -121,6 +121,28 @@ def weighted_threshold_metrics(
     }
 
 
+def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """The score cut that maximises Youden's J (sensitivity + specificity - 1) on these studies.
+
+    Meant for calibration studies (training or validation), never the ones being scored:
+    their threshold is then fixed before the test labels are seen. The cut lies halfway
+    between the lowest score called positive and the next lower score, so a test score equal
+    to a calibration score falls on the same side as it did there; of equally good cuts the
+    lowest wins. NaN (and a :class:`MetricWarning`) when only one class is present.
+    """
+    y_true, y_score = _annotated(y_true, y_score)
+    n_pos = int(y_true.sum())
+    if n_pos in (0, y_true.size):
+        _warn_classes("Youden threshold", y_true)
+        return float("nan")
+    cuts = np.unique(y_score)
+    positives, negatives = np.sort(y_score[y_true == 1]), np.sort(y_score[y_true == 0])
+    sensitivity = 1 - np.searchsorted(positives, cuts, side="left") / positives.size
+    specificity = np.searchsorted(negatives, cuts, side="left") / negatives.size
+    best = int(np.argmax(sensitivity + specificity))
+    return float(cuts[0] if best == 0 else (cuts[best - 1] + cuts[best]) / 2)
+
+
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC of one label (NaN and a :class:`MetricWarning` when only one class is present)."""
     y_true, y_score = _annotated(y_true, y_score)

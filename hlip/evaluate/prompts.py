@@ -7,7 +7,8 @@ benchmark is also found by its name (``synth``, ``ct-rate``)::
     version = 1
     name = "CT-RATE"
     ensemble = "embedding"        # or "probability"; see below
-    threshold = 0.5               # p(positive) >= threshold is a positive prediction
+    threshold = 0.5               # optional: a fixed p(positive) cut, used when no calibration
+                                  # studies are given (hlip-eval run --calibrate)
     templates = "volume"          # default template set of every label
 
     [template_sets]
@@ -108,7 +109,8 @@ class PromptSet:
 
     name: str
     ensemble: str
-    threshold: float
+    threshold: float | None
+    """A fixed p(positive) cut stated in advance; None: thresholds come from calibration studies."""
     binary: tuple[BinaryLabel, ...]
     multiclass: tuple[MulticlassTask, ...]
     description: str = ""
@@ -159,8 +161,8 @@ def parse_prompts(
     ensemble = data.get("ensemble", "embedding")
     if ensemble not in ENSEMBLES:
         raise PromptsError(f"{source}: ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
-    threshold = float(data.get("threshold", 0.5))
-    if not 0.0 < threshold < 1.0:
+    threshold = data.get("threshold")
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
         raise PromptsError(f"{source}: threshold must lie strictly between 0 and 1, got {threshold}")
     sets = {
         name: _templates(value, f"{source}: template_sets.{name}")
@@ -182,7 +184,7 @@ def parse_prompts(
     return PromptSet(
         name=str(data.get("name", Path(source).stem)),
         ensemble=ensemble,
-        threshold=threshold,
+        threshold=None if threshold is None else float(threshold),
         binary=binary,
         multiclass=multiclass,
         description=str(data.get("description", "")),

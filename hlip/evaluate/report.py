@@ -207,20 +207,20 @@ def _zeroshot_section(metrics: Mapping[str, Any], plots: Mapping[str, Path], out
     binary = metrics.get("binary", {})
     if binary:
         lines += [
-            "Binary labels: score = p(positive) of the two-prompt softmax, positive when "
-            f"p >= {metrics.get('threshold', 0.5)}; labels without negative prompts are scored by "
-            "similarity (AUC only). 95% bootstrap CIs in brackets.",
+            "Binary labels: score = p(positive) of the two-prompt softmax (labels without negative "
+            f"prompts: the similarity to the positive prompts); {_THRESHOLD_RULES[metrics.get('thresholds', 'none')]} "
+            "95% bootstrap CIs in brackets.",
             "",
         ]
         rows = [
-            [name, f"{m['n']} ({m['n_positive']})"] + [fmt_estimate(m.get(k)) for k in _BINARY_COLUMNS]
+            [name, f"{m['n']} ({m['n_positive']})", fmt(m.get("threshold"))]
+            + [fmt_estimate(m.get(k)) for k in _BINARY_COLUMNS]
             for name, m in binary.items()
         ]
         macro = metrics.get("macro", {})
-        rows.append(["**macro**", ""] + [fmt_estimate(macro.get(k)) for k in _BINARY_COLUMNS])
-        lines += _table(["label", "n (pos)", "AUC", "balanced acc.", "sensitivity", "specificity"], rows) + [
-            ""
-        ]
+        rows.append(["**macro**", "", ""] + [fmt_estimate(macro.get(k)) for k in _BINARY_COLUMNS])
+        header = ["label", "n (pos)", "threshold", "AUC", "balanced acc.", "sensitivity", "specificity"]
+        lines += _table(header, rows) + [""]
         lines += [f"![ROC {name}]({plots[name].relative_to(out)})" for name in binary if name in plots] + [""]
         if BINARY_CONFUSION in plots:
             lines += [f"![confusion matrices]({plots[BINARY_CONFUSION].relative_to(out)})", ""]
@@ -239,6 +239,12 @@ def _zeroshot_section(metrics: Mapping[str, Any], plots: Mapping[str, Path], out
     return lines
 
 
+_THRESHOLD_RULES = {
+    "calibrated": "a study is positive when its score reaches the label's threshold, chosen by Youden's J "
+    "on the calibration studies (never on these).",
+    "fixed": "a study is positive when p reaches the fixed threshold of the prompts file.",
+    "none": "no thresholds (no calibration studies were given), so AUC only.",
+}
 _BINARY_COLUMNS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from hlip.evaluate.probe import DEFAULT_FOLDS, run_probe
 from hlip.evaluate.prompts import PromptSet, load_prompts
 from hlip.evaluate.report import ReportFiles, write_report
 from hlip.evaluate.retrieval import run_retrieval
-from hlip.evaluate.zeroshot import run_zeroshot
+from hlip.evaluate.zeroshot import calibrate_thresholds, run_zeroshot
 
 TASKS = ("zeroshot", "retrieval", "probe")
 EMBEDDINGS_FILE = "embeddings.parquet"
@@ -37,7 +37,12 @@ class EvalOptions:
     checkpoint: str
     data: str
     out: str
+    version: int | None = None
+    """Dataset version of ``data`` (default: the latest); recorded in metrics.json."""
     prompts: str | None = None
+    calibrate: str | None = None
+    """Shards of labelled studies other than ``data`` (training or validation) whose zero-shot
+    scores fix each label's threshold (Youden's J) for sensitivity, specificity, balanced accuracy."""
     tasks: Sequence[str] = ("zeroshot", "retrieval")
     labels: str | None = None
     label_key: str = labels_mod.DEFAULT_KEY_COLUMN
@@ -77,13 +82,13 @@ def check_tasks(tasks: Sequence[str], prompts: str | None) -> list[str]:
     return [t for t in TASKS if t in tasks]
 
 
-def manifest_labels(data: str) -> tuple[list[str], list[dict[str, Any]]]:
+def manifest_labels(data: str, version: int | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """Study keys and their labels from the dataset's manifest (no shard is read)."""
     from hlip.shards.format import ShardFormatError
     from hlip.shards.reader import ShardDataset
 
     try:
-        manifest = ShardDataset(data).manifest
+        manifest = ShardDataset(data, version=version).manifest
     except ShardFormatError as error:
         raise EvalInputError(f"cannot read shards at {data}: {error}") from None
     rows = manifest.select(["key", "labels"]).to_pylist()
@@ -116,9 +121,12 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     prompts = load_prompts(options.prompts, template_set=options.template_set) if options.prompts else None
     if prompts is not None and options.only:
         prompts = prompts.select(list(options.only))
-    keys, shard_labels = manifest_labels(options.data)
+    keys, shard_labels = manifest_labels(options.data, options.version)
     if prompts is not None:
         check_labels(prompts, study_labels(keys, shard_labels, options), options)
+    if options.calibrate and "zeroshot" in tasks:
+        calibration = replace(options, data=options.calibrate)
+        check_labels(prompts, study_labels(*manifest_labels(options.calibrate), calibration), calibration)
     loaded = load_model(
         options.checkpoint,
         preset=options.preset,
@@ -127,15 +135,25 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
         device=options.device,
     )
     embeddings = embed_dataset(
-        loaded, options.data, batch_size=options.batch_size, num_workers=options.workers, progress=progress
+        loaded,
+        options.data,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        progress=progress,
+        version=options.version,
     )
     out = Path(options.out)
     embeddings_path = embeddings.save(out / EMBEDDINGS_FILE)
     labels = study_labels(embeddings.keys, embeddings.labels, options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
+        thresholds = (
+            _calibrated_thresholds(loaded, prompts, options, progress)
+            if options.calibrate and "zeroshot" in tasks
+            else None
+        )
         metrics, zeroshot, ranks = _run_tasks(
-            tasks, embeddings, labels, prompts, text_encoder(loaded), options
+            tasks, embeddings, labels, prompts, text_encoder(loaded), thresholds, options
         )
     metrics["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, MetricWarning)})
     metrics = {"run": _run_info(options, prompts, embeddings, tasks), **metrics}
@@ -144,15 +162,37 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     return EvalOutcome(metrics, files, embeddings_path, extra)
 
 
-def _run_tasks(tasks, embeddings: Embeddings, labels, prompts, encode, options: EvalOptions):
+def _calibrated_thresholds(loaded, prompts: PromptSet, options: EvalOptions, progress) -> dict[str, float]:
+    """Embed the calibration studies and choose each label's threshold on their scores."""
+    studies = embed_dataset(
+        loaded,
+        options.calibrate,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        progress=progress,
+    )
+    labels = study_labels(studies.keys, studies.labels, replace(options, data=options.calibrate))
+    scale = studies.meta["logit_scale"]
+    return calibrate_thresholds(studies.image, labels, prompts, text_encoder(loaded), scale)
+
+
+def _run_tasks(tasks, embeddings: Embeddings, labels, prompts, encode, thresholds, options: EvalOptions):
     metrics: dict[str, Any] = {}
     zeroshot = ranks = None
     if "zeroshot" in tasks:
         scale = embeddings.meta["logit_scale"]
         zeroshot = run_zeroshot(
-            embeddings.image, labels, prompts, encode, scale, n_boot=options.bootstrap, seed=options.seed
-        )
+            embeddings.image, labels, prompts, encode, scale,
+            thresholds=thresholds, n_boot=options.bootstrap, seed=options.seed,
+        )  # fmt: skip
         metrics["zeroshot"] = zeroshot.metrics
+        if zeroshot.metrics["thresholds"] == "none" and prompts.binary:
+            warnings.warn(
+                "sensitivity, specificity and balanced accuracy need thresholds: pass --calibrate with "
+                "labelled training or validation shards (or set a fixed threshold in the prompts file)",
+                MetricWarning,
+                stacklevel=2,
+            )
     if "retrieval" in tasks:
         metrics["retrieval"], ranks = run_retrieval(
             embeddings.image, embeddings.report, embeddings.has_report
@@ -170,6 +210,7 @@ def _run_info(
     info = {
         "checkpoint": options.checkpoint,
         "data": options.data,
+        "data_version": embeddings.meta.get("data_version"),
         "studies": len(embeddings),
         "tasks": ",".join(tasks),
         "logit_scale": round(float(embeddings.meta["logit_scale"]), 4),
@@ -180,6 +221,8 @@ def _run_info(
         info["preset"] = options.preset
     if options.labels:
         info["labels"] = options.labels
+    if options.calibrate:
+        info["calibrate"] = options.calibrate
     if prompts is not None:
         info.update(prompts=prompts.source, prompts_name=prompts.name, ensemble=prompts.ensemble)
         if options.template_set:

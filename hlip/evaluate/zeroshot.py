@@ -2,16 +2,22 @@
 
 For a binary label with negative prompts the score is HLIP's two-prompt softmax,
 ``p(positive) = softmax(logit_scale * [cos(image, negative), cos(image, positive)])[1]``,
-and ``p >= threshold`` (0.5 by default) is a positive prediction. Without negative
-prompts (HLIP's RSNA and CQ500 protocol) the score is the cosine similarity to the
-positive class embedding, only the AUC is reported, and no threshold applies. A
-multi-class task is a softmax over its class embeddings; the prediction is the arg-max.
+Without negative prompts (HLIP's RSNA and CQ500 protocol) the score is the cosine
+similarity to the positive class embedding. A multi-class task is a softmax over its class
+embeddings; the prediction is the arg-max.
+
+AUC needs no threshold. Sensitivity, specificity and balanced accuracy need one per label,
+and a fixed 0.5 is no good one: a model whose two prompts sit close in embedding space
+calls every study positive at 0.5 while ranking them well. So the thresholds come from
+:func:`calibrate_thresholds` (Youden's J on the zero-shot scores of *other* studies with
+labels, the training or a validation set), or, failing that, from a fixed ``threshold`` the
+prompts file states; with neither, only the AUC is reported.
 How several templates and phrases combine is described in :mod:`hlip.evaluate.prompts`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,29 +120,34 @@ def run_zeroshot(
     encode: TextEncoder,
     logit_scale: float,
     *,
+    thresholds: Mapping[str, float] | None = None,
     n_boot: int = metrics.DEFAULT_BOOTSTRAP,
     seed: int = 0,
 ) -> ZeroShotResult:
     """Score every label and task of ``prompts`` against the studies' labels.
 
+    ``thresholds`` (label name -> score cut, from :func:`calibrate_thresholds`) decide the
+    thresholded metrics; a label it lacks gets the AUC only. Without it, the prompts file's
+    fixed ``threshold`` applies to the labels with negative prompts, if the file sets one.
     ``scores[name]`` is ``[N]`` for a binary label and ``[N, K]`` class probabilities for a
     multi-class task; ``targets`` holds the matching 0/1/NaN or class-index (-1 = none) arrays.
     """
     image = l2_normalize(image_embeddings)
     bank = SentenceBank(encode, prompt_sentences(prompts))
+    rule = "calibrated" if thresholds is not None else "fixed" if prompts.threshold is not None else "none"
     result = ZeroShotResult(
-        metrics={"ensemble": prompts.ensemble, "threshold": prompts.threshold, "binary": {}, "multiclass": {}}
+        metrics={"ensemble": prompts.ensemble, "thresholds": rule, "binary": {}, "multiclass": {}}
     )
+    cuts = {label.name: _threshold(label, prompts, thresholds) for label in prompts.binary}
     for label in prompts.binary:
         y = binary_targets(labels, label.column)
         s = binary_scores(image, label, bank, logit_scale, prompts.ensemble)
         result.targets[label.name], result.scores[label.name] = y, s
-        threshold = prompts.threshold if label.has_negative else None
         result.metrics["binary"][label.name] = metrics.binary_metrics(
-            y, s, threshold=threshold, name=label.name, n_boot=n_boot, seed=seed
+            y, s, threshold=cuts[label.name], name=label.name, n_boot=n_boot, seed=seed
         )
     if prompts.binary:
-        result.metrics["macro"] = _macro(prompts, result, n_boot=n_boot, seed=seed)
+        result.metrics["macro"] = _macro(prompts, result, list(cuts.values()), n_boot=n_boot, seed=seed)
     for task in prompts.multiclass:
         classes = bank.class_embeddings(task.phrases, task.templates)
         y = class_targets(labels, task)
@@ -148,9 +159,37 @@ def run_zeroshot(
     return result
 
 
-def _macro(prompts: PromptSet, result: ZeroShotResult, *, n_boot: int, seed: int) -> dict:
+def calibrate_thresholds(
+    image_embeddings: np.ndarray,
+    labels: Sequence[dict],
+    prompts: PromptSet,
+    encode: TextEncoder,
+    logit_scale: float,
+) -> dict[str, float]:
+    """Per binary label, the zero-shot score cut of best Youden's J on these (calibration)
+    studies; a label with one class there gets none (and a :class:`~hlip.evaluate.metrics.MetricWarning`)."""
+    image = l2_normalize(image_embeddings)
+    bank = SentenceBank(encode, prompt_sentences(prompts))
+    cuts = {
+        label.name: metrics.youden_threshold(
+            binary_targets(labels, label.column),
+            binary_scores(image, label, bank, logit_scale, prompts.ensemble),
+        )
+        for label in prompts.binary
+    }
+    return {name: cut for name, cut in cuts.items() if not np.isnan(cut)}
+
+
+def _threshold(
+    label: BinaryLabel, prompts: PromptSet, thresholds: Mapping[str, float] | None
+) -> float | None:
+    if thresholds is not None:
+        return thresholds.get(label.name)
+    return prompts.threshold if label.has_negative else None
+
+
+def _macro(prompts: PromptSet, result: ZeroShotResult, thresholds: list, *, n_boot: int, seed: int) -> dict:
     names = [label.name for label in prompts.binary]
-    thresholds = [prompts.threshold if label.has_negative else None for label in prompts.binary]
     y = np.stack([result.targets[n] for n in names], axis=1)
     s = np.stack([result.scores[n] for n in names], axis=1)
     return metrics.macro_metrics(y, s, thresholds, n_boot=n_boot, seed=seed)

@@ -18,7 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from hlip.cli import device_option, make_app, out_option, set_option, workers_option
-from hlip.train.config import TrainConfig, config_fields, load_config
+from hlip.model.checkpoint import CheckpointError
+from hlip.shards.format import ShardFormatError
+from hlip.train.config import ConfigError, TrainConfig, config_fields, load_config
+from hlip.train.loop import TooManySkippedError, train
 
 app = make_app("Pre-train an HLIP CLIP model on study shards; list config keys; export a model folder.")
 console = Console()
@@ -50,6 +53,15 @@ def summary_line(config: TrainConfig, preset: str | None, overrides: list[str]) 
     return f"config {preset or 'defaults'}{sets}: {keys} data={len(config.data)} source(s)"
 
 
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ShardFormatError, TooManySkippedError)
+"""Expected failures (what was asked cannot run): one line on stderr, exit 2, no traceback."""
+
+
+def _fail(error: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
 @app.command()
 def run(
     data: list[str] = typer.Argument(
@@ -59,6 +71,9 @@ def run(
     set_: list[str] = SET,
     val_data: list[str] = typer.Option(
         [], "--val-data", help="Validation shards for zero-shot evaluation; repeatable."
+    ),
+    version: int = typer.Option(
+        None, "--version", min=1, help="Version of the DATA datasets (default: the latest)."
     ),
     out: str = out_option("Run directory.", None, show_default=_from_config("out")),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps.", show_default=_from_config("steps")),
@@ -80,10 +95,8 @@ def run(
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Train; each option is a shortcut for the ``--set`` of its config key."""
-    from hlip.train.loop import train
-
     shortcuts = {"out": out, "steps": steps, "batch_size": batch_size, "lr": lr, "num_workers": workers}
-    shortcuts |= {"seed": seed, "device": device}
+    shortcuts |= {"seed": seed, "device": device, "data_version": version}
     overrides = list(set_) + overrides_of(shortcuts, data or [], val_data)
     resolved = _load(config, overrides)
     rank = int(os.environ.get("RANK", "0"))
@@ -94,11 +107,17 @@ def run(
     if rank == 0:
         errors.print(summary_line(resolved, config, overrides), highlight=False, soft_wrap=True)
         errors.print(f"full config: {resolved.run_dir / 'config.json'}", highlight=False, soft_wrap=True)
-    result = train(resolved, resume=resume)
+    try:
+        result = train(resolved, resume=resume)
+    except USER_ERRORS as error:
+        _fail(error)
     if rank == 0:
         typer.echo(
             f"done: step {result.step}, loss {result.loss:.4f}, checkpoint {result.run_dir / 'checkpoints'}"
         )
+        skipped = sum(result.skipped.values())
+        reasons = ", ".join(f"{reason} ({n})" for reason, n in result.skipped.items())
+        typer.echo(f"skipped studies: {skipped}" + (f": {reasons}" if reasons else ""))
 
 
 @app.command("config")
@@ -131,9 +150,8 @@ def export(
 
     try:
         folder = export_model_folder(run, out)
-    except (FileNotFoundError, ValueError) as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except (*USER_ERRORS, ValueError) as error:
+        _fail(error)
     console.print(
         f"wrote {folder} (load it with hlip.load({str(folder)!r}) or hlip-eval run DATASET -m {folder})"
     )
@@ -143,9 +161,8 @@ def _load(config: str | None, overrides: list[str]) -> TrainConfig:
     """:func:`load_config`, with a bad preset, key or value as a one-line error."""
     try:
         return load_config(config, overrides)
-    except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
-        errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except USER_ERRORS as error:
+        _fail(error)
 
 
 if __name__ == "__main__":
