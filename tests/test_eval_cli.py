@@ -207,3 +207,30 @@ def test_hlip_train_checkpoint_loads_without_preset(tmp_path, shards, tiny_text)
     assert result.exit_code == 0, result.output
     table = Embeddings.load(tmp_path / "e.parquet")
     assert len(table) == 12 and table.meta["kind"] == "hlip-train"
+
+
+def test_version_pins_the_studies_that_train_and_eval_read(tmp_path, published, tiny_text):
+    """A dataset that grew (study03 rebuilt with an amended report, two added) reads as it
+    was at version 1 through the training stream, hlip-eval and embed_dataset."""
+    from train_support import tiny_config
+
+    from hlip.train.data import StudyFilter, TrainStream, count_studies
+
+    data = tmp_path / "ds"
+    write_dataset(data, _studies(4))
+    grown = list(_studies(6))[3:]
+    grown[0].report += " Addendum."
+    write_dataset(data, grown)
+    v1 = [f"study{i:02d}" for i in range(4)]
+    for version, keys in ((1, v1), (0, [*v1, "study04", "study05"])):
+        config = tiny_config(data, tmp_path / "run", f"data_version={version}")
+        assert count_studies(config.data, StudyFilter.from_config(config), version) == len(keys)
+        studies = {study.key: study for study in TrainStream(config, 0, 1).studies(0, 1, 0)}
+        assert sorted(studies) == keys and studies["study03"].report.endswith("Addendum.") == (version == 0)
+    loaded = load_model(published, preset=PRESET, text_path=tiny_text, overrides=[SMALL])
+    pinned = embed_dataset(loaded, data, version=1)
+    assert pinned.keys == v1 and pinned.meta["data_version"] == 1
+    out = tmp_path / "e.parquet"
+    args = ("embed", "--checkpoint", published, "--data", data, "--out", out, "--preset", PRESET)
+    assert _run(*args, "--text-model", tiny_text, "--set", SMALL, "--version", "1").exit_code == 0
+    assert Embeddings.load(out).keys == v1

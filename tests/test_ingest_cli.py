@@ -64,6 +64,8 @@ def reference(archive, tmp_path_factory):
 def test_parse_spacing():
     assert parse_spacing(["CT=2,1,1", "mr=native"]) == {"CT": (2.0, 1.0, 1.0), "MR": "native"}
     assert parse_spacing([])["CT"] == IngestConfig().target_spacing["CT"]
+    assert set(parse_spacing(["native"]).values()) == {"native"}
+    assert parse_spacing(["native", "CT=2,1,1"])["CT"] == (2.0, 1.0, 1.0)
 
 
 def test_synth_index_and_plan_commands(tmp_path):
@@ -107,7 +109,7 @@ def test_run_prints_outcomes_and_reasons(archive, reference, tmp_path):
         assert outcome in output and str(count) in output
     for reason in summary.reasons:
         assert reason in output
-    assert f"studies: {summary.studies_staged} written" in output
+    assert f"studies: {summary.studies_staged} in the dataset" in output
     assert output_bytes(tmp_path / "out") == output_bytes(reference)
 
 
@@ -199,7 +201,7 @@ def test_nifti_collection_command(tmp_path):
     )
     args = ("nifti", tmp_path / "table.csv", "--out", tmp_path / "out", "--secret", "k", "--workers", 0)
     output = invoke(*args)
-    assert "studies: 2 written, 1 rejected" in output and "unreadable_nifti" in output
+    assert "studies: 2 in the dataset, 1 rejected" in output and "unreadable_nifti" in output
     dataset = ShardDataset(tmp_path / "out")
     s1, s2 = (dataset.open(study_key(study_id, b"k")) for study_id in ("s1", "s2"))
     assert s1.labels == {"effusion": 1} and s1.report == "Small effusion."

@@ -137,7 +137,9 @@ def test_collection_parquet_with_lists_and_mr_scaling(tmp_path):
     write_volume(tmp_path / "m.nii.gz", values, np.eye(4))
     rows = [{"study_id": "m", "volumes": ["m.nii.gz"], "report": "ok", "modality": "MR", "score": 0.5}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
-    (study,) = iter_nifti_studies(tmp_path / "c.parquet", secret=SECRET)
+    (study,) = iter_nifti_studies(
+        tmp_path / "c.parquet", NiftiTableSpec(label_columns=["score"]), secret=SECRET
+    )
     scan = study.scans[0]
     assert scan.modality == "MR" and scan.intensity_unit == ""
     np.testing.assert_allclose(

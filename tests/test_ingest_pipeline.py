@@ -108,6 +108,8 @@ def test_config_hash_covers_content_settings_only():
         IngestConfig(allow_missing_report=True),
         IngestConfig(report_text_columns=("Findings_EN", "Impressions_EN")),
         IngestConfig(report_key_column="AccessionNumber"),
+        IngestConfig(label_columns=("nodule",)),
+        IngestConfig(label_prefixes=("label_",)),
     ):
         assert changed.config_hash() != base.config_hash(), changed
     for same in (
@@ -212,6 +214,102 @@ def test_no_fake_phi_outside_ingest_dir(archive, reference):
     out, _ = reference
     assert archive.phi_values
     assert phi_leaks(out, archive.phi_values) == []
+
+
+def hospital_export(archive, path: Path) -> tuple[Path, list[str]]:
+    """The archive's report table as a hospital exports it: the findings beside an MRN with
+    leading zeros, the patient's name, birth date, exam date, phone and address; with
+    every PHI value (and the forms it could take: no leading zeros, DICOM dates)."""
+    with archive.reports_csv.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    phi = []
+    for i, row in enumerate(rows):
+        extra = {
+            "MRN": f"00{731942 + i}",
+            "patient_name": f"QUIXOTE^ALONSO{'ABCD'[i]}",
+            "DOB": f"19{41 + i}-07-23",
+            "exam_date": f"2023-11-{17 + i}",
+            "phone": f"555-0{173 + i}-9921",
+            "address": f"{17 + i} Rocinante Lane, La Mancha",
+        }
+        row.update(extra)
+        phi += [*extra.values(), str(731942 + i), f"19{41 + i}0723", f"202311{17 + i}", f"ALONSO{'ABCD'[i]}"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, phi
+
+
+def test_phi_columns_of_a_hospital_export_never_reach_the_dataset(archive, tmp_path):
+    table, phi = hospital_export(archive, tmp_path / "export.csv")
+    out = tmp_path / "out"
+    pipeline.run_ingest([archive.root], out, small_config(archive, report_table=str(table)), workers=0)
+    assert phi_leaks(out, phi) == []
+    dataset = ShardDataset(out)
+    secret = deid.resolve_secret("test-secret", out)
+    for synth_study in archive.studies:
+        assert dataset.open(deid.study_key(synth_study.study_uid, secret)).labels == synth_study.labels
+    with pytest.raises(ValueError, match=r"refusing label column\(s\) 'MRN' \(identifying name\)"):
+        pipeline.run_ingest(
+            [archive.root],
+            tmp_path / "asked",
+            small_config(archive, report_table=str(table), label_columns=("MRN",)),
+        )
+    assert not (tmp_path / "asked").exists()
+
+
+def write_deflate_bomb(folder: Path, n: int = 5, side: int = 8192) -> list[Path]:
+    """``n`` CT slices of ``side``² zeros in Deflated Explicit VR Little Endian: a few hundred
+    KB on disk that decode to ``n`` x 128 MiB (and several times that while building)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series, paths = generate_uid(), generate_uid(), []
+    pixels = bytes(side * side * 2)
+    for k in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.SeriesNumber, ds.InstanceNumber, ds.ImageType = 1, k + 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 5.0 * k], [1.0, 0, 0, 0, 1.0, 0]
+        ds.PixelSpacing, ds.Rows, ds.Columns = [0.05, 0.05], side, side
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = pixels
+        paths.append(folder / f"bomb{k}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_a_decompression_bomb_is_a_recorded_reject_and_the_archive_goes_on(archive, reference, tmp_path):
+    bomb = write_deflate_bomb(tmp_path / "bomb")
+    assert sum(path.stat().st_size for path in bomb) < 2 << 20
+    out = tmp_path / "out"
+    config = small_config(archive, allow_missing_report=True)
+    summary = pipeline.run_ingest([archive.root, tmp_path / "bomb"], out, config, workers=0)
+    outcomes = {row["file_id"]: row for row in files_table(out)}
+    for path in bomb:
+        row = outcomes[str(path)]
+        assert (row["outcome"], row["reason"]) == ("rejected", "too_large")
+        assert "compression x" in row["message"] and "not decoded" in row["message"]
+    assert summary.studies_staged >= reference[1].studies_staged
+
+
+def test_a_study_over_the_voxel_budget_is_refused_before_decoding(archive, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "build_scan", lambda *a: pytest.fail("decoded a study over its budget"))
+    out = tmp_path / "out"
+    summary = pipeline.run_ingest(
+        [archive.root], out, small_config(archive, max_study_voxels=1000), workers=0
+    )
+    assert summary.studies_staged == 0
+    refused = [row for row in files_table(out) if row["reason"] == "too_large"]
+    assert refused and all("per-study budget of 1000" in row["message"] for row in refused)
+    assert pipeline.study_voxel_budget(small_config(archive)) == pipeline.worker_memory_bytes() // 16
 
 
 def test_output_bytes_do_not_depend_on_worker_count(archive, reference, tmp_path):

@@ -184,6 +184,52 @@ def test_gap_larger_than_gap_factor_is_missing_slices():
     assert len(scans(run(rows, gap_factor=2.5))) == 1
 
 
+def z_positions(steps) -> list[float]:
+    return [float(z) for z in np.concatenate([[0.0], np.cumsum(steps)])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.floats(1.0, 8.0),
+    st.floats(1.25, 3.0),
+    st.integers(2, 12),
+    st.integers(2, 12),
+    st.booleans(),
+)
+def test_two_spacing_regimes_are_kept_as_one_scan(first_step, ratio, n_first, n_second, finer_first):
+    """GE sequential head CT: n1 steps of one spacing, then n2 of another (none missing)."""
+    a, b = (first_step, first_step * ratio) if finer_first else (first_step * ratio, first_step)
+    zs = z_positions([a] * n_first + [b] * n_second)
+    result = run([image_row(f"r/{i:03d}", z=z) for i, z in enumerate(zs)], min_slices=3)
+    (scan,) = scans(result)
+    assert reasons(result) == {} and len(scan.slices) == len(zs)
+    assert scan.spacing_rule == "regimes" and scan.uneven_spacing
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.5, 8.0), st.integers(3, 10), st.integers(3, 10), st.integers(1, 3))
+def test_an_isolated_step_of_k_times_the_spacing_is_missing_slices(step, before, after, missing):
+    """An even series with ``missing`` consecutive files gone: one step of (missing + 1) x."""
+    zs = z_positions([step] * before + [step * (missing + 1)] + [step] * after)
+    result = run([image_row(f"m/{i:03d}", z=z) for i, z in enumerate(zs)], min_slices=3)
+    assert scans(result) == []
+    assert set(reasons(result).values()) == {"missing_slices"}
+    assert all("rule: gap" in reject.message for reject in result.rejects)
+
+
+def test_ge_sequential_head_ct_with_a_posterior_fossa_region_is_kept():
+    zs = z_positions([4.002] * 14 + [6.999] * 9)  # the real case: 4 mm, then 7 mm, tilted
+    tilt = np.deg2rad(15.0)
+    iop = (1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt)))
+    table = np.array([0.0, 0.0, 1.0])  # the table moves along z; the slice plane is tilted
+    along_normal = float(geometry.slice_normal(iop) @ table)
+    rows = [
+        image_row(f"ge/{i:03d}", iop=iop, origin=tuple(z / along_normal * table)) for i, z in enumerate(zs)
+    ]
+    (scan,) = scans(run(rows))
+    assert scan.spacing_rule == "regimes" and scan.tilted
+
+
 def test_uneven_spacing_is_flagged_not_rejected():
     rows = [image_row(f"u/{i}", z=z) for i, z in enumerate([0, 2, 4, 6.8, 8, 10])]
     (scan,) = scans(run(rows))

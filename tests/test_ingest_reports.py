@@ -71,8 +71,100 @@ def test_load_report_table_formats_and_keys(tmp_path, suffix, key_column):
     assert second.labels == {"lung_nodule": 0}
     assert isinstance(first.labels["lung_nodule"], int)
     default = load_report_table(path, key_column, text_columns=("Findings_EN", "Impressions_EN"))
-    assert default[ROWS[0][key_column]].labels == first.labels  # identifiers never become labels
+    assert default[ROWS[0][key_column]].labels == {
+        "lung_nodule": 1,
+        "pleural_effusion": 0,
+    }  # 0/1 findings only
     assert other_key not in default[ROWS[0][key_column]].labels
+
+
+HOSPITAL_EXPORT = [
+    {
+        "AccessionNumber": f"00{7310 + i}",
+        "MRN": f"00{1010 + i}",
+        "patient_name": ["DOE^JANE", "ROE^RICHARD", "POE^EDGAR"][i % 3],
+        "DOB": f"19{50 + i}-04-12",
+        "exam_date": f"2024-03-{10 + i}",
+        "StudyDate": f"202403{10 + i}",
+        "referring_physician": "Dr. Alice Smith",
+        "phone": f"555-867-53{10 + i}",
+        "home_address": f"{i + 12} Elm Street, Springfield",
+        "report": "Lungs clear. No pleural effusion or pneumothorax."
+        if i % 2
+        else "Small right apical pneumothorax, 8 mm. No effusion.",
+        "pneumothorax": 1 - i % 2,
+        "nodule": 0,
+        "contrast": ["yes", "no"][i % 2],
+        "priority": "routine",
+        "age": 40 + i,
+    }
+    for i in range(24)
+]
+
+
+def test_default_labels_are_the_binary_findings_and_the_rest_is_named_in_a_warning(tmp_path, caplog):
+    path = write_table(tmp_path / "export.csv", HOSPITAL_EXPORT)
+    with caplog.at_level("WARNING", logger="hlip.ingest.reports"):
+        table = load_report_table(path, "AccessionNumber")
+    assert list(table)[:2] == ["007310", "007311"]  # the key keeps its leading zeros
+    assert {tuple(report.labels) for report in table.values()} == {("pneumothorax", "nodule")}
+    assert table["007310"].labels == {"pneumothorax": 1, "nodule": 0}
+    for column in ("MRN", "patient_name", "DOB", "exam_date", "contrast", "age"):
+        assert column in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("column", "reason"),
+    [
+        ("MRN", "identifying name"),
+        ("patient_name", "identifying name"),
+        ("DOB", "identifying name"),
+        ("exam_date", "identifying name"),
+        ("StudyDate", "identifying name"),
+        ("referring_physician", "identifying name"),
+        ("phone", "identifying name"),
+        ("home_address", "identifying name"),
+        ("report", "free text"),
+    ],
+)
+def test_identifying_and_free_text_columns_are_refused_even_when_asked(tmp_path, column, reason):
+    path = write_table(tmp_path / "export.csv", HOSPITAL_EXPORT)
+    with pytest.raises(ReportTableError, match=f"refusing label column.*'{column}' \\({reason}"):
+        load_report_table(
+            path, "AccessionNumber", text_columns=("priority",), label_columns=["nodule", column]
+        )
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (["2024-03-01", "2024-03-02"], "date or time"),  # CSV reads these as dates
+        (["01/03/2024", "02/03/2024"], "a date"),
+        ([20240301, 20240302], "a date"),
+        (["DOE^JANE", "ROE^RICH"], "DICOM person name"),
+        (["+1 555 867 5309", "x"], "phone number"),
+        (["jane@example.org", "x"], "e-mail"),
+        (["A0012345", "x"], "long number"),
+        ([f"C{i}" for i in range(24)], "every value differs"),
+        ([1000 + i for i in range(24)], "every value differs"),
+    ],
+)
+def test_values_that_identify_are_refused_under_a_harmless_name(tmp_path, values, reason):
+    rows = [{"StudyInstanceUID": f"1.2.{i}", "report": "", "grade": value} for i, value in enumerate(values)]
+    path = write_table(tmp_path / "t.csv", rows)
+    with pytest.raises(ReportTableError, match=f"'grade' \\(.*{reason}"):
+        load_report_table(path, label_columns=["grade"])
+
+
+def test_label_prefix_and_named_columns_allow_categorical_labels(tmp_path):
+    rows = [{**row, "label_stage": "T1", "label_size_mm": 12.5} for row in HOSPITAL_EXPORT]
+    path = write_table(tmp_path / "export.csv", rows)
+    table = load_report_table(
+        path, "AccessionNumber", label_columns=["contrast", "age"], label_prefixes=["label_"]
+    )
+    assert table["007311"].labels == {"contrast": "no", "age": 41, "label_stage": "T1", "label_size_mm": 12.5}
+    with pytest.raises(ReportTableError, match="'MRN'"):
+        load_report_table(path, "AccessionNumber", label_prefixes=["label_", "M"])
 
 
 def test_single_text_column_has_no_heading_and_mapping_sets_headings(tmp_path):

@@ -359,6 +359,27 @@ def test_uneven_spacing_needs_a_target_spacing(tmp_path):
     assert scan.shape == (6, 4, 4) and scan.spacing == pytest.approx((2.5, 0.5, 0.75))  # mean step
 
 
+def test_two_spacing_regimes_are_equalized_to_the_smallest_step_in_native_mode(tmp_path):
+    """GE sequential head CT: 4 mm slices, then 7 mm ones. A field linear along z is
+    rebuilt exactly on the equalized grid, which covers the same extent."""
+    offsets = np.concatenate([[0.0], np.cumsum([4.0] * 6 + [7.0] * 5)])
+    source = (100 + 10 * offsets[:, None, None] * np.ones((1, 4, 4))).astype(np.uint16)
+    write_series(tmp_path, source, offsets=offsets, step=(0.0, 0.0, 1.0), rescale=(1.0, 0.0))
+    (native,), _ = build_all(tmp_path, VolumeConfig.native(), min_slices=3)
+    assert native.extra["spacing_rule"] == "regimes" and native.extra["resampled"]
+    assert native.spacing[0] == pytest.approx(4.0, rel=0.02)
+    assert native.shape[0] == round(len(offsets) * (offsets[-1] / (len(offsets) - 1)) / 4.0)
+    offset = world_of_all_voxels(native.affine, native.shape)[:, 2] - 30.0  # the series starts at z = 30
+    inside = (offset >= 0) & (offset <= offsets[-1])
+    values = np.asarray(native.array).reshape(-1)
+    assert (
+        inside.mean() > 0.8
+    )  # the grid is centred on the same field of view: its end samples lie half a step out
+    np.testing.assert_allclose(values[inside], 100 + 10 * offset[inside], atol=1.0)
+    (resampled,), _ = build_all(tmp_path, VolumeConfig(), min_slices=3)
+    assert resampled.spacing[0] == pytest.approx(3.0) and resampled.extra["spacing_rule"] == "regimes"
+
+
 def test_tilted_ct_is_built_on_an_orthogonal_grid(tmp_path):
     tilt = np.deg2rad(12.0)
     iop = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), -np.sin(tilt))

@@ -202,7 +202,9 @@ def test_packed_moves_between_devices_and_rejects_wrong_patch():
     studies = make_studies([[(8, 16, 16)], [(4, 8, 8), (8, 16, 8)]], seed=0)
     packed = model.pack(studies)
     moved = packed.to("cpu")
-    assert moved is not packed and moved.layout.levels[SCAN].segments is packed.layout.levels[SCAN].segments
+    segments, moved_segments = packed.layout.levels[SCAN].segments, moved.layout.levels[SCAN].segments
+    assert moved is not packed and moved_segments.lengths == segments.lengths
+    assert torch.equal(moved_segments.cu_seqlens, segments.cu_seqlens)
     with torch.no_grad():
         assert torch.equal(model.forward_packed(moved), model.forward_packed(packed))
     if torch.cuda.is_available():

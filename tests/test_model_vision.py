@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,17 +173,3 @@ def test_gpu_check_flop_count_matches_torch_flop_counter():
     with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model.forward_packed(packed)
     assert gpu_check.trunk_flops(model, packed) == counter.get_total_flops()
-
-
-def test_gpu_check_dry_run_writes_markdown(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    out = tmp_path / "gpu.md"
-    done = subprocess.run(
-        [sys.executable, str(script), "--dry-run", "--steps", "1", "--studies", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    text = out.read_text()
-    assert "| 8 | 2 | 128 |" in text and "xformers unavailable" in text

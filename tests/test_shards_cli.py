@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +20,7 @@ from hlip.shards.format import Scan, Study
 from hlip.shards.inspect import nifti_affine, verify_dataset
 from hlip.shards.reader import ShardDataset
 from hlip.shards.synthetic import synthetic_study
-from hlip.shards.writer import write_dataset
+from hlip.shards.writer import DatasetWriter, encode_study, write_dataset
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 REAL_NIFTI = SHARED / "data" / "dcm_qa_ts" / "Ref" / "5.nii"
@@ -143,3 +146,99 @@ def test_real_nifti_survives_shards_and_export_unchanged(tmp_path):
     exported = nib.load(tmp_path / "out" / "mr.nii.gz")
     assert np.allclose(exported.affine, original.affine, atol=1e-4)
     assert np.array_equal(np.asarray(exported.dataobj.get_unscaled()), voxels)
+
+
+def test_ls_shows_versions_and_version_pins_an_earlier_one(dataset):
+    changed = synthetic_study("ct0", n_scans=2, shape=(5, 20, 18), seed=9)
+    write_dataset(
+        dataset, [changed, synthetic_study("ct9", n_scans=1, shape=(4, 8, 8))], max_shard_bytes=20_000
+    )
+    result = runner.invoke(app, ["ls", str(dataset)])
+    assert result.exit_code == 0, result.output
+    assert "version 2 (5 studies)" in result.output and "ct9" in result.output
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if line.startswith("│")]
+    counts = [[cell.strip() for cell in row] for row in rows if row[0].strip() in ("1", "2")][:2]
+    assert [row[:1] + row[2:] for row in counts] == [["1", "4", "0", "2", "4"], ["2", "1", "1", "1", "5"]]
+    pinned = runner.invoke(app, ["ls", str(dataset), "--version", "1"])
+    assert "version 1 (4 studies)" in pinned.output and "ct9" not in pinned.output.split("versions")[-1]
+    for version in ("1", "2"):
+        assert runner.invoke(app, ["verify", str(dataset), "--version", version]).exit_code == 0
+    assert "scans 7" in runner.invoke(app, ["stats", str(dataset), "--version", "1"]).output
+    missing = runner.invoke(app, ["ls", str(dataset), "--version", "3"])
+    assert missing.exit_code == 2 and "no version 3" in " ".join(missing.output.split())
+
+
+def forged_dataset(path: Path, scan_name: str) -> Path:
+    """A dataset whose one study names its scan ``scan_name`` in the JSON and the zarr.zip
+    alike, with offsets and checksums recomputed, as anyone producing a dataset can."""
+    members = encode_study(synthetic_study("evil", n_scans=1, shape=(4, 6, 6)))
+    record = json.loads(members["json"])
+    old = record["scans"][0]["name"]
+    record["scans"][0]["name"] = scan_name
+    members["json"] = json.dumps(record).encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(members["zarr.zip"])) as source, zipfile.ZipFile(buffer, "w") as target:
+        for entry in source.namelist():
+            renamed = scan_name + entry[len(old) :] if entry.startswith(f"{old}/") else entry
+            target.writestr(renamed, source.read(entry))
+    members["zarr.zip"] = buffer.getvalue()
+    writer = DatasetWriter(path)
+    writer.add_encoded("evil", members)
+    writer.finalize()
+    return path
+
+
+def test_a_scan_name_that_escapes_is_refused_by_verify_show_and_export(tmp_path):
+    dataset = forged_dataset(tmp_path / "a" / "b" / "ds", "../../ESCAPED")
+    verified = runner.invoke(app, ["verify", str(dataset)])
+    assert verified.exit_code == 1 and "unsafe scan name" in verified.output
+    exported = runner.invoke(
+        app, ["export", str(dataset), "evil", "--out", str(tmp_path / "a" / "b" / "out")]
+    )
+    assert exported.exit_code == 1
+    assert exported.output.startswith("error: study 'evil': unsafe scan name '../../ESCAPED'")
+    assert "Traceback" not in exported.output and len(exported.output.strip().splitlines()) <= 2
+    assert not list(tmp_path.rglob("ESCAPED*")) and not (tmp_path / "a" / "b" / "out").exists()
+
+
+def test_export_of_a_damaged_study_is_one_line_and_writes_nothing(dataset, tmp_path):
+    row = ShardDataset(dataset).row("ct1")
+    shard = dataset / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[row["zarr_zip_offset"] + 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(app, ["export", str(dataset), "ct1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert (
+        result.output.startswith("error: study 'ct1': checksum mismatch") and "Traceback" not in result.output
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_reports_files_the_manifest_does_not_list(dataset):
+    (dataset / "ds-000099.tar").write_bytes(b"planted")
+    (dataset / "notes").mkdir()
+    (dataset / "notes" / "run.sh").write_text("rm -rf /")
+    (dataset / "_ingest").mkdir()
+    (dataset / "_ingest" / "index.parquet").write_bytes(b"local audit")
+    report = verify_dataset(dataset)
+    assert sorted(p.message for p in report.problems) == [
+        "unlisted file ds-000099.tar (no manifest lists it)",
+        "unlisted file notes/run.sh (no manifest lists it)",
+    ]
+    result = runner.invoke(app, ["verify", str(dataset)])
+    assert result.exit_code == 1 and "notes/run.sh" in result.output
+
+
+def test_a_manifest_shard_name_outside_the_dataset_is_refused(dataset):
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(dataset / "manifest.parquet")
+    shards = manifest.column("shard").to_pylist()
+    shards[0] = "../" + shards[0]
+    pq.write_table(
+        manifest.set_column(manifest.schema.get_field_index("shard"), "shard", [shards]),
+        dataset / "manifest.parquet",
+    )
+    problems = verify_dataset(dataset).problems
+    assert any("unsafe shard name '../ds-000000.tar'" in p.message for p in problems)

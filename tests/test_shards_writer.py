@@ -32,7 +32,11 @@ def _dataset_bytes(out: Path, map_shards) -> dict[str, bytes]:
     for study in STUDIES:
         writer.add(study)
     writer.finalize(map_shards)
-    return {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+    return {
+        path.relative_to(out).as_posix(): path.read_bytes()
+        for path in sorted(out.rglob("*"))
+        if path.is_file()
+    }
 
 
 def _in_order(order: list[int]):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from hlip.resources import PRESETS, shipped_names
-from hlip.train.config import TrainConfig, load_config, parse_value, save_config
+from hlip.train.config import ConfigError, TrainConfig, load_config, parse_value, save_config
 
 
 @pytest.mark.parametrize("name", ["demo-cpu", "ct-rate", "brain-mri"])
@@ -62,9 +62,10 @@ def test_parse_value_falls_back_to_the_raw_string():
 @pytest.mark.parametrize(
     "override, error",
     [
-        ("learning_rate=1", KeyError),
-        ("steps=abc", TypeError),
-        ("lr.x=1", KeyError),
+        ("learning_rate=1", ConfigError),
+        ("steps=abc", ConfigError),
+        ("lr.x=1", ConfigError),
+        ("max_skipped_share=2", ConfigError),
         ("text_mode=words", ValueError),
         ("ct_windows=[[350, -1150]]", ValueError),
         ("img_size=[1, 2]", ValueError),

@@ -31,7 +31,8 @@ errors = Console(stderr=True)
 CHECKPOINT = typer.Option(
     ..., "--checkpoint", "-c", help="hlip-train checkpoint, or a published HLIP file with --preset."
 )
-DATA = typer.Option(..., "--data", "-d", help="Shard dataset directory (with manifest.parquet).")
+DATA = typer.Option(..., "--data", "-d", help="Shard dataset directory or object-store URL (s3://...).")
+VERSION = typer.Option(None, "--version", min=1, help="Dataset version to read (default: the latest).")
 PRESET = typer.Option(None, "--preset", help="Model preset of a published (open_clip layout) checkpoint.")
 TEXT_MODEL = typer.Option(None, "--text-model", help="Local directory of the text encoder a preset needs.")
 BATCH = typer.Option(
@@ -77,8 +78,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from hlip.evaluate.embed import EvalInputError
     from hlip.evaluate.labels import LabelError
     from hlip.evaluate.prompts import PromptsError
+    from hlip.model.checkpoint import CheckpointError
 
-    return EvalInputError, LabelError, PromptsError, FileNotFoundError
+    return EvalInputError, LabelError, PromptsError, CheckpointError, FileNotFoundError
 
 
 @app.command()
@@ -113,6 +115,7 @@ def run(
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95% CIs."),
     folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds of the linear probe."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and probe splits."),
+    version: int = VERSION,
 ) -> None:
     """Embed the studies, run the tasks and write metrics.json, report.md and plots."""
     from hlip.evaluate.run import EvalOptions, run_evaluation
@@ -120,6 +123,7 @@ def run(
     options = EvalOptions(
         checkpoint=checkpoint,
         data=data,
+        version=version,
         out=str(out),
         prompts=prompts,
         calibrate=calibrate,
@@ -177,6 +181,7 @@ def embed(
     workers: int = WORKERS,
     device: str = DEVICE,
     settings: list[str] = SETTINGS,
+    version: int = VERSION,
 ) -> None:
     """Write one row per study: key, labels, image and report embeddings (L2-normalised)."""
     from hlip.evaluate.embed import embed_dataset, load_model
@@ -187,7 +192,7 @@ def embed(
         )
         with _EmbeddingProgress() as progress:
             embeddings = embed_dataset(
-                loaded, data, batch_size=batch_size, num_workers=workers, progress=progress
+                loaded, data, batch_size=batch_size, num_workers=workers, progress=progress, version=version
             )
     except _user_errors() as error:
         _fail(error)

@@ -135,10 +135,12 @@ def _with_overrides(config: Any, overrides: Sequence[str]) -> Any:
 class _EvalStudies(Dataset):
     """Map-style view of a shard dataset through the evaluation transform, in key order."""
 
-    def __init__(self, data: str | Path, config: Any, keys: Sequence[str]) -> None:
+    def __init__(
+        self, data: str | Path, config: Any, keys: Sequence[str], version: int | None = None
+    ) -> None:
         from hlip.train.data import StudyTransform
 
-        self.data, self.keys = str(data), list(keys)
+        self.data, self.keys, self.version = str(data), list(keys), version
         self.transform = StudyTransform(config, train=False)
         self._dataset = None
 
@@ -149,7 +151,7 @@ class _EvalStudies(Dataset):
         from hlip.shards.reader import ShardDataset
 
         if self._dataset is None:  # opened lazily, once per worker process
-            self._dataset = ShardDataset(self.data)
+            self._dataset = ShardDataset(self.data, version=self.version)
         return self.transform(self._dataset.open(self.keys[index]))
 
 
@@ -217,8 +219,10 @@ def embed_dataset(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    version: int | None = None,
 ) -> Embeddings:
-    """Encode every study of the shard dataset ``data`` (a directory with a manifest).
+    """Encode every study of the shard dataset ``data`` (a directory or object-store URL)
+    at ``version`` (default: the latest).
 
     ``progress(done, total)`` is called after each batch.
     """
@@ -227,7 +231,7 @@ def embed_dataset(
     from hlip.train.data import worker_collate
 
     try:
-        dataset = ShardDataset(data)
+        dataset = ShardDataset(data, version=version)
     except ShardFormatError as error:
         raise EvalInputError(f"cannot read shards at {data}: {error}") from None
     keys = dataset.keys()
@@ -237,7 +241,7 @@ def embed_dataset(
         row["key"]: row for row in dataset.manifest.select(["key", "report_length", "modality"]).to_pylist()
     }
     loader = DataLoader(
-        _EvalStudies(data, loaded.config, keys),
+        _EvalStudies(data, loaded.config, keys, dataset.version.number),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=worker_collate(loaded.tokenizer, loaded.model.visual.trunk.patch_size, num_workers, 2),
@@ -258,6 +262,7 @@ def embed_dataset(
         meta={
             **loaded.source,
             "data": str(data),
+            "data_version": dataset.version.number,
             "logit_scale": loaded.logit_scale,
             "embed_dim": loaded.model.embed_dim,
         },

@@ -37,6 +37,8 @@ class EvalOptions:
     checkpoint: str
     data: str
     out: str
+    version: int | None = None
+    """Dataset version of ``data`` (default: the latest); recorded in metrics.json."""
     prompts: str | None = None
     calibrate: str | None = None
     """Shards of labelled studies other than ``data`` (training or validation) whose zero-shot
@@ -80,13 +82,13 @@ def check_tasks(tasks: Sequence[str], prompts: str | None) -> list[str]:
     return [t for t in TASKS if t in tasks]
 
 
-def manifest_labels(data: str) -> tuple[list[str], list[dict[str, Any]]]:
+def manifest_labels(data: str, version: int | None = None) -> tuple[list[str], list[dict[str, Any]]]:
     """Study keys and their labels from the dataset's manifest (no shard is read)."""
     from hlip.shards.format import ShardFormatError
     from hlip.shards.reader import ShardDataset
 
     try:
-        manifest = ShardDataset(data).manifest
+        manifest = ShardDataset(data, version=version).manifest
     except ShardFormatError as error:
         raise EvalInputError(f"cannot read shards at {data}: {error}") from None
     rows = manifest.select(["key", "labels"]).to_pylist()
@@ -119,7 +121,7 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     prompts = load_prompts(options.prompts, template_set=options.template_set) if options.prompts else None
     if prompts is not None and options.only:
         prompts = prompts.select(list(options.only))
-    keys, shard_labels = manifest_labels(options.data)
+    keys, shard_labels = manifest_labels(options.data, options.version)
     if prompts is not None:
         check_labels(prompts, study_labels(keys, shard_labels, options), options)
     if options.calibrate and "zeroshot" in tasks:
@@ -133,7 +135,12 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
         device=options.device,
     )
     embeddings = embed_dataset(
-        loaded, options.data, batch_size=options.batch_size, num_workers=options.workers, progress=progress
+        loaded,
+        options.data,
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        progress=progress,
+        version=options.version,
     )
     out = Path(options.out)
     embeddings_path = embeddings.save(out / EMBEDDINGS_FILE)
@@ -203,6 +210,7 @@ def _run_info(
     info = {
         "checkpoint": options.checkpoint,
         "data": options.data,
+        "data_version": embeddings.meta.get("data_version"),
         "studies": len(embeddings),
         "tasks": ",".join(tasks),
         "logit_scale": round(float(embeddings.meta["logit_scale"]), 4),

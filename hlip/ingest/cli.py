@@ -7,6 +7,7 @@ and the stage modules, so every command can be called from Python as well.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -25,11 +26,25 @@ app = typer.Typer(
 )
 console = Console()
 
+OUT = typer.Option(
+    ...,
+    "--out",
+    help="Output dataset directory or object-store URL (s3://bucket/prefix); re-run to resume or grow it.",
+)
 SCHEDULER = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
 WORKERS = typer.Option(
     None, "--workers", help="LocalCluster worker processes (default: sized to the machine; 0: no Dask)."
 )
 MEMORY_LIMIT = typer.Option("auto", "--memory-limit", help="Memory limit per LocalCluster worker, e.g. 6GiB.")
+LABEL_COLUMN = typer.Option(
+    [],
+    "--label-column",
+    help="Table column allowed as a label (repeatable). Default: only columns of 0/1 findings. "
+    "Identifiers, dates and free text are refused.",
+)
+LABEL_PREFIX = typer.Option(
+    [], "--label-prefix", help="Allow every table column whose name starts with this as a label (repeatable)."
+)
 CODEC = typer.Option(
     DEFAULT_CODEC,
     "--codec",
@@ -39,12 +54,18 @@ CODEC = typer.Option(
 
 
 def parse_spacing(values: list[str]) -> dict[str, Spacing]:
-    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults."""
+    """``["CT=3,1,1", "MR=native"]`` -> target spacing per modality, over the defaults.
+
+    A bare ``native`` keeps every modality's native grid (later ``MODALITY=...`` values
+    still apply on top of it)."""
     spacing = default_target_spacing()
     for value in values:
+        if value == "native":
+            spacing = dict.fromkeys(spacing, "native")
+            continue
         modality, sep, setting = value.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{value!r}: expected MODALITY=d,h,w or MODALITY=native")
+            raise typer.BadParameter(f"{value!r}: expected native, MODALITY=d,h,w or MODALITY=native")
         if setting == "native":
             spacing[modality.upper()] = "native"
             continue
@@ -76,6 +97,14 @@ def _progress() -> Progress:
     )
 
 
+def version_line(summary: pipeline.IngestSummary) -> str:
+    """What this run committed: a new dataset version, or nothing (an unchanged re-run)."""
+    if summary.version is None:
+        return "0 new studies: the dataset is up to date (no new version)"
+    rebuilt = f", {summary.studies_superseded} rebuilt" if summary.studies_superseded else ""
+    return f"version {summary.version}: {summary.studies_added} new studies{rebuilt}"
+
+
 def print_summary(summary: pipeline.IngestSummary) -> None:
     """Outcome counts, then reject reasons with their meaning."""
     outcomes = Table(title=f"Ingest of {summary.out_dir}", show_footer=True)
@@ -84,7 +113,8 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
     for outcome, count in summary.outcomes.items():
         outcomes.add_row(outcome, str(count))
     console.print(outcomes)
-    console.print(f"studies: {summary.studies_staged} written, {summary.studies_rejected} rejected")
+    console.print(f"studies: {summary.studies_staged} in the dataset, {summary.studies_rejected} rejected")
+    console.print(version_line(summary))
     if summary.reasons:
         reasons = Table(title="Rejected files by reason")
         for column in ("reason", "files", "meaning"):
@@ -92,13 +122,13 @@ def print_summary(summary: pipeline.IngestSummary) -> None:
         for reason, count in summary.reasons.items():
             reasons.add_row(reason, str(count), pipeline.REASONS.get(reason, ""))
         console.print(reasons)
-    console.print(f"per-file outcomes: {summary.out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE}")
+    console.print(f"per-file outcomes: {pipeline.ingest_dir(summary.out_dir) / pipeline.FILES_FILE}")
 
 
 @app.command()
 def run(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to ingest."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     reports: Path | None = typer.Option(
         None, "--reports", exists=True, help="Report table (CSV, TSV, Parquet or JSON lines)."
     ),
@@ -106,10 +136,17 @@ def run(
         "StudyInstanceUID", help="Report table column: StudyInstanceUID|AccessionNumber."
     ),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     allow_missing_report: bool = typer.Option(False, help="Keep studies without a report (empty text)."),
-    spacing: list[str] = typer.Option([], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native."),
+    spacing: list[str] = typer.Option(
+        [], help="Target spacing per modality, e.g. CT=3,1,1 or MR=native; native alone: every modality."
+    ),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
     max_shard_bytes: int = typer.Option(DEFAULT_MAX_SHARD_BYTES, help="Size bound of one shard."),
+    max_study_voxels: int | None = typer.Option(
+        None, help="Most pixels a study's files may declare (default: worker memory / 16 bytes)."
+    ),
     codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
     scheduler: str | None = SCHEDULER,
@@ -124,8 +161,11 @@ def run(
             report_table=str(reports) if reports else None,
             report_key_column=report_key,
             report_text_columns=tuple(report_column),
+            label_columns=tuple(label_column) if label_column else None,
+            label_prefixes=tuple(label_prefix),
             allow_missing_report=allow_missing_report,
             max_shard_bytes=max_shard_bytes,
+            max_study_voxels=max_study_voxels,
             codec=codec,
             secret=secret,
         )
@@ -185,12 +225,14 @@ def plan(
 @app.command()
 def nifti(
     table: Path = typer.Argument(..., exists=True, help="Collection table (CSV, Parquet, JSONL)."),
-    out: Path = typer.Option(..., "--out", help="Output dataset directory (re-run to resume)."),
+    out: str = OUT,
     study_column: str = typer.Option(
         "study_id", help="Column of the study id (rows sharing it are one study)."
     ),
     volume_column: str = typer.Option("volumes", help="Column of the volume path(s), ';'-separated."),
     report_column: list[str] = typer.Option(["report"], help="Report text column(s), joined in order."),
+    label_column: list[str] = LABEL_COLUMN,
+    label_prefix: list[str] = LABEL_PREFIX,
     modality: str = typer.Option("CT", help="Modality of rows without a 'modality' column."),
     body_part: str = typer.Option("", help="BodyPartExamined of every study."),
     ct_rate_volumes: Path | None = typer.Option(
@@ -213,9 +255,10 @@ def nifti(
     """Ingest studies given as NIfTI volumes listed in a table (e.g. CT-RATE)."""
     from hlip.ingest import nifti as collections
 
+    labels = {"label_columns": tuple(label_column) or None, "label_prefixes": tuple(label_prefix)}
     if ct_rate_volumes is not None:
         source = collections.ct_rate_table(table, ct_rate_volumes.resolve(), ct_rate_labels, ct_rate_metadata)
-        spec = collections.CT_RATE_SPEC
+        spec = dataclasses.replace(collections.CT_RATE_SPEC, **labels)
     else:
         source = table
         spec = collections.NiftiTableSpec(
@@ -224,6 +267,7 @@ def nifti(
             text_columns=tuple(report_column),
             modality=modality,
             body_part=body_part,
+            **labels,
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_nifti_ingest(

@@ -46,6 +46,14 @@ class IngestConfig:
     a file lives does not change a sample. Nor is ``codec`` (the slabs' Blosc codec,
     :data:`hlip.shards.format.SLAB_CODECS`), which changes bytes, not values; a resumed run
     must still use the same one, so that a dataset has one codec.
+
+    ``max_study_voxels`` bounds the pixels a study's files may declare, checked before any is
+    decoded (:func:`hlip.ingest.volume.check_decoded_size`); None derives it from the worker's
+    memory. Like the table's path it is neither hashed nor checked on resume: it decides
+    which studies are built, not what a sample holds.
+
+    ``label_columns`` and ``label_prefixes`` allow report-table columns as labels
+    (:func:`hlip.ingest.reports.choose_label_columns`); with neither, only 0/1 findings are.
     """
 
     target_spacing: Mapping[str, Spacing] = field(default_factory=default_target_spacing)
@@ -53,8 +61,11 @@ class IngestConfig:
     report_table: str | None = None
     report_key_column: str = "StudyInstanceUID"
     report_text_columns: tuple[str, ...] = ("report",)
+    label_columns: tuple[str, ...] | None = None
+    label_prefixes: tuple[str, ...] = ()
     allow_missing_report: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    max_study_voxels: int | None = None
     codec: str = DEFAULT_CODEC
     secret: str | None = None
 
@@ -81,6 +92,8 @@ class IngestConfig:
             "min_slices": self.min_slices,
             "report_key_column": self.report_key_column,
             "report_text_columns": list(self.report_text_columns),
+            "label_columns": None if self.label_columns is None else list(self.label_columns),
+            "label_prefixes": list(self.label_prefixes),
             "allow_missing_report": self.allow_missing_report,
         }
 
@@ -90,7 +103,8 @@ class IngestConfig:
     def resume_fields(self) -> dict:
         """What must match for a run to resume in an existing output directory."""
         recorded = asdict(self)
-        del recorded["secret"], recorded["report_table"]
+        del recorded["secret"], recorded["report_table"], recorded["max_study_voxels"]
         recorded["target_spacing"] = self.hashed_fields()["target_spacing"]
-        recorded["report_text_columns"] = list(self.report_text_columns)
+        for name in ("report_text_columns", "label_columns", "label_prefixes"):
+            recorded[name] = self.hashed_fields()[name]
         return recorded

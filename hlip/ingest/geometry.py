@@ -123,6 +123,13 @@ def mosaic_slice_positions(
 # --------------------------------------------------------------------------- slice analysis
 
 
+MIN_REGIME_STEPS = 2
+"""Steps (three slices) a run of constant spacing needs to count as a spacing regime rather
+than an isolated gap."""
+MAX_REGIMES = 3
+"""More runs than this are uneven spacing, not a few protocol regions."""
+
+
 @dataclass(frozen=True)
 class StackGeometry:
     """How the slices of one stack sit along the slice normal.
@@ -156,6 +163,35 @@ class StackGeometry:
         even = np.linspace(self.offsets[0], self.offsets[-1], n)
         mean_step = (self.offsets[-1] - self.offsets[0]) / (n - 1)
         return bool(np.max(np.abs(self.offsets - even)) > tolerance * mean_step)
+
+    def step_runs(self, tolerance: float) -> list[tuple[int, int]]:
+        """Maximal runs ``[start, stop)`` of consecutive steps equal within ``tolerance`` x
+        the smaller of two neighbours."""
+        runs, start = [], 0
+        steps = self.steps
+        for i in range(1, len(steps)):
+            if abs(steps[i] - steps[i - 1]) > tolerance * min(steps[i], steps[i - 1]):
+                runs.append((start, i))
+                start = i
+        return [*runs, (start, len(steps))] if len(steps) else []
+
+    def spacing_rule(self, gap_factor: float, tolerance: float) -> str:
+        """How the slices are spaced, which decides what the build does with them:
+
+        * ``"regimes"``: two or three runs of constant step, each of at least
+          :data:`MIN_REGIME_STEPS` steps (a GE sequential head CT: 4 mm through the
+          posterior fossa, then 7 mm): a change of protocol, no slice missing;
+        * ``"gap"``: a step larger than ``gap_factor`` x the median that is not a regime of
+          its own (an isolated step of about k x its neighbours): missing files;
+        * ``"uneven"``: off an even grid by more than ``tolerance`` x the mean step otherwise;
+        * ``"even"``.
+        """
+        runs = self.step_runs(tolerance)
+        if 1 < len(runs) <= MAX_REGIMES and all(stop - start >= MIN_REGIME_STEPS for start, stop in runs):
+            return "regimes"
+        if self.has_gap(gap_factor):
+            return "gap"
+        return "uneven" if self.is_uneven(tolerance) else "even"
 
     def is_tilted(self, tolerance_px: float) -> bool:
         """Slices shifted in-plane (gantry tilt) by more than ``tolerance_px`` pixels overall."""

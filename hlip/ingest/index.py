@@ -26,7 +26,7 @@ import os
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -740,7 +740,7 @@ def _pixel_data_fields(fp: BinaryIO, size: int, row: dict[str, Any], little: boo
         return fields
     if value_start + length > size:
         raise IndexError_("truncated", f"pixel data declares {length} bytes, file has {size - value_start}")
-    expected = _native_pixel_bytes(row)
+    expected = declared_pixel_bytes(row)
     if expected and length < expected:
         raise IndexError_("truncated", f"pixel data has {length} bytes, the image needs {expected}")
     if little and element == 0x0010 and row["TransferSyntaxUID"] in _NATIVE_LITTLE_ENDIAN:
@@ -766,9 +766,9 @@ def _check_fragments(fp: BinaryIO, position: int, size: int, endian: str) -> Non
             raise IndexError_("truncated", "file ends inside a pixel data fragment")
 
 
-def _native_pixel_bytes(row: dict[str, Any]) -> int:
-    """Bytes of native pixel data the image attributes of index row ``row`` call for (0:
-    unknown)."""
+def declared_pixel_bytes(row: Mapping[str, Any]) -> int:
+    """Bytes of native pixel data the image attributes of index row ``row`` call for, which
+    is also what decoding a compressed file produces (0: unknown)."""
     if not (row.get("BitsAllocated") and row.get("Rows") and row.get("Columns")):
         return 0
     samples = row.get("SamplesPerPixel") or 1

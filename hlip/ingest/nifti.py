@@ -29,8 +29,8 @@ import pyarrow as pa
 
 from hlip.ingest.deid import study_key
 from hlip.ingest.reports import (
-    IDENTIFIER_COLUMNS,
     ReportTableError,
+    choose_label_columns,
     join_sections,
     read_table,
     section_headings,
@@ -51,13 +51,15 @@ class NiftiTableSpec:
 
     ``slope_column``/``intercept_column``/``modality_column`` are used when the table has
     them; ``modality`` is the default. ``root`` resolves relative volume paths (default:
-    the table's directory). Label columns default to every column not named here, except
-    identifiers (:data:`hlip.ingest.reports.IDENTIFIER_COLUMNS`)."""
+    the table's directory). Labels are the columns not named here that
+    :func:`hlip.ingest.reports.choose_label_columns` allows: ``label_columns`` and the
+    columns starting with one of ``label_prefixes`` when given, else the 0/1 findings."""
 
     study_column: str = "study_id"
     volume_column: str = "volumes"
     text_columns: Sequence[str] | Mapping[str, str] = ("report",)
     label_columns: Sequence[str] | None = None
+    label_prefixes: Sequence[str] = ()
     slope_column: str = "RescaleSlope"
     intercept_column: str = "RescaleIntercept"
     modality_column: str = "modality"
@@ -80,6 +82,7 @@ CT_RATE_LABELS = (
 CT_RATE_SPEC = NiftiTableSpec(
     text_columns={"Findings_EN": "Findings", "Impressions_EN": "Impression"}, modality="CT", body_part="CHEST"
 )
+"""CT-RATE's labels are its 0/1 abnormality columns, which the default label rule takes."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,8 @@ def plan_nifti_studies(
     if not isinstance(table, pa.Table):
         root = root or Path(table).parent
         table = read_table(table, string_columns=[spec.study_column, spec.volume_column, *spec.headings()])
+    _require(table, [spec.study_column, spec.volume_column, *spec.headings(), *(spec.label_columns or ())])
     labels = _label_columns(table, spec)
-    _require(table, [spec.study_column, spec.volume_column, *spec.headings(), *labels])
     plans: dict[str, NiftiStudyPlan] = {}
     for number, row in enumerate(table.to_pylist()):
         study_id = str(row[spec.study_column] or "").strip()
@@ -136,8 +139,6 @@ def plan_nifti_studies(
 
 
 def _label_columns(table: pa.Table, spec: NiftiTableSpec) -> list[str]:
-    if spec.label_columns is not None:
-        return list(spec.label_columns)
     named = {
         spec.study_column,
         spec.volume_column,
@@ -145,7 +146,10 @@ def _label_columns(table: pa.Table, spec: NiftiTableSpec) -> list[str]:
         spec.intercept_column,
         spec.modality_column,
     }
-    return [c for c in table.column_names if c not in named | set(spec.headings()) | IDENTIFIER_COLUMNS]
+    candidates = [c for c in table.column_names if c not in named | set(spec.headings())]
+    return choose_label_columns(
+        table, candidates, spec.label_columns, spec.label_prefixes, "collection table"
+    )
 
 
 def _require(table: pa.Table, columns: Sequence[str]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import json
 import os
 from collections import Counter
@@ -40,6 +41,7 @@ from rich.progress import Progress
 
 from hlip.ingest import deid, index, reports
 from hlip.ingest.config import IngestConfig, settings_hash
+from hlip.ingest.lock import ingest_lock
 from hlip.ingest.nifti import (
     NiftiStudyPlan,
     NiftiTableSpec,
@@ -48,12 +50,21 @@ from hlip.ingest.nifti import (
 )
 from hlip.ingest.plan import REASONS as PLAN_REASONS
 from hlip.ingest.plan import PlanConfig, StudyPlan, plan
-from hlip.ingest.volume import ScanRejected, VolumeConfig, build_scan
+from hlip.ingest.volume import (
+    ScanRejected,
+    VolumeConfig,
+    build_scan,
+    check_decoded_size,
+    default_study_voxels,
+)
 from hlip.shards import format as fmt
+from hlip.shards import versions
 from hlip.shards.format import Scan, Study
-from hlip.shards.writer import STAGING_DIR, DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
+from hlip.shards.storage import Location, is_remote
+from hlip.shards.writer import DatasetWriter, encode_study, parquet_bytes, write_bytes_atomic
 
-INGEST_DIR = "_ingest"
+INGEST_DIR = fmt.LOCAL_DIR
+WORK_ENV = "HLIP_INGEST_WORK"
 INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
 CONFIG_FILE = "config.json"
@@ -106,11 +117,15 @@ class FileOutcome:
 
 @dataclass
 class StudyOutcome:
-    """What a build task reports back: whether the study was staged, and its files' outcomes."""
+    """What a build task reports back: whether the study was staged, and its files' outcomes.
+
+    ``inputs`` is the digest of what the study was built from (:func:`task_inputs`): a
+    re-run rebuilds a study whose inputs changed (a late series, an amended report)."""
 
     key: str
     staged: bool
     files: list[FileOutcome]
+    inputs: str = ""
 
 
 @dataclass
@@ -125,14 +140,18 @@ class StudyTask:
 
 @dataclass
 class IngestSummary:
-    """Counts of a finished run, from ``files.parquet``."""
+    """Counts of a finished run, from ``files.parquet``, and the dataset version it
+    committed (``version`` is None when the dataset was already up to date)."""
 
-    out_dir: Path
+    out_dir: Path | str
     files: int
     studies_staged: int
     studies_rejected: int
     outcomes: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    version: int | None = None
+    studies_added: int = 0
+    studies_superseded: int = 0
 
 
 # --- executing tasks: serially in-process, or on a Dask cluster ---------------------------
@@ -315,6 +334,24 @@ def volume_config(config: IngestConfig) -> VolumeConfig:
     return VolumeConfig(target_spacing=dict(config.target_spacing))
 
 
+def study_voxel_budget(config: IngestConfig) -> int:
+    """``config.max_study_voxels``, else what this worker's memory holds: the Dask worker's
+    memory limit when it has one, else the machine's physical memory."""
+    if config.max_study_voxels is not None:
+        return config.max_study_voxels
+    return default_study_voxels(worker_memory_bytes())
+
+
+def worker_memory_bytes() -> int:
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):  # not in a Dask worker
+        limit = None
+    return int(limit) if limit else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _rejected(file_ids: Iterable[str], key: str, reason: str, message: str) -> list[FileOutcome]:
     return [FileOutcome(file_id, REJECTED, key, "", reason, message) for file_id in file_ids]
 
@@ -401,6 +438,10 @@ def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, li
         message = "no report in the report table and no SR text in the study"
         return None, _rejected(_study_files(task.plan), task.key, "no_report", message)
     rows = {row["file_id"]: row for row in task.index_rows.to_pylist()}
+    try:
+        check_decoded_size(task.plan.scans, rows, study_voxel_budget(config))
+    except ScanRejected as rejected:
+        return None, _rejected(_study_files(task.plan), task.key, rejected.reason, rejected.message)
     scans, scan_outcomes = _build_scans(task, rows, config)
     if not scans:
         message = "every scan of the study was rejected"
@@ -422,24 +463,56 @@ def build_study(task: StudyTask, config: IngestConfig) -> tuple[Study | None, li
     return study, scan_outcomes + report_outcomes
 
 
-def _outcome_path(out_dir: Path, key: str) -> Path:
-    return out_dir / INGEST_DIR / OUTCOMES_DIR / f"{key}.json"
+def ingest_dir(out_dir: str | os.PathLike) -> Path:
+    """The ``_ingest/`` folder of an output: inside a local output directory; for an
+    object-store output, on this machine's disk under ``$HLIP_INGEST_WORK``
+    (default ``~/.cache/hlip/ingest``), one folder per output URL, so that the index and the
+    secret (PHI) never go to the bucket."""
+    if not is_remote(out_dir):
+        return Path(out_dir) / INGEST_DIR
+    base = Path(os.environ.get(WORK_ENV, Path.home() / ".cache" / "hlip" / "ingest")).expanduser()
+    return base / hashlib.sha256(os.fspath(out_dir).encode()).hexdigest()[:16] / INGEST_DIR
 
 
-def _write_outcome(out_dir: Path, outcome: StudyOutcome) -> None:
-    record = {"key": outcome.key, "staged": outcome.staged, "files": [asdict(f) for f in outcome.files]}
+def _outcome_path(out_dir: str | os.PathLike, key: str) -> Path:
+    return ingest_dir(out_dir) / OUTCOMES_DIR / f"{key}.json"
+
+
+def _write_outcome(out_dir: str | os.PathLike, outcome: StudyOutcome) -> None:
+    record = {
+        "key": outcome.key,
+        "staged": outcome.staged,
+        "files": [asdict(f) for f in outcome.files],
+        "inputs": outcome.inputs,
+    }
     path = _outcome_path(out_dir, outcome.key)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(record, sort_keys=True).encode())
 
 
-def read_outcome(out_dir: Path, key: str) -> StudyOutcome | None:
+def read_outcome(out_dir: str | os.PathLike, key: str) -> StudyOutcome | None:
     """The recorded outcome of a study, or None when it has not finished."""
     path = _outcome_path(out_dir, key)
     if not path.exists():
         return None
     record = json.loads(path.read_bytes())
-    return StudyOutcome(record["key"], record["staged"], [FileOutcome(**f) for f in record["files"]])
+    files = [FileOutcome(**f) for f in record["files"]]
+    return StudyOutcome(record["key"], record["staged"], files, record.get("inputs", ""))
+
+
+def task_inputs(task: StudyTask | tuple[str, NiftiStudyPlan]) -> str:
+    """Digest of what a study is built from: its plan (which files make which scans), the
+    size of each of its files and its report-table row. (The settings are fixed per
+    output directory by :func:`_check_config`.) Dataclass reprs are exact and about ten
+    times cheaper than ``asdict``: an unchanged re-run digests every study."""
+    if isinstance(task, StudyTask):
+        sizes = sorted(
+            zip(task.index_rows["file_id"].to_pylist(), task.index_rows["size"].to_pylist(), strict=True)
+        )
+        text = repr((task.plan, sizes, task.report))
+    else:
+        text = repr(task[1])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfig) -> StudyOutcome:
@@ -456,10 +529,13 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
             members = encode_study(study, codec=config.codec)
         except ValueError as error:
             members, files = None, _rejected(_study_files(task.plan), task.key, "invalid_study", str(error))
-    return _record_and_stage(Path(out_dir), StudyOutcome(task.key, members is not None, files), members)
+    outcome = StudyOutcome(task.key, members is not None, files, task_inputs(task))
+    return _record_and_stage(out_dir, outcome, members)
 
 
-def _record_and_stage(out_dir: Path, outcome: StudyOutcome, members: dict[str, bytes] | None) -> StudyOutcome:
+def _record_and_stage(
+    out_dir: str | os.PathLike, outcome: StudyOutcome, members: dict[str, bytes] | None
+) -> StudyOutcome:
     """Write the outcome record, then stage the sample (when there is one)."""
     _write_outcome(out_dir, outcome)
     if members is not None:
@@ -490,31 +566,32 @@ def study_tasks(
     return tasks
 
 
-def _is_finalized(out_dir: Path) -> bool:
-    return (out_dir / fmt.MANIFEST_FILE).exists() and not (out_dir / STAGING_DIR).exists()
+def committed_keys(out_dir: Path) -> set[str]:
+    """Keys of the studies in the latest committed version at ``out_dir`` (none yet: empty)."""
+    location = Location(out_dir)
+    history = versions.list_versions(location)
+    return set() if not history else set(versions.read_tables(location, history[-1])[0]["key"].to_pylist())
 
 
 def pending_tasks(tasks: Sequence, keys: Sequence[str], out_dir: Path) -> tuple[list, list[StudyOutcome]]:
     """Split tasks (of studies ``keys``) into those still to build and the outcomes of
     those already done.
 
-    A study is done when its outcome is recorded and, if it was staged, its sample is in
-    the staging area (or the dataset was already finalized with it).
+    A study is done when its outcome is recorded from the same inputs (:func:`task_inputs`)
+    and, if it was staged, its sample is in the staging area or in the dataset's latest
+    version. A new study, or one whose inputs changed, is built again: the next version
+    adds or supersedes it. (An outcome recorded before inputs were digested counts as
+    unchanged.)
     """
-    finalized = _is_finalized(out_dir)
-    writer = None if finalized else DatasetWriter(out_dir)
+    committed, writer = committed_keys(out_dir), DatasetWriter(out_dir)
     todo, done = [], []
     for task, key in zip(tasks, keys, strict=True):
         outcome = read_outcome(out_dir, key)
-        if outcome is not None and (finalized or not outcome.staged or writer.has(key)):
+        unchanged = outcome is not None and outcome.inputs in ("", task_inputs(task))
+        if unchanged and (not outcome.staged or key in committed or writer.has(key)):
             done.append(outcome)
         else:
             todo.append(task)
-    if finalized and todo:
-        raise FileExistsError(
-            f"{out_dir} holds a finished dataset without {len(todo)} of the planned studies; "
-            "ingest these sources into a new --out directory"
-        )
     return todo, done
 
 
@@ -548,7 +625,9 @@ def account(index_table: pa.Table, rejects: Iterable, outcomes: Iterable[StudyOu
     return pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
 
 
-def summarize(files: pa.Table, out_dir: Path) -> IngestSummary:
+def summarize(
+    files: pa.Table, out_dir: Path | str, version: versions.DatasetVersion | None = None
+) -> IngestSummary:
     """Counts by outcome and by reject reason, and studies staged vs. wholly rejected."""
     rows = files.select(["outcome", "study_key", "reason"]).to_pylist()
     staged = {row["study_key"] for row in rows if row["outcome"] != REJECTED}
@@ -560,6 +639,9 @@ def summarize(files: pa.Table, out_dir: Path) -> IngestSummary:
         studies_rejected=len(seen - staged),
         outcomes=dict(sorted(Counter(row["outcome"] for row in rows).items())),
         reasons=dict(Counter(row["reason"] for row in rows if row["reason"]).most_common()),
+        version=None if version is None else version.number,
+        studies_added=0 if version is None else version.added,
+        studies_superseded=0 if version is None else version.superseded,
     )
 
 
@@ -585,6 +667,19 @@ def _check_config(ingest_dir: Path, settings: dict, secret: bytes) -> None:
     write_bytes_atomic(path, json.dumps(fields, sort_keys=True, indent=1).encode())
 
 
+def holds_out_lock(function: Callable) -> Callable:
+    """Run an ingest ``function(sources, out_dir, ...)`` holding the lock on ``out_dir``
+    (:mod:`hlip.ingest.lock`): a second ingest into the same output is refused."""
+
+    @functools.wraps(function)
+    def run(sources, out_dir, *args, **kwargs):
+        with ingest_lock(out_dir):
+            return function(sources, out_dir, *args, **kwargs)
+
+    return run
+
+
+@holds_out_lock
 def run_ingest(
     sources: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -604,14 +699,21 @@ def run_ingest(
     """
     config = config or IngestConfig()
     progress = progress or Progress(disable=True)
-    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     report_table = {}
-    if config.report_table:
+    if config.report_table:  # read first: a table refused leaves no half-made --out behind
         report_table = reports.load_report_table(
-            config.report_table, config.report_key_column, config.report_text_columns
+            config.report_table,
+            config.report_key_column,
+            config.report_text_columns,
+            config.label_columns,
+            config.label_prefixes,
         )
+    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
     with _client(client, scheduler, workers, memory_limit) as client:
-        index_table = index_stage(sources, out / INGEST_DIR / INDEX_FILE, client, progress, exclude=out)
+        index_table = index_stage(sources, ingest_dir(out) / INDEX_FILE, client, progress, exclude=out)
+        digest = inputs_digest(index_table, report_table)
+        if (unchanged := unchanged_run(out, digest)) is not None:
+            return unchanged
         study_plan = plan(index_table, plan_config(config))
         tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
         # Largest studies first (tasks start in submission order): the last to start are
@@ -619,15 +721,15 @@ def run_ingest(
         tasks.sort(key=lambda task: -task.index_rows.num_rows)
         keys = [task.key for task in tasks]
         outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
-        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client)
+        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client, digest)
 
 
 def _prepare(out_dir: str | os.PathLike, secret_option: str | None, settings: dict) -> tuple[Path, bytes]:
     """Create ``out/_ingest``, resolve the secret, and check the settings of a resumed run."""
-    out = Path(out_dir)
-    (out / INGEST_DIR).mkdir(parents=True, exist_ok=True)
-    secret = deid.resolve_secret(secret_option, out)
-    _check_config(out / INGEST_DIR, settings, secret)
+    out = out_dir if is_remote(out_dir) else Path(out_dir)
+    ingest_dir(out).mkdir(parents=True, exist_ok=True)
+    secret = deid.resolve_secret(secret_option, ingest_dir(out).parent)
+    _check_config(ingest_dir(out), settings, secret)
     return out, secret
 
 
@@ -646,16 +748,48 @@ def _stage_all(client, progress: Progress, out: Path, tasks: Sequence, keys: Seq
 
 
 def _finish(
-    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None
+    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None, digest: str = ""
 ) -> IngestSummary:
-    """Write shards and manifests (unless an earlier run did), then the accounting. Each
-    shard is written by one task on the workers: the client only plans the boundaries
-    and writes the manifests."""
-    if not _is_finalized(out):
-        DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
+    """Commit the staged studies as the dataset's next version (none when nothing is
+    staged: the dataset is up to date), then the accounting. Each shard is written by
+    one task on the workers: the client only plans the boundaries and writes the
+    manifests. ``digest`` (:func:`inputs_digest`) is recorded with the counts, last, so
+    that a re-run on the same inputs can stop after the index (:func:`unchanged_run`)."""
+    version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
     files = account(index_table, rejects, outcomes)
-    write_bytes_atomic(out / INGEST_DIR / FILES_FILE, parquet_bytes(files))
-    return summarize(files, out)
+    write_bytes_atomic(ingest_dir(out) / FILES_FILE, parquet_bytes(files))
+    summary = summarize(files, out, version)
+    if digest:
+        counts = {name: getattr(summary, name) for name in RUN_COUNTS}
+        record = json.dumps({"inputs": digest, **counts}, sort_keys=True).encode()
+        write_bytes_atomic(ingest_dir(out) / RUN_FILE, record)
+    return summary
+
+
+RUN_FILE = "last_run.json"
+RUN_COUNTS = ("files", "studies_staged", "studies_rejected", "outcomes", "reasons")
+
+
+def inputs_digest(index_table: pa.Table, report_table: dict) -> str:
+    """Digest of everything a run plans from besides its settings (fixed per output): the
+    indexed files with their sizes (an index row is reused exactly when both match) and
+    the report table."""
+    files = zip(index_table["file_id"].to_pylist(), index_table["size"].to_pylist(), strict=True)
+    text = repr((sorted(files), sorted(report_table.items())))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def unchanged_run(out: str | os.PathLike, digest: str) -> IngestSummary | None:
+    """The summary of a re-run whose inputs (``digest``) are those of the last finished run,
+    with nothing staged since: the plan, and so every study, would be the same, and the
+    dataset is up to date. None when there is anything to do."""
+    path = ingest_dir(out) / RUN_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_bytes())
+    if record.get("inputs") != digest or DatasetWriter(out).staged_keys():
+        return None
+    return IngestSummary(out_dir=out, **{name: record[name] for name in RUN_COUNTS})
 
 
 # --- NIfTI collections -------------------------------------------------------------------
@@ -685,13 +819,15 @@ def stage_nifti_study(
         members = encode_study(study, codec=codec)
     except Exception as error:  # noqa: BLE001 - truncated or odd files raise many types
         message = f"{type(error).__name__}: {error}"
-        return _record_and_stage(
-            Path(out_dir), StudyOutcome(key, False, _rejected(paths, key, "unreadable_nifti", message)), None
+        outcome = StudyOutcome(
+            key, False, _rejected(paths, key, "unreadable_nifti", message), task_inputs(task)
         )
+        return _record_and_stage(out_dir, outcome, None)
     files = [FileOutcome(path, SCAN, key, scan.name) for path, scan in zip(paths, study.scans, strict=True)]
-    return _record_and_stage(Path(out_dir), StudyOutcome(key, True, files), members)
+    return _record_and_stage(out_dir, StudyOutcome(key, True, files, task_inputs(task)), members)
 
 
+@holds_out_lock
 def run_nifti_ingest(
     table: pa.Table | str | os.PathLike,
     out_dir: str | os.PathLike,

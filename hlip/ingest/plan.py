@@ -25,9 +25,11 @@ The rules (documented for users in docs/ingest.md, "Planning rules"):
    position holds the same number ``k > 1`` of slices the stack is ``k`` volumes (ordered
    by TemporalPositionIdentifier, AcquisitionNumber, InstanceNumber, frame); a single
    position is "not a volume"; unequal counts are refused.
-5. Checks. Volumes with fewer than ``min_slices`` slices, or with a gap larger than
-   ``gap_factor`` x the median slice step (missing slices), are rejected. Uneven spacing
-   within tolerance and gantry tilt are flagged on the scan for the build stage.
+5. Checks. Volumes with fewer than ``min_slices`` slices, or with an isolated step larger
+   than ``gap_factor`` x the median slice step (missing slices), are rejected. Two or three
+   runs of constant spacing (a change of spacing regime, as in GE sequential head CT) are
+   kept; they, other uneven spacing and gantry tilt are flagged on the scan for the build
+   stage (:meth:`hlip.ingest.geometry.StackGeometry.spacing_rule` says which rule fired).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ REASONS: dict[str, str] = {
     "not_a_volume": "all slices of the stack lie at one position",
     "inconsistent_slice_count": "slice positions hold different numbers of images (cannot form volumes)",
     "too_few_slices": "stack with fewer slices than PlanConfig.min_slices",
-    "missing_slices": "gap between slices larger than PlanConfig.gap_factor x the median step",
+    "missing_slices": "isolated step larger than PlanConfig.gap_factor x the median step (missing files)",
     "extra_volume": "time point beyond PlanConfig.max_volumes_per_series",
     # Raised by the build stage (hlip.ingest.volume.ScanRejected).
     "decode_error": "pixel data could not be decoded",
@@ -190,6 +192,8 @@ class ScanPlan:
     """Mean distance between consecutive slices along the normal (mm)."""
     tilted: bool = False
     uneven_spacing: bool = False
+    spacing_rule: str = "even"
+    """:meth:`hlip.ingest.geometry.StackGeometry.spacing_rule`: even, uneven or regimes."""
 
 
 @dataclass
@@ -675,9 +679,13 @@ def _plan_volume(
     first = volume[0]
     positions = np.stack([s.position for s in volume])
     stack_geometry = geometry.stack_geometry(positions, first.orientation, first.pixel_spacing)
-    if stack_geometry.has_gap(config.gap_factor):
+    spacing_rule = stack_geometry.spacing_rule(config.gap_factor, config.uneven_tolerance)
+    if spacing_rule == "gap":
         steps = stack_geometry.steps
-        message = f"largest step {steps.max():.3f} mm, median {np.median(steps):.3f} mm"
+        message = (
+            f"isolated step {steps.max():.3f} mm = {steps.max() / np.median(steps):.2f} x the median "
+            f"{np.median(steps):.3f} mm (rule: gap, not a spacing regime)"
+        )
         ledger.reject_slices(volume, "missing_slices", message)
         return None
     if len(volume) < config.min_slices:
@@ -705,7 +713,8 @@ def _plan_volume(
         volume_count=count,
         slice_step=_mean_step(stack_geometry.offsets),
         tilted=stack_geometry.is_tilted(config.tilt_tolerance_px),
-        uneven_spacing=stack_geometry.is_uneven(config.uneven_tolerance),
+        uneven_spacing=spacing_rule in ("uneven", "regimes"),
+        spacing_rule=spacing_rule,
     )
 
 

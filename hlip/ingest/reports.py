@@ -1,13 +1,16 @@
 """Radiology reports: report tables (CSV, Parquet, JSONL), DICOM SR text, text cleaning.
 
 A report table has one row per study: a key column (StudyInstanceUID or AccessionNumber),
-one or more text columns (joined into one report with section headings), and any other
-columns, which become the study's labels. DICOM Structured Reports in a study are the
+one or more text columns (joined into one report with section headings), and other
+columns, of which an allow-list becomes the study's labels (:func:`choose_label_columns`):
+hospital exports carry MRNs, names, birth dates and exam dates beside the findings, and a
+label is copied into every shard and manifest. DICOM Structured Reports in a study are the
 other source of report text (:func:`sr_text`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import unicodedata
@@ -37,6 +40,34 @@ TABLE_SUFFIXES = {
 
 IDENTIFIER_COLUMNS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", *PHI_KEYWORDS})
 """Columns never taken as labels by default: identifiers and PHI (a label reaches the shards)."""
+
+
+IDENTIFYING_NAME_PARTS = frozenset({
+    "name", "names", "dob", "birth", "birthday", "birthdate", "date", "dates", "time", "datetime",
+    "timestamp", "dt", "id", "ids", "uid", "mrn", "accession", "acc", "ssn", "nhs", "insurance",
+    "phone", "tel", "telephone", "mobile", "fax", "email", "mail", "address", "street", "city",
+    "zip", "zipcode", "postcode", "postal", "patient", "pt", "physician", "doctor", "radiologist",
+    "referring", "operator", "author", "signed", "surname", "firstname", "lastname",
+})  # fmt: skip
+"""Words of a column name that mark it identifying (``MRN``, ``patient_name``, ``DOB``,
+``exam_date``, ``PatientID``...): such a column never becomes a label, even when asked."""
+
+_IDENTIFYING_SUBSTRINGS = ("mrn", "patient", "birth", "accession", "phone", "address", "email", "physician")
+"""Found inside run-together names too (``patientname``, ``dateofbirth``)."""
+
+FREE_TEXT_CHARS, FREE_TEXT_WORDS = 40, 5
+"""A label value longer than this, or of more words, is free text (it may quote the report)."""
+
+DISTINCT_ID_ROWS = 20
+"""A text column, or one of integers reaching four digits, whose values all differ over at
+least this many rows is an identifier (ages and scores repeat; record numbers do not)."""
+
+_DATE = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|(19|20)\d{6}")
+_PHONE = re.compile(r"\+?\d[\d ().-]{6,}\d")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.\w+")
+_DIGITS = re.compile(r"\d{5,}")
+
+log = logging.getLogger(__name__)
 
 
 class ReportTableError(ValueError):
@@ -82,18 +113,20 @@ def load_report_table(
     key_column: str = "StudyInstanceUID",
     text_columns: Sequence[str] | Mapping[str, str] = ("report",),
     label_columns: Sequence[str] | None = None,
+    label_prefixes: Sequence[str] = (),
 ) -> dict[str, Report]:
-    """Reports by key (the stripped text of ``key_column``).
+    """Reports by key (the stripped text of ``key_column``, read as text: leading zeros kept).
 
     Several ``text_columns`` are joined into sections headed by the column name
     (``Findings_EN`` -> "Findings:"); a mapping column -> heading sets the headings.
-    ``label_columns`` default to every other column except identifiers and PHI
-    (:data:`IDENTIFIER_COLUMNS`: UIDs, accession number, patient fields, dates); label values keep their type
-    (numbers stay numbers) and a missing value (null, empty, NaN) leaves the label absent.
+    Labels are the columns :func:`choose_label_columns` allows; label values keep their
+    type (numbers stay numbers) and a missing value (null, empty, NaN) leaves the label absent.
     """
     headings = section_headings(text_columns)
     table = read_table(path, string_columns=[key_column, *headings])
-    labels = _label_columns(table, key_column, headings, label_columns)
+    _require_columns(path, table, [key_column, *headings, *(label_columns or ())])
+    candidates = [c for c in table.column_names if c != key_column and c not in headings]
+    labels = choose_label_columns(table, candidates, label_columns, label_prefixes, where=str(path))
     _require_columns(path, table, [key_column, *headings, *labels])
     rows = table.select([key_column, *headings, *labels]).to_pylist()
     keys = [_key(row[key_column]) for row in rows]
@@ -124,14 +157,98 @@ def section_heading(column: str) -> str:
     return name[:1].upper() + name[1:]
 
 
-def _label_columns(
-    table: pa.Table, key_column: str, headings: Mapping[str, str], label_columns: Sequence[str] | None
+def choose_label_columns(
+    table: pa.Table,
+    candidates: Sequence[str],
+    label_columns: Sequence[str] | None = None,
+    label_prefixes: Sequence[str] = (),
+    where: str = "report table",
 ) -> list[str]:
-    if label_columns is not None:
-        return list(label_columns)
-    return [
-        c for c in table.column_names if c != key_column and c not in headings and c not in IDENTIFIER_COLUMNS
-    ]
+    """The columns of ``table`` that become labels: an allow-list, since a label reaches
+    every shard and manifest.
+
+    Asked for (``label_columns`` by name, and every candidate starting with one of
+    ``label_prefixes``): those columns, each checked by :func:`label_refusal`; an
+    identifying, date-like or free-text one is refused with ReportTableError, not dropped.
+    Not asked (neither given): only candidates that look like binary findings, all of
+    whose values are 0/1 or true/false, under a name that does not identify; the other
+    candidates are left out, and named in a warning so that none is lost unnoticed.
+    """
+    if label_columns is None and not label_prefixes:
+        chosen = [c for c in candidates if _binary(table[c]) and not identifying_name(c)]
+        left_out = [c for c in candidates if c not in chosen]
+        if left_out:
+            log.warning(
+                "%s: column(s) %s not taken as labels (only 0/1 findings are by default; "
+                "allow one with --label-column NAME)",
+                where,
+                ", ".join(left_out),
+            )
+        return chosen
+    asked = [*(label_columns or ()), *(c for c in candidates if c.startswith(tuple(label_prefixes)))]
+    chosen = list(dict.fromkeys(asked))
+    refusals = [f"{c!r} ({reason})" for c in chosen if (reason := label_refusal(c, table[c]))]
+    if refusals:
+        raise ReportTableError(
+            f"{where}: refusing label column(s) {', '.join(refusals)}: identifiers, dates and "
+            "free text never become labels (docs/ingest.md, de-identification)"
+        )
+    return chosen
+
+
+def identifying_name(column: str) -> bool:
+    """Whether a column's name marks it as an identifier or PHI (:data:`IDENTIFIER_COLUMNS`,
+    :data:`IDENTIFYING_NAME_PARTS`)."""
+    if column in IDENTIFIER_COLUMNS:
+        return True
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", column)
+    lowered = column.lower()
+    return any(w.lower() in IDENTIFYING_NAME_PARTS for w in words) or any(
+        part in lowered for part in _IDENTIFYING_SUBSTRINGS
+    )
+
+
+def label_refusal(column: str, values: pa.ChunkedArray) -> str | None:
+    """Why ``column`` may not be a label, or None: an identifying name, date or time
+    values, text that is long (free text), holds a date, a DICOM person name (``^``), a
+    phone number, an e-mail address or a long digit run, or text or integers of four or
+    more digits that differ in every row (an identifier, e.g. an MRN under another name)."""
+    if identifying_name(column):
+        return "identifying name"
+    kind = values.type
+    if pa.types.is_temporal(kind):
+        return "date or time values"
+    present = [v for v in values.to_pylist() if not _missing(v)]
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        for value in present:
+            if len(value) > FREE_TEXT_CHARS or len(value.split()) > FREE_TEXT_WORDS:
+                return "free text"
+            for pattern, reason in ((_DATE, "a date"), (_EMAIL, "an e-mail address"), (_PHONE, "a phone number"),
+                                    (_DIGITS, "a long number")):  # fmt: skip
+                if pattern.search(value):
+                    return f"values hold {reason}"
+            if "^" in value:
+                return "values hold a DICOM person name"
+    if pa.types.is_integer(kind) and any(_DATE.fullmatch(str(v)) for v in present):
+        return "values hold a date"
+    code_like = pa.types.is_string(kind) or (
+        pa.types.is_integer(kind) and max(map(abs, present), default=0) >= 1000
+    )
+    if code_like and len(present) >= DISTINCT_ID_ROWS and len(set(present)) == len(present):
+        return "every value differs: an identifier"
+    return None
+
+
+def _binary(values: pa.ChunkedArray) -> bool:
+    """All present values 0/1 (integers, floats or booleans), and at least one present."""
+    if not (
+        pa.types.is_boolean(values.type)
+        or pa.types.is_integer(values.type)
+        or pa.types.is_floating(values.type)
+    ):
+        return False
+    present = {v for v in values.to_pylist() if not _missing(v)}
+    return bool(present) and present <= {0, 1}
 
 
 def _require_columns(path: str | Path, table: pa.Table, columns: Sequence[str]) -> None:

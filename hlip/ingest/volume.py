@@ -32,7 +32,7 @@ from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 
 from hlip.ingest import geometry
-from hlip.ingest.index import open_source
+from hlip.ingest.index import declared_pixel_bytes, open_source
 from hlip.ingest.mosaic import untile
 from hlip.ingest.plan import ScanPlan
 from hlip.shards.format import Scan
@@ -42,6 +42,19 @@ NATIVE = "native"
 DEFAULT_TARGET_SPACING: dict[str, tuple[float | None, float | None, float | None]] = {"CT": (3.0, 1.0, 1.0)}
 """Per-modality (d, h, w) spacing in mm: CT as in the HLIP paper (3 x 1 x 1 mm). Other
 modalities keep their native grid by default (MR slice thickness varies by design)."""
+
+
+DECODE_BYTES_PER_VOXEL = 16
+"""Peak memory of building a scan per decoded voxel, rounded up from bench/decode_memory.py:
+a study's voxel budget is a worker's memory divided by this."""
+
+MAX_COMPRESSION_RATIO = 100
+"""Declared pixel bytes over bytes on disk above which a large file is a decompression bomb:
+lossless codecs give 2-4x on CT and MR; 8192^2 Deflate-compressed zeros give about 1000x."""
+
+LARGE_FILE_BYTES = 64 << 20
+"""Files declaring fewer pixel bytes than this are never refused for their compression ratio
+(a blank 512^2 slice compresses enormously and costs nothing to decode)."""
 
 
 class ScanRejected(Exception):
@@ -79,6 +92,52 @@ class VolumeConfig:
         return tuple(None if v is None else float(v) for v in spec)
 
 
+# --------------------------------------------------------------------------- size bounds
+
+
+def declared_study_voxels(scan_plans: Sequence[ScanPlan], rows: Mapping[str, Mapping[str, Any]]) -> int:
+    """Pixels that decoding the files of ``scan_plans`` produces (each file once, all its
+    frames: a decoder yields a whole file), from the index alone."""
+    files = {file_id for scan_plan in scan_plans for file_id in scan_plan.files}
+    return sum(
+        (rows[f].get("Rows") or 0)
+        * (rows[f].get("Columns") or 0)
+        * max(1, rows[f].get("NumberOfFrames") or 1)
+        for f in files
+        if f in rows
+    )
+
+
+def default_study_voxels(memory_bytes: int) -> int:
+    """The per-study voxel budget of a worker with ``memory_bytes``."""
+    return memory_bytes // DECODE_BYTES_PER_VOXEL
+
+
+def check_decoded_size(
+    scan_plans: Sequence[ScanPlan], rows: Mapping[str, Mapping[str, Any]], max_study_voxels: int | None
+) -> None:
+    """Refuse, before any pixel is decoded, a study whose files declare more than the budget
+    or a large file compressed beyond :data:`MAX_COMPRESSION_RATIO` (both ``too_large``):
+    a few small hostile files must not take the worker's memory, and with it the run."""
+    files = sorted({file_id for scan_plan in scan_plans for file_id in scan_plan.files})
+    for file_id in files:
+        row = rows.get(file_id) or {}
+        declared, on_disk = declared_pixel_bytes(row), max(1, row.get("size") or 0)
+        if declared > LARGE_FILE_BYTES and declared > MAX_COMPRESSION_RATIO * on_disk:
+            raise ScanRejected(
+                "too_large",
+                f"{file_id}: declares {declared / 2**20:.0f} MiB of pixels in {on_disk / 2**10:.0f} KiB "
+                f"(compression x{declared / on_disk:.0f} > x{MAX_COMPRESSION_RATIO}); not decoded",
+            )
+    voxels = declared_study_voxels(scan_plans, rows)
+    if max_study_voxels is not None and voxels > max_study_voxels:
+        raise ScanRejected(
+            "too_large",
+            f"the study's files declare {voxels} voxels > the per-study budget of {max_study_voxels} "
+            f"(max_study_voxels; by default the worker memory / {DECODE_BYTES_PER_VOXEL} bytes); not decoded",
+        )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -96,7 +155,9 @@ def build_scan(
     rows = index_rows if isinstance(index_rows, Mapping) else {r["file_id"]: r for r in index_rows}
     target = config.spacing_for(scan_plan.modality)
     if scan_plan.uneven_spacing and target is None:
-        raise ScanRejected("uneven_spacing", "uneven slice positions and a native grid requested")
+        if scan_plan.spacing_rule != "regimes":
+            raise ScanRejected("uneven_spacing", "uneven slice positions and a native grid requested")
+        target = (_smallest_step(scan_plan), None, None)  # native: equalize to the finest regime
     n_voxels = len(scan_plan.slices) * scan_plan.rows * scan_plan.columns
     if n_voxels > config.max_voxels:
         raise ScanRejected("too_large", f"{n_voxels} voxels > max_voxels={config.max_voxels}")
@@ -128,6 +189,12 @@ def build_scan(
     )
 
 
+def _smallest_step(scan_plan: ScanPlan) -> float:
+    positions = np.array([ref.position for ref in scan_plan.slices], dtype=np.float64)
+    steps = geometry.stack_geometry(positions, scan_plan.image_orientation, scan_plan.pixel_spacing).steps
+    return float(steps.min())
+
+
 def _extra(scan_plan: ScanPlan, encoded: EncodedIntensity, *, resampled: bool) -> dict[str, Any]:
     """Technical provenance only (no UIDs or other identifiers)."""
     return {
@@ -139,6 +206,7 @@ def _extra(scan_plan: ScanPlan, encoded: EncodedIntensity, *, resampled: bool) -
         "volume_count": scan_plan.volume_count,
         "tilt_corrected": scan_plan.tilted,
         "uneven_spacing": scan_plan.uneven_spacing,
+        "spacing_rule": scan_plan.spacing_rule,
         "resampled": resampled,
         "lossless_intensity": encoded.lossless,
     }

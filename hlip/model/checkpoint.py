@@ -8,12 +8,37 @@ state_dict strictly, position tables included.
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hlip.model.vision import HierarchicalViT
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that is not one hlip can load (foreign, damaged, malicious)."""
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a checkpoint file, tensors and plain containers only.
+
+    A pickle that would construct other objects (run code: a foreign or malicious file)
+    is refused rather than unpickled, and a file that is no torch file at all is named as
+    such; both are :class:`CheckpointError`, one line, never the advice to load unsafely.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        text = str(error)
+        if "Unsupported global" in text:  # torch refused a pickle that would construct objects
+            raise CheckpointError(f"{path}: not an hlip checkpoint (refusing to unpickle code)") from None
+        reason = "no torch tensor pickle" if "Weights only load failed" in text else text.splitlines()[0]
+        raise CheckpointError(f"{path}: not a checkpoint file ({reason or type(error).__name__})") from None
+
 
 # Reference keyword -> HierarchicalViT keyword.
 _PASSED = {

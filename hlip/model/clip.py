@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, load_torch_file
 from .text import TextTower
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -143,7 +144,11 @@ def read_openclip_state_dict(source: str | Path | Mapping) -> dict[str, torch.Te
 
         obj = load_file(source)
     else:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        obj = load_torch_file(source)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{source}: not an hlip checkpoint (holds a {type(obj).__name__}, not a state dict)"
+        )
     if isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     return {key.removeprefix("module."): value for key, value in obj.items()}

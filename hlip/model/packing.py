@@ -155,7 +155,13 @@ class LevelIndex:
         return len(self.cls.index)
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> LevelIndex:
-        return replace(self, cls=self.cls.apply(fn), pack=self.pack.apply(fn), rank=fn(self.rank))
+        return replace(
+            self,
+            segments=self.segments.apply(fn),
+            cls=self.cls.apply(fn),
+            pack=self.pack.apply(fn),
+            rank=fn(self.rank),
+        )
 
 
 @dataclass(eq=False)
@@ -372,7 +378,8 @@ class PackedStudies:
         key = tuple(keep_per_scan.tolist())
         if key not in self._dropped_layouts:
             dropped = TokenLayout.build(layout.scans_per_study, layout.slices_per_scan, keep_per_scan)
-            self._dropped_layouts[key] = dropped.apply(lambda t: t.to(device))
+            # Non-blocking: a copy from pageable memory that does not wait for the GPU's queue.
+            self._dropped_layouts[key] = dropped.apply(lambda t: t.to(device, non_blocking=True))
         return RowGather.of(kept, self.num_tokens), self._dropped_layouts[key]
 
 

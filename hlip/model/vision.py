@@ -165,7 +165,9 @@ class HierarchicalViT(nn.Module):
             else:
                 rows.append(np.arange(n))
         table = torch.cat([table, *stretched]) if stretched else table
-        return table.index_select(0, torch.from_numpy(np.concatenate(rows)).to(device))
+        # Non-blocking: a copy from pageable memory that does not wait for the GPU's queue.
+        rows = torch.from_numpy(np.concatenate(rows)).to(device, non_blocking=True)
+        return table.index_select(0, rows)
 
     def _position_codes(self, packed: PackedStudies, scan_rows: Tensor | None) -> Tensor:
         """[P, C] float32 spatial + scan-order code of every patch token."""

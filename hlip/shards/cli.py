@@ -22,15 +22,14 @@ app = typer.Typer(
 )
 console = Console()
 
-DATASET = typer.Argument(
-    ..., exists=True, file_okay=False, help="Dataset directory (holds manifest.parquet)."
-)
+DATASET = typer.Argument(..., help="Dataset directory or object-store URL (s3://bucket/prefix).")
 KEY = typer.Argument(..., help="Study key.")
+VERSION = typer.Option(None, "--version", min=1, help="Dataset version to read (default: the latest).")
 
 
-def _open(path: Path) -> ShardDataset:
+def _open(path: str, version: int | None = None) -> ShardDataset:
     try:
-        return ShardDataset(path)
+        return ShardDataset(path, version=version)
     except ShardFormatError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
@@ -43,10 +42,17 @@ def _require_key(dataset: ShardDataset, key: str) -> None:
 
 
 @app.command("ls")
-def ls(path: Path = DATASET) -> None:
-    """Studies with modality, report length, and each scan's name and shape (d x h x w)."""
-    dataset = _open(path)
-    table = Table(title=f"{path} ({len(dataset)} studies)")
+def ls(path: str = DATASET, version: int | None = VERSION) -> None:
+    """The dataset's versions, then its studies with modality, report length, and each
+    scan's name and shape (d x h x w)."""
+    dataset = _open(path, version)
+    versions = Table(title=f"{path}: versions")
+    for column in ("version", "created", "added", "superseded", "shards", "studies"):
+        versions.add_column(column, justify="left" if column == "created" else "right")
+    for row in inspect.list_versions(dataset):
+        versions.add_row(*(str(value) for value in row.values()))
+    console.print(versions)
+    table = Table(title=f"{path} version {dataset.version.number} ({len(dataset)} studies)")
     for column in ("key", "modality", "scans", "report chars"):
         table.add_column(column, justify="right" if column == "report chars" else "left")
     for row in inspect.list_studies(dataset):
@@ -56,11 +62,12 @@ def ls(path: Path = DATASET) -> None:
 
 @app.command()
 def stats(
-    path: Path = DATASET,
+    path: str = DATASET,
     png: Path | None = typer.Option(None, "--png", help="Also write the histograms as a PNG."),
+    version: int | None = VERSION,
 ) -> None:
     """Counts and histograms of scans per study, slices, spacing and report length."""
-    summary = inspect.dataset_stats(_open(path))
+    summary = inspect.dataset_stats(_open(path, version))
     console.print(inspect.stats_text(summary), highlight=False)
     if png is not None:
         inspect.stats_png(summary, png)
@@ -69,16 +76,17 @@ def stats(
 
 @app.command()
 def show(
-    path: Path = DATASET,
+    path: str = DATASET,
     key: str = KEY,
     png: Path = typer.Option(..., "--png", help="Montage PNG to write."),
     slices: int = typer.Option(6, "--slices", min=1, help="Slices per scan in the montage."),
     window: str = typer.Option("soft", "--window", help=f"CT window: {', '.join(inspect.CT_WINDOWS)}."),
+    version: int | None = VERSION,
 ) -> None:
     """Metadata, report, and a PNG montage of evenly spaced slices (one row per scan)."""
     if window not in inspect.CT_WINDOWS:
         raise typer.BadParameter(f"--window must be one of {', '.join(inspect.CT_WINDOWS)}")
-    dataset = _open(path)
+    dataset = _open(path, version)
     _require_key(dataset, key)
     study = dataset.open(key)
     summary = inspect.study_summary(study)
@@ -97,14 +105,14 @@ def show(
 
 
 @app.command()
-def verify(path: Path = DATASET) -> None:
+def verify(path: str = DATASET, version: int | None = VERSION) -> None:
     """Check every member's sha256, the schema, and decode every array; exit 1 on failure."""
-    dataset = _open(path)
+    dataset = _open(path, version)
     with Progress(
         TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
         task = progress.add_task("verify", total=len(dataset))
-        report = inspect.verify_dataset(path, progress=lambda n: progress.advance(task, n))
+        report = inspect.verify_dataset(path, lambda n: progress.advance(task, n), dataset.version.number)
     if report.ok:
         console.print(f"[green]ok[/green]: {report.studies} studies verified")
         return
@@ -119,12 +127,18 @@ def verify(path: Path = DATASET) -> None:
 
 @app.command()
 def export(
-    path: Path = DATASET,
+    path: str = DATASET,
     key: str = KEY,
     out: Path = typer.Option(..., "--out", help="Directory for <scan>.nii.gz, report.txt, study.json."),
+    version: int | None = VERSION,
 ) -> None:
     """One NIfTI per scan (RAS affine), the report and the study metadata."""
-    dataset = _open(path)
+    dataset = _open(path, version)
     _require_key(dataset, key)
-    for written in inspect.export_study(dataset, key, out):
-        console.print(f"wrote {written}")
+    try:
+        written = inspect.export_study(dataset, key, out)
+    except (ShardFormatError, OSError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    for name in written:
+        console.print(f"wrote {name}")

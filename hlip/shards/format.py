@@ -17,14 +17,16 @@ Coordinate conventions (documented in docs/shard-format.md):
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FORMAT_NAME = "hlip-study-shards"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 """Major.minor. Readers accept any minor of a major they know and reject other majors."""
 
 SHARD_PREFIX = "ds"
@@ -89,6 +91,9 @@ first dot) and short enough for a plain ustar header (``<key>.zarr.zip`` <= 100 
 SCAN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Scan names: zarr array names and ``<name>.nii.gz`` export file names."""
 
+SHARD_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9]{6}\.tar")
+"""Shard file names as the manifest lists them: ``<prefix>-NNNNNN.tar``, no folders."""
+
 DEFAULT_SLAB_DEPTH = 8
 """Slices per zarr chunk; bench/shards.py measures the trade-off (docs/performance.md)."""
 
@@ -131,6 +136,13 @@ ARRAY_DTYPE = np.dtype("int16")
 
 MANIFEST_FILE = "manifest.parquet"
 SCANS_FILE = "scans.parquet"
+LOCAL_DIR = "_ingest"
+"""The ingest's local folder in a dataset directory (index, per-file outcomes, secret):
+kept where the dataset was made, never shipped, so not among the files a dataset lists."""
+
+
+LOCK_FILE = "_ingest.lock"
+"""Present while an ingest writes the dataset (hlip/ingest/lock.py); not a dataset file."""
 
 
 class ShardFormatError(ValueError):
@@ -163,6 +175,25 @@ def check_key(key: object) -> str:
             "(no dots: webdataset splits member names at the first dot)"
         )
     return key
+
+
+def check_name(name: object, pattern: re.Pattern, what: str) -> str:
+    """``name`` if it matches ``pattern``; a dataset naming a file otherwise (a path, ``..``)
+    is damaged or hostile, so this is a ShardFormatError."""
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise ShardFormatError(f"unsafe {what} {name!r} (must match {pattern.pattern})")
+    return name
+
+
+def path_inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, resolved, refused unless it lies inside ``folder``: every file a
+    writer derives from data (keys, scan names, shard names) goes through here, so no
+    name can place a file elsewhere (``/tmp/x``, ``../x``, a symlink out)."""
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    if target.parent != root:
+        raise ShardFormatError(f"refusing to write {name!r}: it resolves to {target}, outside {root}")
+    return target
 
 
 def validate_scan(scan: Scan, key: str) -> None:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from hlip.shards import format as fmt
 from hlip.shards.format import Scan, ShardFormatError, Study
 from hlip.shards.reader import ShardDataset, decode_study, parse_record
-from hlip.shards.writer import MANIFEST_SCHEMA, MEMBER_COLUMNS, SCANS_SCHEMA, TAR_BLOCK
+from hlip.shards.writer import MANIFEST_SCHEMA, MEMBER_COLUMNS, SCANS_SCHEMA, STAGING_DIR, TAR_BLOCK
 
 Progress = Callable[[int], None]
 
@@ -49,6 +49,22 @@ def list_studies(dataset: ShardDataset) -> list[dict[str, Any]]:
             "scans": scans.get(row["key"], []),
         }
         for row in dataset.manifest.select(["key", "modality", "n_scans", "report_length"]).to_pylist()
+    ]
+
+
+def list_versions(dataset: ShardDataset) -> list[dict[str, Any]]:
+    """One row per committed version: number, commit time, studies added and superseded,
+    the shards it added and the studies it holds."""
+    return [
+        {
+            "version": version.number,
+            "created": version.created or "(before versions)",
+            "added": version.added,
+            "superseded": version.superseded,
+            "shards": len(version.shards),
+            "studies": version.studies,
+        }
+        for version in dataset.history
     ]
 
 
@@ -269,11 +285,15 @@ class VerifyReport:
         return sorted({p.key for p in self.problems if p.key is not None})
 
 
-def _check_schema(path: Path) -> list[Problem]:
+def _check_schema(dataset: ShardDataset) -> list[Problem]:
+    """Every manifest and scans fragment of the dataset's version has the format's columns."""
     problems = []
-    for name, schema in ((fmt.MANIFEST_FILE, MANIFEST_SCHEMA), (fmt.SCANS_FILE, SCANS_SCHEMA)):
+    fragments = [(name, MANIFEST_SCHEMA) for name in dataset.version.manifests]
+    fragments += [(name, SCANS_SCHEMA) for name in dataset.version.scans]
+    for name, schema in fragments:
         try:
-            found = pq.read_schema(path / name)
+            with dataset.location.open(name) as file:
+                found = pq.read_schema(file)
         except (OSError, ValueError) as error:
             problems.append(Problem(None, f"{name}: {error}"))
             continue
@@ -289,7 +309,7 @@ def _check_tar_headers(dataset: ShardDataset, key: str) -> None:
     """Each member's tar header names ``<key>.<ext>`` and its size: catches offsets that
     point at the wrong bytes and damage to headers, which member checksums cannot see."""
     row = dataset.row(key)
-    with open(dataset.path / row["shard"], "rb") as file:
+    with dataset.open_shard(key, row["shard"]) as file:
         for ext, column in MEMBER_COLUMNS.items():
             file.seek(row[f"{column}_offset"] - TAR_BLOCK)
             try:
@@ -320,14 +340,28 @@ def verify_study(dataset: ShardDataset, key: str) -> None:
             raise ShardFormatError(f"study {key!r} scan {scan.name!r}: decoded {voxels.dtype}{voxels.shape}")
 
 
-def verify_dataset(path: str | os.PathLike, progress: Progress | None = None) -> VerifyReport:
-    """Verify every study of the dataset at ``path``; failures are collected, not raised."""
-    path = Path(path)
+def _unlisted_files(dataset: ShardDataset) -> list[Problem]:
+    """Files under the dataset root that its version log does not list (the local ingest
+    folder, a staging area and an ingest's lock aside): whoever ships or receives a dataset
+    should know of anything extra."""
+    listed = dataset.listed_files()
+    transient = {fmt.LOCAL_DIR, STAGING_DIR, fmt.LOCK_FILE}
+    found = (name for name in dataset.location.find() if name.split("/")[0] not in transient)
+    return [
+        Problem(None, f"unlisted file {name} (no manifest lists it)") for name in found if name not in listed
+    ]
+
+
+def verify_dataset(
+    path: str | os.PathLike, progress: Progress | None = None, version: int | None = None
+) -> VerifyReport:
+    """Verify every study of the dataset at ``path`` (at ``version``, default the latest);
+    failures are collected, not raised."""
     try:
-        dataset = ShardDataset(path)
+        dataset = ShardDataset(path, version=version)
     except (ShardFormatError, OSError) as error:
         return VerifyReport(problems=[Problem(None, str(error))])
-    report = VerifyReport(studies=len(dataset), problems=_check_schema(path))
+    report = VerifyReport(studies=len(dataset), problems=_check_schema(dataset) + _unlisted_files(dataset))
     for key in dataset:
         try:
             verify_study(dataset, key)
@@ -369,19 +403,23 @@ def scan_to_nifti(scan: Scan):
 
 
 def export_study(dataset: ShardDataset, key: str, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``<scan>.nii.gz`` per scan, ``report.txt`` and ``study.json`` into ``out_dir``."""
+    """Write ``<scan>.nii.gz`` per scan, ``report.txt`` and ``study.json`` into ``out_dir``.
+
+    The study is read and checked first (ShardFormatError, nothing written), and no name
+    from the data can place a file outside ``out_dir``."""
     import nibabel as nib
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     members = dataset.read_members(key)
     study = decode_study(key, members)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for scan in study.scans:
-        target = out / f"{scan.name}.nii.gz"
+        target = fmt.path_inside(out, f"{scan.name}.nii.gz")
         nib.save(scan_to_nifti(scan), target)
         written.append(target)
-    (out / "report.txt").write_text(study.report, encoding="utf-8")
+    report, metadata = fmt.path_inside(out, "report.txt"), fmt.path_inside(out, "study.json")
+    report.write_text(study.report, encoding="utf-8")
     record = json.loads(members[fmt.JSON_MEMBER])
-    (out / "study.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-    return [*written, out / "report.txt", out / "study.json"]
+    metadata.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    return [*written, report, metadata]

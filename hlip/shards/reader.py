@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import zarr
 from numcodecs import Blosc
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
@@ -36,7 +35,9 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.storage import StorePath
 
 from hlip.shards import format as fmt
+from hlip.shards import versions
 from hlip.shards.format import Scan, ShardFormatError, Study
+from hlip.shards.storage import Location
 from hlip.shards.writer import MEMBER_COLUMNS
 
 
@@ -225,6 +226,13 @@ def parse_record(data: bytes, key: str) -> dict[str, Any]:
         _require(record, field, key)
     if record["key"] != key:
         raise ShardFormatError(f"study {key!r}: sample JSON names key {record['key']!r}")
+    if not isinstance(record["scans"], list) or not all(isinstance(scan, dict) for scan in record["scans"]):
+        raise ShardFormatError(f"study {key!r}: sample JSON's scans is not a list of objects")
+    for scan in record["scans"]:
+        try:
+            fmt.check_name(scan.get("name"), fmt.SCAN_NAME_PATTERN, "scan name")
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
     return record
 
 
@@ -326,34 +334,44 @@ def decode_study(key: str, members: Mapping[str, bytes]) -> Study:
 
 
 class ShardDataset:
-    """A dataset directory opened through its manifests; a mapping of key -> Study.
+    """A dataset opened through its manifests; a mapping of key -> Study.
 
-    ``manifest`` (one row per study) and ``scans`` (one row per scan) are pyarrow
-    tables; :meth:`filter` narrows the study set with a pyarrow expression; :meth:`open`
-    reads one study with byte-range reads and, by default, checks each member's sha256.
+    ``path`` is a directory or an object-store URL (``s3://bucket/prefix``, through
+    fsspec). ``version`` pins a committed version (:mod:`hlip.shards.versions`; default:
+    the latest). ``manifest`` (one row per study) and ``scans`` (one row per scan) are
+    pyarrow tables; :meth:`filter` narrows the study set with a pyarrow expression;
+    :meth:`open` reads one study with byte-range reads and, by default, checks each
+    member's sha256.
     """
 
-    def __init__(self, path: str | os.PathLike, manifest: pa.Table | None = None) -> None:
-        self.path = Path(path)
-        manifest_path = self.path / fmt.MANIFEST_FILE
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        manifest: pa.Table | None = None,
+        *,
+        version: int | None = None,
+        _scans: pa.Table | None = None,
+    ) -> None:
+        self.location = Location(path)
+        self.path = Path(self.location.url) if self.location.local else self.location.url
+        self.version = versions.get_version(self.location, version)
         if manifest is None:
-            if not manifest_path.exists():
-                raise ShardFormatError(
-                    f"{self.path} is not a finished dataset: {fmt.MANIFEST_FILE} is missing"
-                )
-            try:
-                manifest = pq.read_table(manifest_path)
-            except (pa.ArrowException, OSError) as error:
-                raise ShardFormatError(f"{manifest_path} does not read as Parquet: {error}") from None
-            for version in set(manifest.column("format_version").to_pylist()):
-                fmt.check_version(version, where=str(manifest_path))
+            manifest, _scans = versions.read_tables(self.location, self.version)
         self.manifest = manifest
+        self._all_scans = _scans
         self._rows = {key: i for i, key in enumerate(manifest.column("key").to_pylist())}
+
+    @functools.cached_property
+    def history(self) -> list[versions.DatasetVersion]:
+        """Every committed version of the dataset, oldest first."""
+        return versions.list_versions(self.location)
 
     @functools.cached_property
     def scans(self) -> pa.Table:
         """Per-scan rows of the studies in this (possibly filtered) view."""
-        table = pq.read_table(self.path / fmt.SCANS_FILE)
+        table = self._all_scans
+        if table is None:
+            table = versions.read_tables(self.location, self.version)[1]
         return table.filter(pc.is_in(table["key"], value_set=self.manifest["key"]))
 
     def __repr__(self) -> str:
@@ -376,11 +394,42 @@ class ShardDataset:
 
     def filter(self, expression: pc.Expression) -> ShardDataset:
         """A view of the studies matching ``expression``, e.g. ``pc.field("n_scans") >= 2``."""
-        return ShardDataset(self.path, self.manifest.filter(expression))
+        return ShardDataset(
+            self.location.url,
+            self.manifest.filter(expression),
+            version=self.version.number,
+            _scans=self._all_scans,
+        )
 
-    def shard_paths(self) -> list[Path]:
+    def shard_names(self) -> list[str]:
         """Shards holding this view's studies, in name order."""
-        return [self.path / name for name in sorted(set(self.manifest.column("shard").to_pylist()))]
+        return sorted(set(self.manifest.column("shard").to_pylist()))
+
+    def shard_paths(self) -> list[str]:
+        """Paths (local) or URLs (object store) of this view's shards, in name order."""
+        return [self.location.uri(name) for name in self.shard_names()]
+
+    def where(self) -> dict[str, str]:
+        """``key -> shard`` of this view's studies (an earlier version's sample of a study
+        may still lie in another shard; it is not part of this view)."""
+        return dict(
+            zip(
+                self.manifest.column("key").to_pylist(),
+                self.manifest.column("shard").to_pylist(),
+                strict=True,
+            )
+        )
+
+    def listed_files(self) -> set[str]:
+        """The dataset's files as its version log lists them (paths relative to the dataset
+        root): every version file, fragment and shard of every version, so the old shards
+        of rebuilt studies count (earlier versions read them)."""
+        files = set()
+        for version in self.history:
+            if self.location.exists(versions.version_file(version.number)):
+                files.add(versions.version_file(version.number))
+            files.update(version.manifests, version.scans, version.shards)
+        return files
 
     def row(self, key: str) -> dict[str, Any]:
         if key not in self._rows:
@@ -390,11 +439,12 @@ class ShardDataset:
     def read_members(self, key: str, verify: bool = True) -> dict[str, bytes]:
         """The sample's raw members, read by offset (no shard scan)."""
         row = self.row(key)
-        shard = self.path / row["shard"]
-        if not shard.exists():
-            raise ShardFormatError(f"study {key!r}: shard {row['shard']} is missing")
+        try:
+            shard = fmt.check_name(row["shard"], fmt.SHARD_NAME_PATTERN, "shard name")
+        except ShardFormatError as error:
+            raise ShardFormatError(f"study {key!r}: {error}") from None
         members = {}
-        with open(shard, "rb") as file:
+        with self.open_shard(key, shard) as file:
             for ext, column in MEMBER_COLUMNS.items():
                 file.seek(row[f"{column}_offset"])
                 data = file.read(row[f"{column}_size"])
@@ -406,6 +456,13 @@ class ShardDataset:
                     )
                 members[ext] = data
         return members
+
+    def open_shard(self, key: str, shard: str):
+        """The shard file ``shard`` (holding study ``key``), open for byte-range reads."""
+        try:
+            return self.location.open(shard)
+        except FileNotFoundError:
+            raise ShardFormatError(f"study {key!r}: shard {shard} is missing") from None
 
     def open(self, key: str, verify: bool = True) -> Study:
         """The study ``key`` with lazy scan arrays; ``verify`` checks member sha256s."""

@@ -28,32 +28,43 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import group_by_keys, url_opener
 
 from hlip.shards import format as fmt
 from hlip.shards.format import ShardFormatError
 from hlip.shards.reader import ShardDataset, decode_study
+from hlip.shards.storage import Location, is_remote
+from hlip.shards.versions import VERSIONS_DIR
 
 log = logging.getLogger(__name__)
 
 UrlSource = str | os.PathLike | ShardDataset | Sequence[str | os.PathLike]
 
 
-def expand_urls(source: UrlSource) -> list[str]:
-    """Shard URLs from a dataset dir (via its manifest), a ShardDataset, a glob, brace
-    notation (``ds-{000000..000009}.tar``), ``::``-joined lists, or a list of these."""
+def is_dataset(text: str) -> bool:
+    """Whether ``text`` names a dataset root (local or object store) rather than shards."""
+    if text.startswith("pipe:") or text.endswith(".tar") or (not is_remote(text) and not os.path.isdir(text)):
+        return False
+    location = Location(text)
+    return location.exists(fmt.MANIFEST_FILE) or bool(location.list(VERSIONS_DIR))
+
+
+def resolve_sources(source: UrlSource, version: int | None = None) -> list[str | ShardDataset]:
+    """``source`` as a list of datasets (opened at ``version``) and plain shard URLs."""
     if isinstance(source, ShardDataset):
-        return [str(path) for path in source.shard_paths()]
+        return [source]
     if isinstance(source, Sequence) and not isinstance(source, str):
-        return [url for item in source for url in expand_urls(item)]
+        return [item for part in source for item in resolve_sources(part, version)]
     text = os.fspath(source)
+    if is_dataset(text):
+        return [ShardDataset(text, version=version)]
     if os.path.isdir(text):
-        if os.path.exists(os.path.join(text, fmt.MANIFEST_FILE)):
-            return expand_urls(ShardDataset(text))
         return sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
     if (
         not text.startswith("pipe:")
@@ -62,6 +73,37 @@ def expand_urls(source: UrlSource) -> list[str]:
     ):
         return sorted(glob.glob(text))
     return wds.shardlists.expand_urls(text)
+
+
+def locate(source: UrlSource, version: int | None = None) -> tuple[list[str], dict[str, frozenset[str]]]:
+    """The shard URLs of ``source`` and, for its datasets, the keys each shard serves at
+    ``version`` (:func:`dataset_members`): what a :class:`StudyStream` reads."""
+    items = resolve_sources(source, version)
+    return _urls(items), dataset_members(items)
+
+
+def expand_urls(source: UrlSource, version: int | None = None) -> list[str]:
+    """Shard URLs from a dataset (local directory or object-store URL, via its manifest at
+    ``version``), a ShardDataset, a glob, brace notation (``ds-{000000..000009}.tar``),
+    ``::``-joined lists, or a list of these."""
+    return _urls(resolve_sources(source, version))
+
+
+def _urls(items: Sequence[str | ShardDataset]) -> list[str]:
+    return [
+        url for item in items for url in (item.shard_paths() if isinstance(item, ShardDataset) else [item])
+    ]
+
+
+def dataset_members(items: Sequence[str | ShardDataset]) -> dict[str, frozenset[str]]:
+    """``shard URL -> keys`` that the datasets among ``items`` read from each of their
+    shards: a study rebuilt in a later version leaves its old sample in an older shard."""
+    members: dict[str, set[str]] = {}
+    for item in items:
+        if isinstance(item, ShardDataset):
+            for key, shard in item.where().items():
+                members.setdefault(item.location.uri(shard), set()).add(key)
+    return {url: frozenset(keys) for url, keys in members.items()}
 
 
 @dataclass(frozen=True)
@@ -124,13 +166,25 @@ def tar_files(source: dict[str, Any], handler: Callable[[Exception], bool]) -> I
         stream.close()
 
 
+def open_shard(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """``{"url", "stream"}`` of one shard: object-store URLs (``s3://``) through fsspec
+    (a seekable file, read member by member), everything else through webdataset."""
+    scheme = url.split("://", 1)[0] if is_remote(url) else ""
+    if not scheme or scheme in gopen_schemes:
+        yield from url_opener([{"url": url}], handler=handler)
+        return
+    try:
+        stream = fsspec.open(url, "rb").open()
+    except OSError as error:
+        error.args = (*error.args, url)
+        handler(error)
+        return
+    yield {"url": url, "stream": stream}
+
+
 def iter_part(part: ShardPart, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__`` and member bytes) of one shard part."""
-    files = (
-        record
-        for source in url_opener([{"url": part.url}], handler=handler)
-        for record in tar_files(source, handler)
-    )
+    files = (record for source in open_shard(part.url, handler) for record in tar_files(source, handler))
     for index, sample in enumerate(group_by_keys(files, handler=handler)):
         if index % part.stride == part.offset:
             yield sample
@@ -178,6 +232,7 @@ class StudyStream(IterableDataset):
         decode: bool = True,
         skip_errors: bool = False,
         keys: Collection[str] | None = None,
+        members: dict[str, frozenset[str]] | None = None,
         errors: ErrorCounter | None = None,
     ) -> None:
         super().__init__()
@@ -194,6 +249,7 @@ class StudyStream(IterableDataset):
         self.decode = decode
         self.skip_errors = skip_errors
         self.keys = None if keys is None else frozenset(keys)
+        self.members = members or {}
         self.errors = errors if errors is not None else ErrorCounter()
 
     def set_epoch(self, epoch: int) -> None:
@@ -225,6 +281,8 @@ class StudyStream(IterableDataset):
     def samples(self) -> Iterator[dict[str, Any]]:
         """Raw samples of this consumer, after the key filter and the shuffle buffer."""
         samples = (s for part in self.parts() for s in iter_part(part, self._handler))
+        if self.members:
+            samples = (s for s in samples if s["__key__"] in self.members.get(s["__url__"], (s["__key__"],)))
         if self.keys is not None:
             samples = (s for s in samples if s["__key__"] in self.keys)
         if self.shuffle_buffer > 0:
@@ -263,6 +321,7 @@ def stream_studies(
     skip_errors: bool = False,
     keys: Collection[str] | None = None,
     on_error: Callable[[str, Exception], None] | None = None,
+    version: int | None = None,
 ) -> StudyStream:
     """Stream the studies of ``source`` as an IterableDataset for a DataLoader.
 
@@ -274,10 +333,10 @@ def stream_studies(
     With ``skip_errors`` bad samples are skipped and counted in ``stream.errors`` (and
     passed to ``on_error``); otherwise the first one raises ShardFormatError naming it.
     ``keys`` restricts the stream to those studies (a filtered ShardDataset does it too).
+    A dataset is read at ``version`` (default: its latest; :mod:`hlip.shards.versions`):
+    only the samples that version holds, not the older samples of studies it rebuilt.
     """
-    if isinstance(source, ShardDataset) and keys is None:
-        keys = source.keys()
-    urls = expand_urls(source)
+    urls, members = locate(source, version)
     if not urls:
         raise FileNotFoundError(f"no shards found for {source!r}")
     return StudyStream(
@@ -291,5 +350,6 @@ def stream_studies(
         decode=decode,
         skip_errors=skip_errors,
         keys=keys,
+        members=members,
         errors=ErrorCounter(on_error),
     )

@@ -5,8 +5,9 @@ Writing happens in two phases so that an interrupted ingest keeps its finished w
 1. :meth:`DatasetWriter.add` encodes one study (:func:`encode_study`, a pure function)
    and spools it atomically to ``<out_dir>/_staging/<key>.sample`` (a one-sample tar).
 2. :meth:`DatasetWriter.finalize` packs every staged sample, in sorted key order, into
-   size-bounded shards ``<prefix>-NNNNNN.tar`` and writes ``scans.parquet`` and then
-   ``manifest.parquet`` (its presence marks a complete dataset), then drops the staging dir.
+   size-bounded shards ``<prefix>-NNNNNN.tar`` numbered after those of earlier versions,
+   writes the version's scans and manifest fragments, commits the version
+   (:mod:`hlip.shards.versions`), then drops the staging dir.
 
 Every byte is a function of the studies and the settings only: tar headers carry no
 time, owner or mode of the writing machine, zip entries carry a fixed timestamp, JSON
@@ -21,8 +22,8 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from zarr.codecs import BloscCodec
 from zarr.storage import MemoryStore
 
 from hlip.shards import format as fmt
+from hlip.shards import versions
 from hlip.shards.format import Scan, Study
+from hlip.shards.storage import Location
 
 STAGING_DIR = "_staging"
 STAGED_SUFFIX = ".sample"
@@ -318,9 +321,9 @@ class PackedSample:
     report_length: int
 
 
-def staged_sample_size(path: Path) -> int:
+def staged_sample_size(location: Location, name: str) -> int:
     """Shard bytes of a staged sample, from its tar headers alone."""
-    with tarfile.open(path, "r:") as tar:
+    with location.open(name) as file, tarfile.open(fileobj=file, mode="r:") as tar:
         return sum(tar_member_size(info.size) for info in tar.getmembers())
 
 
@@ -338,15 +341,13 @@ def plan_shards(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def _pack_sample(file: Any, offset: int, path: Path, shard: str) -> tuple[PackedSample, int]:
-    """Append a staged sample to the shard ``file`` at ``offset``; where it landed, and the
-    offset after it.
+def _pack_sample(file: Any, offset: int, data: bytes, key: str, shard: str) -> tuple[PackedSample, int]:
+    """Append the staged sample ``data`` (of study ``key``) to the shard ``file`` at
+    ``offset``; where it landed, and the offset after it.
 
     A staged sample is a one-sample tar whose member blocks (headers depend only on name
     and size) are exactly the bytes the sample occupies in a shard: they are copied in one
     write, without re-encoding the headers or copying the data block by block."""
-    key = path.name[: -len(STAGED_SUFFIX)]
-    data = path.read_bytes()
     raw = memoryview(data)
     members, located, end = {}, {}, 0
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:  # shares ``data``: headers only
@@ -374,33 +375,60 @@ def _end_of_archive(offset: int) -> bytes:
     return bytes(2 * TAR_BLOCK + -offset % tarfile.RECORDSIZE)
 
 
-def write_shard(staged: Sequence[Path], path: Path) -> list[PackedSample]:
-    """Write the staged samples, in the given order, as the one shard ``path``.
+def _staged_key(name: str) -> str:
+    return name.rsplit("/", 1)[-1][: -len(STAGED_SUFFIX)]
+
+
+def _write_samples(file: Any, location: Location, staged: Sequence[str], shard: str) -> list[PackedSample]:
+    packed, offset = [], 0
+    for name in staged:
+        sample, offset = _pack_sample(file, offset, location.read_bytes(name), _staged_key(name), shard)
+        packed.append(sample)
+    file.write(_end_of_archive(offset))
+    return packed
+
+
+def write_shard(staged: Sequence[str], root: str, shard: str) -> list[PackedSample]:
+    """Write the samples staged under ``root`` (names relative to it), in the given order,
+    as the one shard ``shard`` there: complete or absent (a local file is renamed into
+    place, an object is uploaded whole).
 
     Shards depend only on their own samples, so they can be written in any order or in
-    parallel (in other processes) with the same bytes."""
-    packed, offset = [], 0
-    with AtomicFile(path) as file:
-        for sample_path in staged:
-            sample, offset = _pack_sample(file, offset, sample_path, path.name)
-            packed.append(sample)
-        file.write(_end_of_archive(offset))
+    parallel (in other processes, e.g. as tasks on a cluster) with the same bytes."""
+    location = Location(root)
+    if location.local:
+        with AtomicFile(
+            fmt.path_inside(location.root, fmt.check_name(shard, fmt.SHARD_NAME_PATTERN, "shard name"))
+        ) as file:
+            return _write_samples(file, location, staged, shard)
+    with tempfile.TemporaryDirectory() as folder:
+        local = Path(folder) / shard
+        with open(local, "wb") as file:
+            packed = _write_samples(file, location, staged, shard)
+        location.upload(local, shard)
     return packed
 
 
 def pack_shards(
-    staged: list[Path], out_dir: Path, prefix: str, max_shard_bytes: int, map: Callable = map
+    staged: list[str],
+    location: Location,
+    prefix: str,
+    max_shard_bytes: int,
+    map: Callable = map,
+    first_index: int = 0,
 ) -> list[PackedSample]:
-    """Write the staged samples, in the given (sorted) order, into numbered shards.
+    """Write the staged samples, in the given (sorted) order, into shards numbered from
+    ``first_index``.
 
     The shard boundaries come from the staged tar headers alone; ``map`` (like the
-    builtin, which it defaults to: ``map(write_shard, groups, paths)`` yielding results
-    in order) then writes each shard, e.g. as parallel tasks on a cluster.
+    builtin, which it defaults to: ``map(write_shard, groups, roots, names)`` yielding
+    results in order) then writes each shard, e.g. as parallel tasks on a cluster.
     """
-    groups = plan_shards([staged_sample_size(path) for path in staged], max_shard_bytes)
+    groups = plan_shards([staged_sample_size(location, name) for name in staged], max_shard_bytes)
     samples = [[staged[i] for i in group] for group in groups]
-    paths = [out_dir / shard_name(prefix, index) for index in range(len(groups))]
-    return [sample for shard in map(write_shard, samples, paths) for sample in shard]
+    names = [shard_name(prefix, first_index + index) for index in range(len(groups))]
+    roots = [location.url] * len(groups)
+    return [sample for shard in map(write_shard, samples, roots, names) for sample in shard]
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -522,12 +550,18 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 class DatasetWriter:
-    """Stage studies one by one, then pack them into a dataset directory.
+    """Stage studies one by one, then pack them into shards and commit a dataset version.
 
     ``add`` is safe to resume: staged samples survive a killed run and ``has(key)`` tells
     a caller which studies are already done. Different processes may stage different
-    keys into the same directory concurrently; ``finalize`` runs once, at the end.
-    A directory that already holds a finished dataset is refused unless ``overwrite``.
+    keys into the same dataset concurrently; ``finalize`` runs once, at the end. On a
+    dataset that already has versions, ``finalize`` appends: the staged studies go into
+    new shards and a new version (a staged key that an earlier version holds supersedes
+    it there); shards already written are never touched.
+
+    ``out_dir`` is a directory or an object-store URL (:mod:`hlip.shards.storage`); the
+    staging area ``_staging/`` lives beside the shards, so whichever process packs a shard
+    reads its samples from there.
     """
 
     def __init__(
@@ -537,34 +571,28 @@ class DatasetWriter:
         max_shard_bytes: int = fmt.DEFAULT_MAX_SHARD_BYTES,
         slab_depth: int = fmt.DEFAULT_SLAB_DEPTH,
         codec: str = fmt.DEFAULT_CODEC,
-        overwrite: bool = False,
     ) -> None:
         if not fmt.KEY_PATTERN.fullmatch(prefix):
             raise ValueError(f"unsafe shard prefix {prefix!r}")
         if max_shard_bytes <= 0 or slab_depth <= 0:
             raise ValueError("max_shard_bytes and slab_depth must be positive")
         fmt.slab_codec(codec)
-        self.out_dir = Path(out_dir)
+        self.location = Location(out_dir)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
         self.slab_depth = slab_depth
         self.codec = codec
-        self.staging = self.out_dir / STAGING_DIR
-        if (self.out_dir / fmt.MANIFEST_FILE).exists() and not self.staging.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already holds a finished dataset (pass overwrite=True to replace it)"
-            )
-        self.staging.mkdir(parents=True, exist_ok=True)
 
-    def _staged_path(self, key: str) -> Path:
-        return self.staging / f"{fmt.check_key(key)}{STAGED_SUFFIX}"
+    def _staged_name(self, key: str) -> str:
+        return f"{STAGING_DIR}/{fmt.check_key(key)}{STAGED_SUFFIX}"
 
     def has(self, key: str) -> bool:
         """Whether ``key`` is already staged (a resumed run can skip it)."""
-        return self._staged_path(key).exists()
+        return self.location.exists(self._staged_name(key))
 
     def staged_keys(self) -> list[str]:
-        return sorted(path.name[: -len(STAGED_SUFFIX)] for path in self.staging.glob(f"*{STAGED_SUFFIX}"))
+        names = self.location.list(STAGING_DIR)
+        return sorted(_staged_key(name) for name in names if name.endswith(STAGED_SUFFIX))
 
     def add(self, study: Study) -> None:
         """Encode and stage one study; ValueError for invalid input or a duplicate key."""
@@ -573,41 +601,74 @@ class DatasetWriter:
 
     def add_encoded(self, key: str, members: Mapping[str, bytes]) -> None:
         """Stage members produced by :func:`encode_study` (e.g. in another process)."""
-        path = self._staged_path(key)
+        name = self._staged_name(key)
         missing = [ext for ext in fmt.MEMBERS if ext not in members]
         if missing:
             raise ValueError(f"study {key!r}: missing members {missing}")
-        if path.exists():
-            raise ValueError(f"duplicate study key {key!r}: already staged in {self.staging}")
-        with AtomicFile(path) as file, _open_tar(file) as tar:
+        if self.location.exists(name):
+            raise ValueError(
+                f"duplicate study key {key!r}: already staged in {self.location.uri(STAGING_DIR)}"
+            )
+        buffer = io.BytesIO()
+        with _open_tar(buffer) as tar:
             _add_sample(tar, key, members)
+        self.location.write(name, buffer.getvalue())
 
-    def finalize(self, map: Callable = map) -> pa.Table:
-        """Pack staged samples into shards and manifests; return the manifest table.
+    def finalize(self, map: Callable = map) -> versions.DatasetVersion | None:
+        """Pack the staged samples into new shards and commit them as the next version;
+        return it. A staged sample that the latest version already holds with the same
+        bytes is dropped (a run that crashed after its commit, a rebuild that changed
+        nothing); None when nothing is left to commit on a dataset that has a version.
 
         ``map`` writes the shards (:func:`pack_shards`); the bytes do not depend on it.
-
-        The old manifest goes first and the new one is written last, so a directory with
-        ``manifest.parquet`` always describes complete shards. Re-running after a crash
-        rebuilds the same bytes from the staging directory.
+        Shards and fragments are complete before the version file that names them is
+        created, so a reader never sees a partial version; re-running after a crash
+        rewrites the same bytes from the staging area. VersionConflict when another
+        writer committed the same version number first.
         """
-        (self.out_dir / fmt.MANIFEST_FILE).unlink(missing_ok=True)
-        staged = [self._staged_path(key) for key in self.staged_keys()]
-        packed = pack_shards(staged, self.out_dir, self.prefix, self.max_shard_bytes, map)
-        manifest = manifest_table(packed)
-        write_bytes_atomic(self.out_dir / fmt.SCANS_FILE, parquet_bytes(scans_table(packed)))
-        write_bytes_atomic(self.out_dir / fmt.MANIFEST_FILE, parquet_bytes(manifest))
-        written = {sample.shard for sample in packed}
-        for stale in self.out_dir.glob(f"{self.prefix}-*.tar*"):
-            if stale.name not in written:
-                stale.unlink()
-        shutil.rmtree(self.staging)
-        return manifest
+        history = versions.list_versions(self.location)
+        previous = history[-1] if history else None
+        committed = {} if previous is None else self._digests(previous)
+        keys = [key for key in self.staged_keys() if committed.get(key) != self._staged_digests(key)]
+        if previous is not None and not keys:
+            self.location.delete_folder(STAGING_DIR)
+            return None
+        first = versions.next_shard_index(history, self.prefix)
+        staged = [self._staged_name(key) for key in keys]
+        packed = pack_shards(staged, self.location, self.prefix, self.max_shard_bytes, map, first)
+        number = 1 if previous is None else previous.number + 1
+        manifest_name, scans_name = versions.fragment_names(number)
+        self.location.write(scans_name, parquet_bytes(scans_table(packed)))
+        self.location.write(manifest_name, parquet_bytes(manifest_table(packed)))
+        shards = sorted({sample.shard for sample in packed})
+        version = versions.commit(self.location, previous, shards, keys, set(committed))
+        self.location.delete_folder(STAGING_DIR)
+        return version
+
+    def _digests(self, version: versions.DatasetVersion) -> dict[str, tuple[str, ...]]:
+        """``key -> member sha256s`` of the studies in ``version``."""
+        manifest = versions.read_tables(self.location, version)[0]
+        columns = [manifest[f"{column}_sha256"].to_pylist() for column in MEMBER_COLUMNS.values()]
+        return dict(zip(manifest["key"].to_pylist(), zip(*columns, strict=True), strict=True))
+
+    def _staged_digests(self, key: str) -> tuple[str, ...]:
+        """Member sha256s of a staged sample, in :data:`MEMBER_COLUMNS` order."""
+        data = self.location.read_bytes(self._staged_name(key))
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = {info.name.partition(".")[2]: tar.extractfile(info).read() for info in tar}
+        return tuple(_sha256(members[ext]) for ext in MEMBER_COLUMNS)
+
+
+def read_manifest(location: Location) -> pa.Table:
+    """The manifest of the latest version at ``location``."""
+    return versions.read_tables(location, versions.get_version(location))[0]
 
 
 def write_dataset(out_dir: str | os.PathLike, studies: Iterable[Study], **kw: Any) -> pa.Table:
-    """Write ``studies`` as a complete dataset in ``out_dir``; return the manifest table."""
+    """Write ``studies`` into ``out_dir`` as a new dataset or the next version of one;
+    return the manifest table of the latest version."""
     writer = DatasetWriter(out_dir, **kw)
     for study in studies:
         writer.add(study)
-    return writer.finalize()
+    writer.finalize()
+    return read_manifest(writer.location)

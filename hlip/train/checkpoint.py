@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hlip.model.checkpoint import CheckpointError, load_torch_file
 from hlip.model.factory import resolve_model_config
 from hlip.train.config import TrainConfig
 
@@ -72,7 +73,7 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
     """Start weights: an hlip-train checkpoint, or any open_clip-layout file (published HLIP)."""
     from hlip.model.clip import load_openclip_checkpoint
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(path)
     if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
         model.load_state_dict(payload["model"])
     else:
@@ -207,15 +208,15 @@ def save_checkpoint(payload: Mapping[str, Any], run_dir: Path, keep: int) -> Pat
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint` (clear error for anything else)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(path)
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not an hlip-train checkpoint. For an open_clip-layout file (published HLIP "
             "weights, export_openclip output) use hlip.model.clip.load_openclip_checkpoint, or "
             "start training from it with init_checkpoint."
         )
     if payload["version"] > VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint version {payload['version']} is newer than this hlip ({VERSION})"
         )
     return dict(payload)

@@ -15,10 +15,20 @@ import os
 import typer
 from rich.console import Console
 
-from hlip.train.config import load_config
-from hlip.train.loop import train
+from hlip.model.checkpoint import CheckpointError
+from hlip.shards.format import ShardFormatError
+from hlip.train.config import ConfigError, load_config
+from hlip.train.loop import TooManySkippedError, train
 
 app = typer.Typer(add_completion=False, help="Pre-train an HLIP CLIP model on study shards.")
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ShardFormatError, TooManySkippedError)
+"""Expected failures (what was asked cannot run): one line on stderr, exit 2, no traceback."""
+
+
+def _fail(error: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -34,6 +44,9 @@ def main(
     ),
     val_data: list[str] = typer.Option(
         [], "--val-data", help="Validation shards for zero-shot evaluation; repeatable."
+    ),
+    version: int = typer.Option(
+        None, "--version", min=1, help="Version of the --data datasets (default: the latest)."
     ),
     out: str = typer.Option(None, "--out", help="Run directory."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
@@ -56,12 +69,16 @@ def main(
         "num_workers": workers,
         "seed": seed,
         "device": device,
+        "data_version": version,
     }
     overrides = list(set_)
     overrides += [f"{key}={json.dumps(value)}" for key, value in shortcuts.items() if value is not None]
     overrides += [f"data={json.dumps(data)}"] if data else []
     overrides += [f"val_data={json.dumps(val_data)}"] if val_data else []
-    resolved = load_config(config, overrides)
+    try:
+        resolved = load_config(config, overrides)
+    except USER_ERRORS as error:
+        _fail(error)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=log_level.upper() if rank == 0 else logging.WARNING,
@@ -69,11 +86,17 @@ def main(
     )
     if rank == 0:
         Console(stderr=True).print_json(json.dumps(resolved.to_dict(), sort_keys=True))
-    result = train(resolved, resume=resume)
+    try:
+        result = train(resolved, resume=resume)
+    except USER_ERRORS as error:
+        _fail(error)
     if rank == 0:
         typer.echo(
             f"done: step {result.step}, loss {result.loss:.4f}, checkpoint {result.run_dir / 'checkpoints'}"
         )
+        skipped = sum(result.skipped.values())
+        reasons = ", ".join(f"{reason} ({n})" for reason, n in result.skipped.items())
+        typer.echo(f"skipped studies: {skipped}" + (f": {reasons}" if reasons else ""))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
@@ -38,6 +39,10 @@ HLIP_INTENSITY_STD = 0.226
 """Mean of the ImageNet channel standard deviations, likewise."""
 
 
+class ConfigError(ValueError):
+    """A config that cannot run as written: an unknown key, a value of the wrong type or range."""
+
+
 @dataclass
 class TrainConfig:
     """All settings of one training run; field names are the TOML keys and ``--set`` names."""
@@ -46,6 +51,9 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     """Training shards: dataset directories, shard paths, globs, brace patterns
     (``ds-{000000..000009}.tar``) or anything webdataset opens (``pipe:``, ``https://``)."""
+    data_version: int = 0
+    """Version of the ``data`` datasets to read (docs/shard-format.md, "Versions"); 0 reads
+    the latest. Pin it to reproduce a run on a dataset that has grown since."""
     val_data: list[str] = field(default_factory=list)
     """Validation shards for the periodic zero-shot evaluation (same forms as ``data``)."""
     shuffle_buffer: int = 64
@@ -138,6 +146,23 @@ class TrainConfig:
     """"bf16" autocasts the forward pass on GPU (CPU always runs fp32); "fp32" never does."""
     nan_policy: str = "raise"
     """On a non-finite loss or gradient: "raise" stops with the step and study keys, "skip" drops the step."""
+    max_skipped_share: float = 0.1
+    """Stop the run when more than this share of the studies read were skipped (damaged
+    shards, failing transforms), checked from 100 studies read on (``loop.SKIP_CHECK_STUDIES``) and at the
+    end; 1 never stops."""
+
+    # --- GPU step: attention kernel, compilation, synchronisation checks ----------------------
+    attention: str = "auto"
+    """Attention backend of the vision trunk: "auto" (on CUDA the faster of varlen and xformers
+    by a probe, else sdpa; sdpa on CPU), "sdpa", "varlen" (CUDA, bf16) or "xformers" (CUDA)."""
+    compile: bool = False
+    """``torch.compile`` the token-wise parts of every trunk block (rows marked dynamic, so a
+    few graphs serve every batch; their count is logged as ``compiled_graphs``)."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend (``inductor``; ``aot_eager`` checks the plumbing cheaply)."""
+    sync_debug: bool = False
+    """On CUDA, warn at every host synchronisation inside a step (``torch.cuda.set_sync_debug_mode``);
+    the one read of loss and gradient norm per step, which decides the update, is not checked."""
 
     # --- run: output, logging, checkpoints, evaluation -----------------------------------------
     out: str = "runs/hlip"
@@ -167,7 +192,7 @@ class TrainConfig:
         """Studies per forward pass on one rank."""
         per_rank, rest = divmod(self.batch_size, world_size * self.accum_steps)
         if rest or per_rank == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={self.batch_size} must be a positive multiple of "
                 f"world_size x accum_steps = {world_size} x {self.accum_steps}"
             )
@@ -183,25 +208,31 @@ class TrainConfig:
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+                raise ConfigError(f"{name}={value!r}: expected one of {allowed}")
+        from hlip.model.attention import BACKENDS_NAMES
+
+        if self.attention not in BACKENDS_NAMES:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {BACKENDS_NAMES}")
         if self.img_size and len(self.img_size) != 3:
-            raise ValueError(f"img_size={self.img_size}: expected [d, h, w]")
-        for name, windows in {"ct_windows": self.ct_windows, **{
-            f"ct_region_windows.{region}": w for region, w in self.ct_region_windows.items()
-        }}.items():  # fmt: skip
+            raise ConfigError(f"img_size={self.img_size}: expected [d, h, w]")
+        window_sets = {"ct_windows": self.ct_windows}
+        window_sets.update({f"ct_region_windows.{region}": w for region, w in self.ct_region_windows.items()})
+        for name, windows in window_sets.items():
             if not windows or any(len(w) != 2 or w[0] >= w[1] for w in windows):
-                raise ValueError(f"{name}={windows}: expected a list of [low, high], low < high")
+                raise ConfigError(f"{name}={windows}: expected a list of [low, high], low < high")
         if self.ct_region and self.ct_region not in REGION_WORDS:
-            raise ValueError(f"ct_region={self.ct_region!r}: expected one of {sorted(REGION_WORDS)} or ''")
+            raise ConfigError(f"ct_region={self.ct_region!r}: expected one of {sorted(REGION_WORDS)} or ''")
         low, high = self.mr_percentiles
         if not 0 <= low < high <= 100:
-            raise ValueError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
+            raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
         if not self.mr_ceiling >= 1:
-            raise ValueError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+            raise ConfigError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+        if not 0.0 <= self.max_skipped_share <= 1.0:
+            raise ConfigError(f"max_skipped_share={self.max_skipped_share}: expected a share in [0, 1]")
         if self.steps <= 0 and self.epochs <= 0:
-            raise ValueError("set steps (optimizer steps) or epochs")
+            raise ConfigError("set steps (optimizer steps) or epochs")
         if self.max_scans < 1 or self.accum_steps < 1:
-            raise ValueError("max_scans and accum_steps must be >= 1")
+            raise ConfigError("max_scans and accum_steps must be >= 1")
         return self
 
     def resolve(self) -> TrainConfig:
@@ -228,7 +259,7 @@ def preset_img_size(model_name: str, vision_overrides: dict[str, Any] | None = N
     from hlip.model.presets import VISION_PRESETS
 
     if model_name not in MODEL_PRESETS:
-        raise KeyError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model preset {model_name!r}; known: {sorted(MODEL_PRESETS)}")
     vision = {**MODEL_PRESETS[model_name]["vision"], **(vision_overrides or {})}
     kwargs = {**VISION_PRESETS[vision["name"]], **vision}
     return tuple(int(s) for s in kwargs["img_size"])
@@ -254,7 +285,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         set_value(config, key.strip(), parse_value(raw.strip()))
     return config.resolve()
 
@@ -272,10 +303,12 @@ def set_value(config: TrainConfig, key: str, value: Any) -> None:
     name, _, sub_key = key.partition(".")
     hints = typing.get_type_hints(TrainConfig)
     if name not in hints or name.startswith("_"):
-        raise KeyError(f"unknown config key {name!r}")
+        close = difflib.get_close_matches(name, [h for h in hints if not h.startswith("_")], n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (docs/training.md lists every key)"
+        raise ConfigError(f"unknown config key {name!r}{hint}")
     if sub_key:
         if hints[name] != dict[str, Any]:
-            raise KeyError(f"{name!r} has no sub-keys (got {key!r})")
+            raise ConfigError(f"{name!r} has no sub-keys (got {key!r})")
         getattr(config, name)[sub_key] = value
         return
     setattr(config, name, coerce(value, hints[name], name))
@@ -290,7 +323,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
         return [coerce(v, item_kind, name) for v in items]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{name}: expected a table, got {value!r}")
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
@@ -301,7 +334,7 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{name}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
     return value
 
 

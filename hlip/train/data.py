@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -325,6 +327,8 @@ class Batch:
     """Per study: (reader, epoch, studies consumed by that reader in that epoch)."""
     skipped: dict[int, int] = field(default_factory=dict)
     """Per reader: studies it skipped so far (undecodable or failing the transform)."""
+    skip_reasons: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Per reader: those skips by reason (:func:`skip_reason`)."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.packed, self.tokens, self.keys))
@@ -362,9 +366,12 @@ class Collate:
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
         skipped: dict[int, int] = {}
+        reasons: dict[int, dict[str, int]] = {}
         for sample in samples:
             for reader, n in sample.get("skipped", {}).items():
-                skipped[reader] = max(skipped.get(reader, 0), n)
+                if n >= skipped.get(reader, 0):
+                    skipped[reader] = n
+                    reasons[reader] = sample.get("skip_reasons", {}).get(reader, {})
         return Batch(
             packed=pack_studies([sample["scans"] for sample in samples], self.patch_size, self.buffers),
             tokens=self.tokenizer([sample["text"] for sample in samples]),
@@ -373,6 +380,7 @@ class Collate:
             labels=[sample["labels"] for sample in samples],
             positions=[sample["position"] for sample in samples if "position" in sample],
             skipped=skipped,
+            skip_reasons=reasons,
         )
 
 
@@ -447,17 +455,33 @@ class StudyFilter:
         return self.accepts(StudySummary.of_study(study))
 
 
-def count_studies(sources: Sequence[str], study_filter: StudyFilter) -> int | None:
-    """Studies passing the filter, from the manifests (None when a source has no manifest)."""
-    from pathlib import Path
+def require_sources(sources: Sequence[str], option: str = "--data") -> None:
+    """Fail at once, in one line, when a local source names nothing: a dataset folder, shard
+    file or pattern that does not exist (remote URLs and ``pipe:`` commands are the
+    stream's to open). Without this a wrong path surfaces deep inside the DataLoader."""
+    from hlip.shards.stream import expand_urls
 
+    if not sources:
+        raise FileNotFoundError(f"no training data: give {option} (a dataset folder, shard files or URLs)")
+    for source in sources:
+        if "://" in source or source.startswith("pipe:"):
+            continue
+        urls = expand_urls(source)
+        if not urls or not all(os.path.exists(url) for url in urls):
+            raise FileNotFoundError(f"{option} {source}: no such dataset folder or shard file(s)")
+
+
+def count_studies(sources: Sequence[str], study_filter: StudyFilter, version: int = 0) -> int | None:
+    """Studies passing the filter, from the manifests of the datasets at ``version`` (0: the
+    latest); None when a source is not a dataset."""
     from hlip.shards.reader import ShardDataset
+    from hlip.shards.stream import is_dataset
 
     total = 0
     for source in sources:
-        if not (Path(source) / "manifest.parquet").is_file():
+        if not is_dataset(source):
             return None
-        rows = ShardDataset(source).manifest.select(
+        rows = ShardDataset(source, version=version or None).manifest.select(
             ["modality", "body_part", "n_scans", "labels", "report_length"]
         )
         total += sum(study_filter.accepts(StudySummary.of_manifest_row(r)) for r in rows.to_pylist())
@@ -479,12 +503,15 @@ class DataState:
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     batches: int = 0
     skipped: dict[int, int] = field(default_factory=dict)
+    skip_reasons: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def advance(self, batch: Batch) -> None:
         for reader, epoch, consumed in batch.positions:
             self.positions[reader] = (epoch, consumed)
         for reader, n in batch.skipped.items():
-            self.skipped[reader] = max(self.skipped.get(reader, 0), n)
+            if n >= self.skipped.get(reader, 0):
+                self.skipped[reader] = n
+                self.skip_reasons[reader] = dict(batch.skip_reasons.get(reader, {}))
         self.batches += 1
 
     @property
@@ -496,11 +523,16 @@ class DataState:
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def reasons(self) -> Counter:
+        """This rank's skips by reason, over its readers."""
+        return sum((Counter(reasons) for reasons in self.skip_reasons.values()), Counter())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "positions": {str(r): list(p) for r, p in self.positions.items()},
             "batches": self.batches,
             "skipped": {str(r): n for r, n in self.skipped.items()},
+            "skip_reasons": {str(r): dict(reasons) for r, reasons in self.skip_reasons.items()},
         }
 
     @classmethod
@@ -509,6 +541,7 @@ class DataState:
             {int(r): (int(p[0]), int(p[1])) for r, p in values.get("positions", {}).items()},
             int(values.get("batches", 0)),
             {int(r): int(n) for r, n in values.get("skipped", {}).items()},
+            {int(r): dict(reasons) for r, reasons in values.get("skip_reasons", {}).items()},
         )
 
 
@@ -544,10 +577,10 @@ class TrainStream(IterableDataset):
         self, config: TrainConfig, rank: int, world_size: int, state: DataState | None = None
     ) -> None:
         super().__init__()
-        from hlip.shards.stream import expand_urls
+        from hlip.shards.stream import locate
 
         self.config = config
-        self.urls = expand_urls(config.data)
+        self.urls, self.members = locate(config.data, config.data_version or None)
         if not self.urls:
             raise FileNotFoundError(f"no training shards found in {config.data}")
         self.rank, self.world_size = rank, world_size
@@ -555,9 +588,11 @@ class TrainStream(IterableDataset):
         self.transform = StudyTransform(config, train=True)
         self.keep = StudyFilter.from_config(config)
         self.skipped = 0
+        self.skip_reasons: Counter = Counter()
 
     def _count_skip(self, where: str, error: Exception) -> None:
         self.skipped += 1
+        self.skip_reasons[skip_reason(error, where)] += 1
 
     def reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -577,6 +612,7 @@ class TrainStream(IterableDataset):
             world_size=self.world_size,
             skip_errors=True,
             errors=ErrorCounter(self._count_skip),
+            members=self.members,
             reader=reader,
             num_readers=num_readers,
         )
@@ -586,6 +622,7 @@ class TrainStream(IterableDataset):
         reader, num_readers = self.reader()
         start_epoch, skip = self.state.positions.get(reader, (0, 0))
         self.skipped = self.state.skipped.get(reader, 0)
+        self.skip_reasons = Counter(self.state.skip_reasons.get(reader, {}))
         empty_epochs = 0
         for epoch in count(start_epoch):
             consumed = 0
@@ -596,6 +633,7 @@ class TrainStream(IterableDataset):
                 if sample is not None:
                     sample["position"] = (reader, epoch, consumed)
                     sample["skipped"] = {reader: self.skipped}
+                    sample["skip_reasons"] = {reader: dict(self.skip_reasons)}
                     yield sample
             skip = 0
             empty_epochs = empty_epochs + 1 if consumed == 0 else 0
@@ -613,6 +651,20 @@ class TrainStream(IterableDataset):
             log.warning("rank %d: skipped study %s: %s", self.rank, study.key, error)
             self._count_skip(study.key, error)
             return None
+
+
+def skip_reason(error: Exception, key: str = "") -> str:
+    """What a skipped study's error was, in words shared by every study it hit: the error
+    type and the gist of its first line, without the study's key, quoted values, paths or
+    what follows a bracket (``ShardFormatError: zarr.zip: entry is damaged``)."""
+    message = str(error).splitlines()[0] if str(error) else ""
+    message = re.sub(r"^study '[^']*'( scan '[^']*')?:?\s*", "", message)
+    if key:
+        message = message.replace(key, "")
+    message = re.sub(r"'[^']*'|\S*/\S*", "", re.split(r"\s[(\[]", message, maxsplit=1)[0])
+    parts = [" ".join(part.split()) for part in message.split(": ")]
+    gist = ": ".join(parts[:2]) if len(parts[0]) <= 12 else parts[0]
+    return f"{type(error).__name__}: {gist}" if gist.strip(": ") else type(error).__name__
 
 
 def build_train_loader(

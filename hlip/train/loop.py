@@ -3,18 +3,24 @@
 ``train(config)`` is everything ``hlip-train`` does. One optimizer step is: take
 ``accum_steps`` micro-batches of packed studies, run the CLIP model (bf16 autocast on GPU),
 compute the contrastive loss over all ranks, backpropagate (DDP averages the gradients),
-check that loss and gradient are finite, clip, step AdamW and the warmup+cosine schedule,
-clamp the temperature. Around it: periodic checkpoints (exact resume), metrics.jsonl +
-TensorBoard + a progress bar on rank 0, and an optional zero-shot evaluation.
+check that loss and gradient are finite, clip, step AdamW (fused on CUDA) and the
+warmup+cosine schedule, clamp the temperature. Around it: periodic checkpoints (exact resume),
+metrics.jsonl + TensorBoard + a progress bar on rank 0, and an optional zero-shot evaluation.
+
+On CUDA a step reads from the device once: loss, gradient norm and finiteness in one copy,
+which decides the update. Everything else is queued without waiting, and while the GPU runs a
+micro-batch the next one is taken from the loader and copied on a side stream (``DeviceFeed``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +31,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from hlip.model.attention import compile_blocks
 from hlip.train import checkpoint as ckpt
 from hlip.train.config import TrainConfig, save_config
-from hlip.train.data import Batch, DataState, StudyFilter, build_train_loader, count_studies
+from hlip.train.data import (
+    Batch,
+    DataState,
+    StudyFilter,
+    build_train_loader,
+    count_studies,
+    require_sources,
+)
 from hlip.train.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
 
 log = logging.getLogger(__name__)
@@ -37,12 +51,23 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm was NaN/Inf (``nan_policy = "raise"``)."""
 
 
+class TooManySkippedError(RuntimeError):
+    """More than ``max_skipped_share`` of the studies read were skipped: the data is damaged."""
+
+
+SKIP_CHECK_STUDIES = 100
+"""Studies read before the skipped share can stop a run (one bad study among the first
+few is not yet a damaged dataset); the end of a run checks whatever was read."""
+
+
 @dataclass
 class TrainResult:
     step: int
     loss: float
     run_dir: Path
     checkpoint: Path | None
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Studies skipped over the whole run (all ranks), by reason."""
 
 
 def train(config: TrainConfig, resume: str = "") -> TrainResult:
@@ -56,10 +81,8 @@ def train(config: TrainConfig, resume: str = "") -> TrainResult:
 
 def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
     run_dir = config.run_dir
+    require_sources(config.data)
     total_steps = resolve_steps(config)
-    if info.is_main:
-        save_config(config, run_dir)
-        log.debug("resolved config:\n%s", json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
     # --- model, loss, optimizer, schedule (identical initial weights on every rank) -----------
     torch.manual_seed(config.seed)
@@ -67,6 +90,9 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
     if config.init_checkpoint:
         ckpt.load_initial_weights(model, config.init_checkpoint)
     model.to(info.device)
+    trunk = model.visual.trunk
+    trunk.attn_backend = config.attention
+    compiled = compile_blocks(trunk.blocks, config.compile_backend) if config.compile else None
     loss_fn = create_loss(model, info)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(config, total_steps))
@@ -93,7 +119,10 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         data_state,
         pin_memory=info.device.type == "cuda",
     )
-    batches = iter(loader)
+    if info.is_main:  # only now: a run that cannot start leaves no run folder behind
+        save_config(config, run_dir)
+        log.debug("resolved config:\n%s", json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    feed = DeviceFeed(iter(loader), info)
     run_log = RunLog(config, info, start_step=step, total_steps=total_steps)
     if rng is not None:
         ckpt.set_rng_state(rng)
@@ -103,51 +132,59 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
     # --- the loop ---------------------------------------------------------------------------------
     model.train()
     loss_value, saved = float("nan"), None
+    check_syncs = config.sync_debug and info.device.type == "cuda"
     while step < total_steps:
         step_start = time.perf_counter()
         data_wait, losses, keys = 0.0, [], []
-        for micro in range(config.accum_steps):
-            wait_start = time.perf_counter()
-            batch = next_batch(batches, info)
-            data_wait += time.perf_counter() - wait_start
-            data_state.advance(batch)
-            keys += batch.keys
-            run_log.keys(step + 1, batch, data_state)
-            batch.to(info.device)
-            last_micro = micro == config.accum_steps - 1
-            sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp_model.no_sync()
-            with sync:
-                loss = loss_fn(**ddp_model(batch.packed, batch.tokens))
-                (loss / config.accum_steps).backward()
-            losses.append(loss.detach())
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.grad is not None], config.grad_clip or float("inf")
+        with host_sync_check(check_syncs):
+            for micro in range(config.accum_steps):
+                batch, waited = feed.take()
+                data_wait += waited
+                data_state.advance(batch)
+                keys += batch.keys
+                run_log.keys(step + 1, batch, data_state)
+                last_micro = micro == config.accum_steps - 1
+                sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp_model.no_sync()
+                with sync:
+                    loss = loss_fn(**ddp_model(batch.packed, batch.tokens))
+                    (loss / config.accum_steps).backward()
+                losses.append(loss.detach())
+                if not (last_micro and step + 1 == total_steps):
+                    data_wait += feed.prefetch()  # while the GPU still runs this micro-batch
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], config.grad_clip or float("inf")
+            )
+            logit_scale = model.logit_scale.detach().exp()
+        loss_value, norm_value, scale_value, finite = reduce_step(
+            torch.stack(losses).mean(), grad_norm, logit_scale, info
         )
-        loss_value, finite = reduce_step(torch.stack(losses).mean(), grad_norm, info)
         lr = optimizer.param_groups[0]["lr"]
-        if finite:
-            optimizer.step()
-        else:
-            handle_nonfinite(config, step + 1, loss_value, float(grad_norm), keys, info)
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, config.max_logit_scale)
+        with host_sync_check(check_syncs):
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, config.max_logit_scale)
+        if not finite:
+            handle_nonfinite(config, step + 1, loss_value, norm_value, keys, info)
         step += 1
 
         step_time = time.perf_counter() - step_start
+        skipped = skipped_studies(data_state, info)
+        check_skipped(config, skipped, step * config.batch_size + skipped, data_state, info, final=False)
         run_log.step(
             step,
             loss=loss_value,
             lr=lr,
-            grad_norm=float(grad_norm),
-            logit_scale=float(model.logit_scale.detach().exp()),
+            grad_norm=norm_value,
+            logit_scale=scale_value,
             studies_per_s=config.batch_size / step_time,
             data_wait=data_wait / step_time,
             epoch=data_state.epoch,
-            skipped=skipped_studies(data_state, info),
+            skipped=skipped,
             finite=finite,
+            **({"compiled_graphs": compiled.graphs} if compiled is not None else {}),
         )
         if step % config.checkpoint_every == 0 or step == total_steps:
             saved = save(model, optimizer, scheduler, step, config, data_state, info)
@@ -162,7 +199,9 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         else:
             ckpt.export_openclip(saved, run_dir / "checkpoints" / "openclip.pt")
     run_log.close()
-    return TrainResult(step, loss_value, run_dir, last if saved is not None else None)
+    skipped = skipped_studies(data_state, info)
+    reasons = check_skipped(config, skipped, step * config.batch_size + skipped, data_state, info, final=True)
+    return TrainResult(step, loss_value, run_dir, last if saved is not None else None, reasons)
 
 
 # --- steps and schedule --------------------------------------------------------------------------
@@ -172,7 +211,7 @@ def resolve_steps(config: TrainConfig) -> int:
     """``steps``, or ``epochs`` x filtered studies / global batch when steps is 0."""
     if config.steps > 0:
         return config.steps
-    n = count_studies(config.data, StudyFilter.from_config(config))
+    n = count_studies(config.data, StudyFilter.from_config(config), config.data_version)
     if n is None:
         raise ValueError("epochs needs dataset directories with a manifest; give steps for URL sources")
     return max(1, math.ceil(config.epochs * n / config.batch_size))
@@ -199,7 +238,7 @@ class WarmupCosine:
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases, the temperature and the SigLIP bias (as CLIP);
     the pretrained text encoder at ``text_lr`` when it is set (its new projection learns at ``lr``;
-    the schedule scales every group alike)."""
+    the schedule scales every group alike). Fused (one kernel for all parameters) on CUDA."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -212,6 +251,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
+        fused=all(p.is_cuda for group in groups.values() for p in group) or None,
     )
 
 
@@ -265,6 +305,61 @@ def rank_state(payload: dict[str, Any], config: TrainConfig, info: DistInfo) -> 
     return DataState({r: (epoch + 1, 0) for r in range(readers)}), None
 
 
+class DeviceFeed:
+    """Micro-batches on the training device, the next one taken from the loader while the GPU
+    still runs the current one.
+
+    ``prefetch`` waits for the loader (the time it returns is the data wait) and, on CUDA,
+    starts the pinned, non-blocking copy on a side stream; ``take`` makes the compute stream
+    wait for that copy on the GPU (an event, not a host wait) and hands the batch over. A
+    prefetched batch is not yet counted in the data position, so a checkpoint taken meanwhile
+    resumes with it.
+    """
+
+    def __init__(self, batches: Iterator[Batch], info: DistInfo) -> None:
+        self.batches, self.info = batches, info
+        self.stream = torch.cuda.Stream(info.device) if info.device.type == "cuda" else None
+        self.ready: Batch | None = None
+
+    def prefetch(self) -> float:
+        """Take the next batch and start its copy; returns the seconds spent waiting for it."""
+        start = time.perf_counter()
+        batch = next_batch(self.batches, self.info)
+        waited = time.perf_counter() - start
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            self.ready = batch.to(self.info.device)
+        return waited
+
+    def take(self) -> tuple[Batch, float]:
+        """(the prefetched batch, or one fetched now; seconds waited here for the loader)."""
+        waited = self.prefetch() if self.ready is None else 0.0
+        batch, self.ready = self.ready, None
+        if self.stream is not None:
+            compute = torch.cuda.current_stream(self.info.device)
+            compute.wait_stream(self.stream)
+
+            def used_on_compute(t: torch.Tensor) -> torch.Tensor:
+                t.record_stream(compute)  # the allocator must not reuse it while compute reads it
+                return t
+
+            batch.packed = batch.packed.apply(used_on_compute)
+            batch.tokens = {k: used_on_compute(v) for k, v in batch.tokens.items()}
+        return batch, waited
+
+
+@contextlib.contextmanager
+def host_sync_check(enabled: bool):
+    """With ``enabled``, warn at every host synchronisation in the block (CUDA's sync debug mode)."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def next_batch(batches: Iterator[Batch], info: DistInfo) -> Batch:
     try:
         return next(batches)
@@ -275,16 +370,21 @@ def next_batch(batches: Iterator[Batch], info: DistInfo) -> Batch:
         ) from None
 
 
-def reduce_step(loss: torch.Tensor, grad_norm: torch.Tensor, info: DistInfo) -> tuple[float, bool]:
-    """Mean loss over ranks and whether loss and gradient were finite on every rank (one collective)."""
+def reduce_step(
+    loss: torch.Tensor, grad_norm: torch.Tensor, logit_scale: torch.Tensor, info: DistInfo
+) -> tuple[float, float, float, bool]:
+    """(mean loss over ranks, this rank's gradient norm, the step's temperature, whether loss and
+    gradient were finite on every rank): one collective and the step's one read from the device."""
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     stats = torch.stack([torch.where(finite, loss.float(), 0.0), (~finite).float()]).to(info.device)
     if info.distributed:
         torch.distributed.all_reduce(stats)
-    loss_sum, bad_ranks = stats.tolist()
+    loss_sum, bad_ranks, norm, scale = torch.cat(
+        [stats, grad_norm.float()[None], logit_scale.float()[None]]
+    ).tolist()
     if bad_ranks:
-        return float("nan"), False
-    return loss_sum / info.world_size, True
+        return float("nan"), norm, scale, False
+    return loss_sum / info.world_size, norm, scale, True
 
 
 def handle_nonfinite(
@@ -298,6 +398,29 @@ def handle_nonfinite(
     if config.nan_policy == "raise":
         raise NonFiniteLossError(message)
     log.warning("%s; update skipped", message)
+
+
+def check_skipped(
+    config: TrainConfig, skipped: int, read: int, state: DataState, info: DistInfo, final: bool
+) -> dict[str, int]:
+    """Skips by reason over all ranks (at the end, or when they stop the run); raise
+    TooManySkippedError when their share of the ``read`` studies exceeds the config's.
+
+    ``skipped`` and ``read`` are totals over ranks, so every rank decides alike (the
+    reasons are gathered collectively only when needed)."""
+    too_many = skipped > config.max_skipped_share * read and (final or read >= SKIP_CHECK_STUDIES)
+    if not (final or too_many):
+        return {}
+    reasons = sum((Counter(r) for r in all_gather_objects(dict(state.reasons()), info)), Counter())
+    summary = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+    if too_many and skipped:
+        raise TooManySkippedError(
+            f"{skipped} of {read} studies read were skipped ({skipped / read:.0%} > max_skipped_share "
+            f"{config.max_skipped_share:.0%}): {summary}; check the data with hlip-shards verify"
+        )
+    if skipped and info.is_main:
+        log.warning("skipped %d of %d studies read: %s", skipped, read, summary)
+    return dict(reasons.most_common())
 
 
 def skipped_studies(state: DataState, info: DistInfo) -> int:
