@@ -150,7 +150,7 @@ def test_synth_prompts_follow_the_planted_findings():
     from hlip.synth import FINDINGS, NORMAL_SENTENCES
 
     prompts = load_prompts("synth")
-    assert [b.name for b in prompts.binary] == list(FINDINGS)
+    assert [b.name for b in prompts.binary] == [n for n, f in FINDINGS.items() if f.kind in ("CT", "MR")]
     for label in prompts.binary:
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)

@@ -94,6 +94,14 @@ def test_synth_lesion_scale(tmp_path):
     assert "less than or equal to 2" in result.output and "Traceback" not in result.output
 
 
+def test_synth_kinds(tmp_path):
+    invoke("synth", "--out", tmp_path / "head", "--studies", 1, "--ct-matrix", 64, "--kinds", "ct-head")
+    header = next(p for p in (tmp_path / "head").rglob("*") if p.is_file() and p.name.startswith("IM"))
+    assert b"CT HEAD WITHOUT CONTRAST" in header.read_bytes()
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--kinds", "CT,PET"])
+    assert result.exit_code == 2 and "unknown study kinds ['PET']" in result.output
+
+
 def test_run_prints_outcomes_and_reasons(archive, reference, tmp_path):
     output = invoke(*run_args(archive, tmp_path / "out"), "--workers", 0)
     summary = pipeline.summarize(pq.read_table(reference / "_ingest" / "files.parquet"), reference)

@@ -208,11 +208,12 @@ def probe_backends(device: torch.device, heads: int, head_dim: int, dtype=torch.
     timings = {}
     for name in PROBED:
         try:
-            for _ in range(2):
-                _synchronize(device)
-                start = time.perf_counter()
-                BACKENDS[name](*qkv, segments).sum().backward()
-                _synchronize(device)
+            with torch.enable_grad():  # the first attention call may come from a no_grad forward
+                for _ in range(2):
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    BACKENDS[name](*qkv, segments).sum().backward()
+                    _synchronize(device)
             timings[name] = 1e3 * (time.perf_counter() - start)
         except Exception as error:  # missing wheel, ABI mismatch, kernels not built for this GPU
             log.info("attention backend %s unavailable on %s: %s", name, device, error)
