@@ -61,3 +61,12 @@ def test_train_config_prints_the_resolved_config_and_refuses_unknown_keys():
     assert result.exit_code == 0 and json.loads(result.output)["lr"] == 0.5
     result = runner.invoke(train_app, ["config", "-c", "demo-cpu", "-s", "lrr=0.5"])
     assert result.exit_code == 2 and "unknown config key 'lrr'" in result.output
+
+
+def test_committed_cli_reference_is_the_generated_one():
+    from pathlib import Path
+
+    from hlip.cli_docs import markdown
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert committed == markdown(), "docs/cli.md is stale: python -m hlip.cli_docs > docs/cli.md"
