@@ -82,6 +82,7 @@ PIPELINE_REASONS = {
     "build_error": "building the scan failed with an unexpected error",
     "not_planned": "an indexed file the plan neither used nor rejected",
     "unreadable_nifti": "a volume of a NIfTI collection that could not be read as a 3-D scan",
+    "resource_limit": "building the study killed its worker (out of memory or crashed) every time it was tried",
 }
 REASONS = {**PLAN_REASONS, **PIPELINE_REASONS}
 """Every reason code a file can be rejected with, and what it means."""
@@ -194,21 +195,35 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         yield client
 
 
-def map_unordered(client, function: Callable, items: Iterable, *args: Any) -> Iterator:
+def map_unordered(
+    client, function: Callable, items: Iterable, *args: Any, if_killed: Callable | None = None
+) -> Iterator:
     """``function(item, *args)`` for every item, yielded as they finish.
 
     On a Dask client each item is one task, submitted as soon as ``items`` yields it, and
     each result is released as soon as it is read; without a client the items run here,
-    one after the other.
+    one after the other. A task that kills every worker it runs on (Dask's
+    ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` retries) yields
+    ``if_killed(item, *args)`` instead, run as a task of its own, when that is given.
     """
     if client is None:
         yield from (function(item, *args) for item in items)
         return
     from distributed import as_completed
+    from distributed.scheduler import KilledWorker
 
-    futures = [client.submit(function, item, *args, pure=False) for item in items]
-    for future in as_completed(futures):
-        yield future.result()
+    futures = {client.submit(function, item, *args, pure=False): item for item in items}
+    pending = as_completed(futures)
+    for future in pending:
+        try:
+            result = future.result()
+        except KilledWorker:
+            if if_killed is None:
+                raise
+            pending.add(client.submit(if_killed, futures.pop(future), *args, pure=False))
+            continue
+        futures.pop(future, None)
+        yield result
         future.release()
 
 
@@ -534,6 +549,25 @@ def stage_study(task: StudyTask, out_dir: str | os.PathLike, config: IngestConfi
     return _record_and_stage(out_dir, outcome, members)
 
 
+KILLED_MESSAGE = "the study's task killed its worker on every try (memory limit or a crash in a decoder)"
+
+
+def reject_killing_study(
+    task: StudyTask | tuple[str, NiftiStudyPlan], out_dir: str | os.PathLike, *_: Any
+) -> StudyOutcome:
+    """Record a study whose task kept killing its worker: every file of it is a
+    ``resource_limit`` reject, so the rest of the archive goes on and a re-run with the
+    same inputs does not try it again."""
+    if isinstance(task, StudyTask):
+        key, files = task.key, _study_files(task.plan)
+    else:
+        key, files = task[0], [str(volume.path) for volume in task[1].volumes]
+    outcome = StudyOutcome(
+        key, False, _rejected(files, key, "resource_limit", KILLED_MESSAGE), task_inputs(task)
+    )
+    return _record_and_stage(out_dir, outcome, None)
+
+
 def _record_and_stage(
     out_dir: str | os.PathLike, outcome: StudyOutcome, members: dict[str, bytes] | None
 ) -> StudyOutcome:
@@ -721,7 +755,9 @@ def run_ingest(
         # the shortest, so workers finish together.
         tasks.sort(key=lambda task: -task.index_rows.num_rows)
         keys = [task.key for task in tasks]
-        outcomes = _stage_all(client, progress, out, tasks, keys, stage_study, config)
+        outcomes = _stage_all(
+            client, progress, out, tasks, keys, stage_study, config, if_killed=reject_killing_study
+        )
         return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client, digest)
 
 
@@ -759,11 +795,14 @@ def _client(client, scheduler: str | None, workers: int | None, memory_limit: st
     return contextlib.nullcontext(client) if client is not None else connect(scheduler, workers, memory_limit)
 
 
-def _stage_all(client, progress: Progress, out: Path, tasks: Sequence, keys: Sequence[str], function, *args):
-    """Run ``function(task, out, *args)`` for every study not done yet; all outcomes."""
+def _stage_all(
+    client, progress: Progress, out: Path, tasks: Sequence, keys: Sequence[str], function, *args, if_killed
+):
+    """Run ``function(task, out, *args)`` for every study not done yet; all outcomes. A
+    study whose task keeps killing its worker gets ``if_killed(task, out, *args)``."""
     todo, outcomes = pending_tasks(tasks, keys, out)
     bar = progress.add_task("build", total=len(tasks), completed=len(outcomes))
-    for outcome in map_unordered(client, function, todo, out, *args):
+    for outcome in map_unordered(client, function, todo, out, *args, if_killed=if_killed):
         outcomes.append(outcome)
         progress.advance(bar)
     return outcomes
@@ -880,8 +919,9 @@ def run_nifti_ingest(
     with _client(client, scheduler, workers, memory_limit) as client:
         tasks = list(zip(keys, plans, strict=True))
         outcomes = _stage_all(
-            client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash, codec
-        )
+            client, progress, out, tasks, keys, stage_nifti_study, key_secret, config_hash, codec,
+            if_killed=reject_killing_study,
+        )  # fmt: skip
         volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
         files = pa.table({"file_id": pa.array(volumes, pa.string())})
         return _finish(out, max_shard_bytes, files, [], outcomes, client)
