@@ -134,14 +134,7 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
         overrides=options.settings,
         device=options.device,
     )
-    embeddings = embed_dataset(
-        loaded,
-        options.data,
-        batch_size=options.batch_size,
-        num_workers=options.workers,
-        progress=progress,
-        version=options.version,
-    )
+    embeddings = _embed(loaded, options.data, options, progress, version=options.version)
     out = Path(options.out)
     embeddings_path = embeddings.save(out / EMBEDDINGS_FILE)
     labels = study_labels(embeddings.keys, embeddings.labels, options)
@@ -162,15 +155,21 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     return EvalOutcome(metrics, files, embeddings_path, extra)
 
 
-def _calibrated_thresholds(loaded, prompts: PromptSet, options: EvalOptions, progress) -> dict[str, float]:
-    """Embed the calibration studies and choose each label's threshold on their scores."""
-    studies = embed_dataset(
+def _embed(loaded, data, options: EvalOptions, progress, version: int | None = None):
+    """Embeddings of the studies of ``data`` with the run's batch size and workers."""
+    return embed_dataset(
         loaded,
-        options.calibrate,
+        data,
         batch_size=options.batch_size,
         num_workers=options.workers,
         progress=progress,
+        version=version,
     )
+
+
+def _calibrated_thresholds(loaded, prompts: PromptSet, options: EvalOptions, progress) -> dict[str, float]:
+    """Embed the calibration studies and choose each label's threshold on their scores."""
+    studies = _embed(loaded, options.calibrate, options, progress)
     labels = study_labels(studies.keys, studies.labels, replace(options, data=options.calibrate))
     scale = studies.meta["logit_scale"]
     return calibrate_thresholds(studies.image, labels, prompts, text_encoder(loaded), scale)
