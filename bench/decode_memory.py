@@ -16,7 +16,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
-from hlip.ingest import pipeline
+from hlip.ingest.index import index_sources
 from hlip.ingest.plan import plan
 from hlip.ingest.volume import VolumeConfig, build_scan, declared_study_voxels
 from hlip.synth import Sizes, make_archive
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         archive = make_archive(Path(scratch) / "a", 2, seed=0, sizes=Sizes(ct_matrix=args.matrix))
-        index = pipeline.index_stage([archive.root], Path(scratch) / "index.parquet")
+        index = index_sources([archive.root])
         rows = {row["file_id"]: row for row in index.to_pylist()}
         worst = 0.0
         for study in plan(index).studies:

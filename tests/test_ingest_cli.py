@@ -71,11 +71,11 @@ def test_parse_spacing():
 def test_synth_index_and_plan_commands(tmp_path):
     invoke("synth", "--out", tmp_path / "archive", "--studies", 1, "--seed", 0, "--ct-matrix", 64)
     assert (tmp_path / "archive" / "reports.csv").exists()
-    output = invoke("index", tmp_path / "archive", "--out", tmp_path / "index.parquet", "--workers", 0)
-    index = pq.read_table(tmp_path / "index.parquet")
+    output = invoke("index", tmp_path / "archive", "--out", tmp_path / "work", "--workers", 0)
+    index = pq.read_table(tmp_path / "work" / "index")
     files = [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
     assert index.num_rows == len(files) and f"{len(files)} files indexed" in output
-    output = invoke("plan", tmp_path / "index.parquet")
+    output = invoke("plan", tmp_path / "work" / "index")
     assert "1 studies" in output and "rejected files" in output and "localizer" in output
 
 

@@ -78,7 +78,7 @@ def phi_leaks(out_dir: Path, phi_values) -> list[tuple[str, str]]:
 
 
 def files_table(out_dir: Path) -> list[dict]:
-    return pq.read_table(out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE).to_pylist()
+    return pq.read_table(out_dir / pipeline.INGEST_DIR / pipeline.FILES_FILE).sort_by("file_id").to_pylist()
 
 
 @pytest.fixture(scope="module")

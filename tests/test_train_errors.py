@@ -50,7 +50,7 @@ def one_line_error(result, text: str) -> None:
 
 
 def invoke(overrides: list[str]):
-    return runner.invoke(app, ["--config", "demo-cpu", *(x for o in overrides for x in ("--set", o))])
+    return runner.invoke(app, ["run", "--config", "demo-cpu", *(x for o in overrides for x in ("--set", o))])
 
 
 def test_a_pickle_that_runs_code_is_refused_as_a_checkpoint(tmp_path, dataset):

@@ -18,6 +18,7 @@ from rich.table import Table
 from hlip.cli import make_app, out_option, workers_option
 from hlip.ingest import pipeline
 from hlip.ingest.config import IngestConfig, Spacing, default_target_spacing
+from hlip.ingest.partitions import DEFAULT_PARTITIONS, INDEX_DIR
 from hlip.shards.format import DEFAULT_CODEC, DEFAULT_MAX_SHARD_BYTES, SLAB_CODECS
 
 app = make_app("Turn DICOM archives (+ report tables) or NIfTI collections into study shards.")
@@ -37,6 +38,11 @@ LABEL_COLUMN = typer.Option(
 )
 LABEL_PREFIX = typer.Option(
     [], "--label-prefix", help="Allow every table column whose name starts with this as a label (repeatable)."
+)
+INDEX_PARTITIONS = typer.Option(
+    DEFAULT_PARTITIONS,
+    "--index-partitions",
+    help="Partitions of the header index, each planned by one task: about one per 50,000 files.",
 )
 CODEC = typer.Option(
     DEFAULT_CODEC,
@@ -142,6 +148,7 @@ def run(
     ),
     codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
+    index_partitions: int = INDEX_PARTITIONS,
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
     memory_limit: str = MEMORY_LIMIT,
@@ -161,6 +168,7 @@ def run(
             max_study_voxels=max_study_voxels,
             codec=codec,
             secret=secret,
+            index_partitions=index_partitions,
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_ingest(
@@ -172,20 +180,25 @@ def run(
 @app.command()
 def index(
     sources: list[Path] = typer.Argument(..., exists=True, help="Folders, files or zip exports to index."),
-    out: Path = out_option("Parquet file to write (contains PHI)."),
+    out: Path = out_option("Folder to write the partitioned index into (contains PHI)."),
+    index_partitions: int = INDEX_PARTITIONS,
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
     memory_limit: str = MEMORY_LIMIT,
 ) -> None:
-    """Parse the header of every file into a Parquet index (no pixels are read)."""
+    """Parse the header of every file into a partitioned Parquet index (no pixels are read)."""
     with _progress() as progress, pipeline.connect(scheduler, workers, memory_limit) as client:
-        table = pipeline.index_stage(sources, out, client, progress)
-    console.print(f"{table.num_rows} files indexed into {out}")
+        runner = pipeline.TaskRunner(client)
+        summaries = pipeline.index_archive(sources, out, index_partitions, runner, progress, exclude=[out])
+    files = sum(summary.files for summary in summaries)
+    console.print(
+        f"{files} files indexed into {out / INDEX_DIR} (read it whole with pyarrow.parquet.read_table)"
+    )
 
 
 @app.command()
 def plan(
-    index_file: Path = typer.Argument(..., exists=True, metavar="INDEX.parquet"),
+    index_file: Path = typer.Argument(..., exists=True, metavar="INDEX", help="An index file or folder."),
     min_slices: int = typer.Option(IngestConfig.min_slices, help="Fewest slices a scan may have."),
 ) -> None:
     """Show the studies, scans and rejected files that an index plans into."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from hlip.ingest.partitions import DEFAULT_PARTITIONS
 from hlip.ingest.plan import PlanConfig
 from hlip.ingest.volume import DEFAULT_TARGET_SPACING, NATIVE
 from hlip.shards.format import DEFAULT_CODEC, DEFAULT_MAX_SHARD_BYTES, slab_codec
@@ -68,9 +69,12 @@ class IngestConfig:
     max_study_voxels: int | None = None
     codec: str = DEFAULT_CODEC
     secret: str | None = None
+    index_partitions: int = DEFAULT_PARTITIONS
 
     def __post_init__(self) -> None:
         slab_codec(self.codec)
+        if self.index_partitions < 1:
+            raise ValueError("index_partitions must be at least 1")
         if self.report_key_column not in REPORT_KEY_COLUMNS:
             raise ValueError(
                 f"report_key_column must be one of {REPORT_KEY_COLUMNS}, not {self.report_key_column!r}"
@@ -104,6 +108,7 @@ class IngestConfig:
         """What must match for a run to resume in an existing output directory."""
         recorded = asdict(self)
         del recorded["secret"], recorded["report_table"], recorded["max_study_voxels"]
+        del recorded["index_partitions"]
         recorded["target_spacing"] = self.hashed_fields()["target_spacing"]
         for name in ("report_text_columns", "label_columns", "label_prefixes"):
             recorded[name] = self.hashed_fields()[name]

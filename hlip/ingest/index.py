@@ -65,6 +65,9 @@ class SourceFile:
     path: str
     member: str = ""
     size: int = 0
+    mtime_ns: int = 0
+    """Modification time of the file (of the archive, for a zip member): with ``size``, what
+    tells a re-run that a file indexed before is unchanged."""
 
     @property
     def file_id(self) -> str:
@@ -179,6 +182,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("path", _STR, nullable=False),
         pa.field("member", _STR, nullable=False),
         pa.field("size", _INT, nullable=False),
+        pa.field("mtime_ns", _INT),
         pa.field("error", _STR),
         pa.field("TransferSyntaxUID", _STR),
         *(pa.field(name, kind) for name, kind, _ in _HEADER_FIELDS),
@@ -234,18 +238,28 @@ def _iter_one_source(path: Path, *, top_level: bool) -> Iterator[SourceFile]:
     elif _is_zip(path):
         yield from _iter_zip(path)
     elif path.is_file():
-        yield SourceFile(os.path.abspath(path), "", path.stat().st_size)
+        stat = path.stat()
+        yield SourceFile(os.path.abspath(path), "", stat.st_size, stat.st_mtime_ns)
     elif top_level:
         # A missing source still gets a row, so that it is accounted for.
         yield SourceFile(os.path.abspath(path), "", 0)
 
 
 def _iter_list_file(path: Path) -> Iterator[SourceFile]:
+    for entry in list_file_entries(path):
+        yield from _iter_one_source(entry, top_level=True)
+
+
+def list_file_entries(path: Path) -> list[Path]:
+    """The sources a path list names, one a line (``#`` starts a comment line); relative
+    lines are relative to the list file."""
+    entries = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             entry = Path(line)
-            yield from _iter_one_source(entry if entry.is_absolute() else path.parent / entry, top_level=True)
+            entries.append(entry if entry.is_absolute() else path.parent / entry)
+    return entries
 
 
 def _is_zip(path: Path) -> bool:
@@ -258,11 +272,11 @@ def _is_zip(path: Path) -> bool:
 
 
 def _iter_zip(path: Path) -> Iterator[SourceFile]:
-    archive = os.path.abspath(path)
+    archive, mtime_ns = os.path.abspath(path), path.stat().st_mtime_ns
     with zipfile.ZipFile(path) as zf:
         for info in sorted(zf.infolist(), key=lambda i: i.filename):
             if not info.is_dir():
-                yield SourceFile(archive, info.filename, info.file_size)
+                yield SourceFile(archive, info.filename, info.file_size, mtime_ns)
 
 
 def open_source(path: str, member: str = "") -> BinaryIO:
@@ -296,6 +310,7 @@ def index_file(source_file: SourceFile) -> dict[str, Any]:
         "path": source_file.path,
         "member": source_file.member,
         "size": int(source_file.size),
+        "mtime_ns": int(source_file.mtime_ns),
         "error": None,
     }
     try:

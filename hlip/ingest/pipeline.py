@@ -28,8 +28,10 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import secrets
-from collections import Counter
+import shutil
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ import pyarrow.parquet as pq
 import pydicom
 from rich.progress import Progress
 
-from hlip.ingest import deid, index, reports
+from hlip.ingest import deid, index, partitions, reports
 from hlip.ingest.config import IngestConfig, settings_hash
 from hlip.ingest.lock import ingest_lock
 from hlip.ingest.nifti import (
@@ -50,7 +52,7 @@ from hlip.ingest.nifti import (
     plan_nifti_studies,
 )
 from hlip.ingest.plan import REASONS as PLAN_REASONS
-from hlip.ingest.plan import PlanConfig, StudyPlan, plan
+from hlip.ingest.plan import PlanConfig, Reject, StudyPlan, plan
 from hlip.ingest.volume import (
     ScanRejected,
     VolumeConfig,
@@ -66,10 +68,13 @@ from hlip.shards.writer import DatasetWriter, encode_study, parquet_bytes, write
 
 INGEST_DIR = fmt.LOCAL_DIR
 WORK_ENV = "HLIP_INGEST_WORK"
-INDEX_FILE = "index.parquet"
 FILES_FILE = "files.parquet"
+"""Per-file outcomes: a folder of one Parquet file per index partition (``pq.read_table``
+reads it whole)."""
 CONFIG_FILE = "config.json"
 OUTCOMES_DIR = "outcomes"
+PLAN_DIR = "plan"
+TASKS_DIR = "tasks"
 
 SCAN, REPORT, REJECTED = "scan", "report", "rejected"
 
@@ -99,10 +104,6 @@ FILES_SCHEMA = pa.schema(
 )
 
 SECRET_CHECK = "hlip-ingest secret check"
-
-INDEX_BATCH_FILES = 64
-"""Files per index task: enough to hide the per-task overhead (about a millisecond), few
-enough that workers start while the sources are listed and finish together."""
 
 
 @dataclass(frozen=True)
@@ -195,36 +196,78 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         yield client
 
 
+class TaskRunner:
+    """Submit tasks and take their results as they finish.
+
+    On a Dask client each call is one task and each result is released as soon as it is
+    read; without a client each call runs here, when it is submitted. A task that kills
+    every worker it runs on (Dask's ``KilledWorker``, after
+    ``distributed.scheduler.allowed-failures`` retries) runs ``if_killed`` with the same
+    arguments instead, as a task of its own, when that is given.
+    """
+
+    def __init__(self, client=None) -> None:
+        self.client = client
+        self.finished: deque = deque()
+        self.futures: dict = {}
+        if client is not None:
+            from distributed import as_completed
+
+            self.pending = as_completed()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.futures) + len(self.finished)
+
+    @property
+    def workers(self) -> int:
+        """Workers of the cluster (1 in-process)."""
+        if self.client is None:
+            return 1
+        return max(1, len(self.client.scheduler_info(n_workers=-1).get("workers", {})))
+
+    def submit(self, tag: Any, function: Callable, *args: Any, if_killed: Callable | None = None) -> None:
+        if self.client is None:
+            self.finished.append((tag, function(*args)))
+            return
+        future = self.client.submit(function, *args, pure=False)
+        self.futures[future] = (tag, args, if_killed)
+        self.pending.add(future)
+
+    def next(self) -> tuple[Any, Any]:
+        """``(tag, result)`` of the next task to finish (of those submitted)."""
+        if self.finished:
+            return self.finished.popleft()
+        from distributed.scheduler import KilledWorker
+
+        while True:
+            future = next(self.pending)
+            tag, args, if_killed = self.futures.pop(future)
+            try:
+                result = future.result()
+            except KilledWorker:
+                if if_killed is None:
+                    raise
+                self.submit(tag, if_killed, *args)
+                continue
+            future.release()
+            return tag, result
+
+    def drain(self) -> list:
+        """The results of every outstanding task."""
+        return [self.next()[1] for _ in range(self.outstanding)]
+
+
 def map_unordered(
     client, function: Callable, items: Iterable, *args: Any, if_killed: Callable | None = None
 ) -> Iterator:
-    """``function(item, *args)`` for every item, yielded as they finish.
-
-    On a Dask client each item is one task, submitted as soon as ``items`` yields it, and
-    each result is released as soon as it is read; without a client the items run here,
-    one after the other. A task that kills every worker it runs on (Dask's
-    ``KilledWorker``, after ``distributed.scheduler.allowed-failures`` retries) yields
-    ``if_killed(item, *args)`` instead, run as a task of its own, when that is given.
-    """
-    if client is None:
-        yield from (function(item, *args) for item in items)
-        return
-    from distributed import as_completed
-    from distributed.scheduler import KilledWorker
-
-    futures = {client.submit(function, item, *args, pure=False): item for item in items}
-    pending = as_completed(futures)
-    for future in pending:
-        try:
-            result = future.result()
-        except KilledWorker:
-            if if_killed is None:
-                raise
-            pending.add(client.submit(if_killed, futures.pop(future), *args, pure=False))
-            continue
-        futures.pop(future, None)
-        yield result
-        future.release()
+    """``function(item, *args)`` for every item, yielded as they finish (see
+    :class:`TaskRunner`)."""
+    runner = TaskRunner(client)
+    for item in items:
+        runner.submit(None, function, item, *args, if_killed=if_killed)
+    while runner.outstanding:
+        yield runner.next()[1]
 
 
 def ordered_map(client) -> Callable:
@@ -268,75 +311,56 @@ def tune_allocator() -> bool:
 # --- index -----------------------------------------------------------------------------
 
 
-def _index_batch(files: list[index.SourceFile]) -> pa.Table:
-    """Index rows of a batch of files, as a table: it travels back to the client as a few
-    Arrow buffers rather than as pickled dicts."""
-    tune_allocator()
-    return index.rows_to_table([index.index_file(source_file) for source_file in files])
-
-
-def _previous_index(path: Path) -> tuple[pa.Table | None, dict[tuple[str, int], int]]:
-    """An earlier index, and the position of each of its rows by (file_id, size), so that
-    files indexed before can skip re-parsing."""
-    if not path.exists():
-        return None, {}
-    table = pq.read_table(path)
-    if table.schema != index.INDEX_SCHEMA:
-        return None, {}
-    keys = zip(table.column("file_id").to_pylist(), table.column("size").to_pylist(), strict=True)
-    return table, {key: i for i, key in enumerate(keys)}
-
-
-def index_stage(
+def index_archive(
     sources: Iterable[str | os.PathLike],
-    path: Path,
-    client=None,
+    work: Path,
+    partition_count: int,
+    runner: TaskRunner,
     progress: Progress | None = None,
-    exclude: str | os.PathLike | None = None,
-) -> pa.Table:
-    """Index every file under ``sources`` (headers only) into the Parquet file ``path``.
+    exclude: Iterable[str | os.PathLike] = (),
+) -> list[partitions.UnitSummary]:
+    """Index every file under ``sources`` (headers only) into the partitioned index under
+    ``work`` (:mod:`hlip.ingest.partitions`); return one summary per unit.
 
-    Batches of files go to the workers while the sources are still being listed, so
-    listing a large archive overlaps with parsing it. Files under ``exclude`` (the output
-    directory, when it lies inside a source) are not inputs. Rows of files already in an
-    existing ``path`` with the same size are reused, so a re-run only parses new files.
-    Rows are sorted by ``file_id``: the table depends only on the files, not on the order
-    tasks finished.
+    Each unit is a task; a task that splits its unit hands back the new units, which are
+    submitted at once, so listing a large archive is spread over the workers and overlaps
+    with parsing it. Files under ``exclude`` (the output, when it lies inside a source)
+    are not inputs. Unchanged units are not parsed again.
     """
     progress = progress or Progress(disable=True)
-    previous, previous_rows = _previous_index(Path(path))
-    excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
+    excluded = [os.path.abspath(folder) for folder in exclude]
     bar = progress.add_task("index", total=0)
-    reused: list[int] = []
+    summaries, files, known = [], 0, 0
+    for unit in partitions.source_units(sources):
+        runner.submit("unit", partitions.index_unit, unit, work, partition_count, excluded)
+        known += 1
+    while runner.outstanding:
+        _, summary = runner.next()
+        summaries.append(summary)
+        for unit in summary.units:
+            runner.submit("unit", partitions.index_unit, unit, work, partition_count, excluded)
+        known, files = known + len(summary.units), files + summary.files
+        progress.update(bar, total=known, completed=len(summaries), description=f"index ({files} files)")
+    return summaries
 
-    def batches() -> Iterator[list[index.SourceFile]]:
-        batch = []
-        for source_file in index.iter_source_files([str(Path(source).resolve()) for source in sources]):
-            if excluded is not None and Path(source_file.path).is_relative_to(excluded):
-                continue
-            progress.update(bar, total=progress.tasks[bar].total + 1)
-            position = previous_rows.get((source_file.file_id, source_file.size))
-            if position is not None:
-                reused.append(position)
-                progress.advance(bar)
-                continue
-            batch.append(source_file)
-            if len(batch) == INDEX_BATCH_FILES:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
 
-    tables = []
-    for batch_table in map_unordered(client, _index_batch, batches()):
-        tables.append(batch_table)
-        progress.advance(bar, batch_table.num_rows)
-    if previous is not None:
-        tables.append(previous.take(reused))
-    table = pa.concat_tables(tables or [index.rows_to_table([])]).sort_by("file_id").combine_chunks()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(Path(path), parquet_bytes(table))
-    return table
+def flag_duplicates(work: Path, summaries: Iterable[partitions.UnitSummary], runner: TaskRunner) -> None:
+    """Find the instances stored in more than one file across the whole index, one task per
+    SOP partition (:func:`hlip.ingest.partitions.find_duplicates`)."""
+    shutil.rmtree(work / partitions.DUPLICATES_DIR, ignore_errors=True)
+    by_sop_partition: dict[int, list[partitions.Unit]] = {}
+    for summary in summaries:
+        for sop_partition in summary.sop_partitions:
+            by_sop_partition.setdefault(sop_partition, []).append(summary.unit)
+    for sop_partition, units in sorted(by_sop_partition.items()):
+        runner.submit("duplicates", partitions.find_duplicates, work, sop_partition, sorted(units))
+    runner.drain()
+
+
+def index_digest(summaries: Iterable[partitions.UnitSummary]) -> str:
+    """Digest of what the index listed: every unit's files with their sizes and times."""
+    listings = sorted((summary.unit, summary.listing) for summary in summaries if summary.files)
+    return hashlib.sha256(repr(listings).encode()).hexdigest()
 
 
 # --- build one study ---------------------------------------------------------------------
@@ -583,6 +607,13 @@ def _record_and_stage(
 # --- the run -----------------------------------------------------------------------------
 
 
+def report_key(study_plan: StudyPlan, config: IngestConfig) -> str:
+    """The value that finds a study's row in the report table."""
+    if config.report_key_column == "StudyInstanceUID":
+        return study_plan.study_uid
+    return study_plan.accession_number
+
+
 def study_tasks(
     study_plans: Sequence[StudyPlan],
     index_table: pa.Table,
@@ -592,11 +623,10 @@ def study_tasks(
 ) -> list[StudyTask]:
     """One task per planned study, with only its own index rows and its table report."""
     position = {file_id: i for i, file_id in enumerate(index_table.column("file_id").to_pylist())}
-    key_attribute = "study_uid" if config.report_key_column == "StudyInstanceUID" else "accession_number"
     tasks = []
     for study_plan in study_plans:
         rows = index_table.take(sorted(position[file_id] for file_id in _study_files(study_plan)))
-        report = report_table.get(getattr(study_plan, key_attribute))
+        report = report_table.get(report_key(study_plan, config))
         tasks.append(StudyTask(deid.study_key(study_plan.study_uid, secret), study_plan, rows, report))
     return tasks
 
@@ -660,9 +690,7 @@ def account(index_table: pa.Table, rejects: Iterable, outcomes: Iterable[StudyOu
     return pa.Table.from_pylist(rows, schema=FILES_SCHEMA)
 
 
-def summarize(
-    files: pa.Table, out_dir: Path | str, version: versions.DatasetVersion | None = None
-) -> IngestSummary:
+def summarize(files: pa.Table, out_dir: Path | str) -> IngestSummary:
     """Counts by outcome and by reject reason, and studies staged vs. wholly rejected."""
     rows = files.select(["outcome", "study_key", "reason"]).to_pylist()
     staged = {row["study_key"] for row in rows if row["outcome"] != REJECTED}
@@ -674,10 +702,28 @@ def summarize(
         studies_rejected=len(seen - staged),
         outcomes=dict(sorted(Counter(row["outcome"] for row in rows).items())),
         reasons=dict(Counter(row["reason"] for row in rows if row["reason"]).most_common()),
-        version=None if version is None else version.number,
-        studies_added=0 if version is None else version.added,
-        studies_superseded=0 if version is None else version.superseded,
     )
+
+
+def combine(summaries: Iterable[IngestSummary], out_dir: Path | str, version=None) -> IngestSummary:
+    """One summary of a run from the summaries of its partitions (each study lies in one)."""
+    total = IngestSummary(out_dir=out_dir, files=0, studies_staged=0, studies_rejected=0)
+    outcomes, reasons = Counter(), Counter()
+    for part in summaries:
+        total.files += part.files
+        total.studies_staged += part.studies_staged
+        total.studies_rejected += part.studies_rejected
+        outcomes.update(part.outcomes)
+        reasons.update(part.reasons)
+    total.outcomes = dict(sorted(outcomes.items()))
+    total.reasons = dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+    if version is not None:
+        total.version, total.studies_added, total.studies_superseded = (
+            version.number,
+            version.added,
+            version.superseded,
+        )
+    return total
 
 
 def _check_config(ingest_dir: Path, settings: dict, secret: bytes) -> None:
@@ -726,7 +772,16 @@ def run_ingest(
     client=None,
     progress: Progress | None = None,
 ) -> IngestSummary:
-    """Ingest DICOM ``sources`` into a shard dataset at ``out_dir``; resume if it exists.
+    """Ingest DICOM ``sources`` into a shard dataset at ``out_dir``; resume or grow it if
+    it exists.
+
+    Every stage runs as tasks on the workers, which read and write the work folder
+    (:func:`ingest_dir`): the partitioned index (:func:`index_archive`), duplicates
+    across the index (:func:`flag_duplicates`), one plan task per index partition
+    (:func:`plan_partition`), one build task per study (:func:`stage_planned_study`), one
+    accounting task per partition (:func:`account_partition`), one task per shard. The
+    client holds a record per unit of the sources and per partition, and the studies of
+    the few partitions being built; nothing per file.
 
     ``client`` (a Dask client) wins over ``scheduler`` (address of a running cluster),
     which wins over a new ``LocalCluster`` of ``workers`` processes; ``workers=0`` runs
@@ -734,31 +789,211 @@ def run_ingest(
     """
     config = config or IngestConfig()
     progress = progress or Progress(disable=True)
-    report_table = {}
-    if config.report_table:  # read first: a table refused leaves no half-made --out behind
-        report_table = reports.load_report_table(
+    out = out_dir if is_remote(out_dir) else Path(out_dir)
+    work = ingest_dir(out)
+    with _client(client, scheduler, workers, memory_limit) as client:
+        runner = TaskRunner(client)
+        # First, on a worker: a table refused leaves no half-made --out behind.
+        runner.submit("reports", partition_report_table, config, work)
+        reports_digest = runner.next()[1]
+        out, secret = _prepare(out, config.secret, config.resume_fields())
+        exclude = [work] if is_remote(out) else [out, work]
+        summaries = index_archive(sources, work, config.index_partitions, runner, progress, exclude)
+        digest = hashlib.sha256((index_digest(summaries) + reports_digest).encode()).hexdigest()
+        if (unchanged := unchanged_run(out, digest)) is not None:
+            return unchanged
+        flag_duplicates(work, summaries, runner)
+        _clear_files(work)
+        partition_units = list(partitions.iter_partitions(summaries))
+        del summaries
+        parts = _plan_build_account(runner, progress, work, out, config, secret, partition_units)
+        version = DatasetWriter(out, max_shard_bytes=config.max_shard_bytes).finalize(ordered_map(client))
+        return _record_run(out, combine(parts, out, version), digest)
+
+
+def partition_report_table(config: IngestConfig, work: Path) -> str:
+    """Read the run's report table (a task: the client never holds it) and write it
+    partitioned into ``work`` (:func:`hlip.ingest.partitions.partition_reports`); its
+    digest. A refused table raises before anything is written."""
+    table = {}
+    if config.report_table:
+        table = reports.load_report_table(
             config.report_table,
             config.report_key_column,
             config.report_text_columns,
             config.label_columns,
             config.label_prefixes,
         )
-    out, secret = _prepare(out_dir, config.secret, config.resume_fields())
-    with _client(client, scheduler, workers, memory_limit) as client:
-        index_table = index_stage(sources, ingest_dir(out) / INDEX_FILE, client, progress, exclude=out)
-        digest = inputs_digest(index_table, report_table)
-        if (unchanged := unchanged_run(out, digest)) is not None:
-            return unchanged
-        study_plan = plan(index_table, plan_config(config))
-        tasks = study_tasks(study_plan.studies, index_table, report_table, config, secret)
-        # Largest studies first (tasks start in submission order): the last to start are
-        # the shortest, so workers finish together.
-        tasks.sort(key=lambda task: -task.index_rows.num_rows)
-        keys = [task.key for task in tasks]
-        outcomes = _stage_all(
-            client, progress, out, tasks, keys, stage_study, config, if_killed=reject_killing_study
+    return partitions.partition_reports(table, work, config.index_partitions)
+
+
+def _plan_build_account(
+    runner: TaskRunner,
+    progress: Progress,
+    work: Path,
+    out: str | Path,
+    config: IngestConfig,
+    secret: bytes,
+    partition_units: list[tuple[int, list[partitions.Unit]]],
+) -> list[IngestSummary]:
+    """Plan each partition, build its studies, then account for its files.
+
+    A partition is planned only while fewer than a few tasks per worker are waiting, so the
+    client holds the keys of a bounded number of studies whatever the archive's size. A
+    partition is accounted for as soon as its last study is built.
+    """
+    window = 4 * runner.workers
+    queue = deque(partition_units)
+    units = dict(partition_units)
+    left: dict[int, int] = {}
+    planning, results = 0, []
+    bars = {name: progress.add_task(name, total=0) for name in ("plan", "build", "account")}
+    progress.update(bars["plan"], total=len(queue))
+    progress.update(bars["account"], total=len(queue))
+
+    def plan_more() -> None:
+        nonlocal planning
+        while queue and planning < runner.workers and sum(left.values()) < window:
+            partition, part_units = queue.popleft()
+            runner.submit(
+                ("plan", partition), plan_partition, partition, part_units, work, out, config, secret
+            )
+            planning += 1
+
+    def account(partition: int) -> None:
+        del left[partition]
+        runner.submit(("account", partition), account_partition, partition, units[partition], work, out)
+
+    plan_more()
+    while runner.outstanding:
+        (stage, partition), result = runner.next()
+        if stage == "plan":
+            planning -= 1
+            progress.advance(bars["plan"])
+            progress.update(bars["build"], total=progress.tasks[bars["build"]].total + result.studies)
+            progress.advance(bars["build"], result.studies - len(result.todo))
+            left[partition] = len(result.todo)
+            for key in result.todo:
+                runner.submit(
+                    ("study", partition), stage_planned_study, key, work, out, config,
+                    if_killed=reject_killing_planned,
+                )  # fmt: skip
+            if not result.todo:
+                account(partition)
+        elif stage == "study":
+            progress.advance(bars["build"])
+            left[partition] -= 1
+            if not left[partition]:
+                account(partition)
+        else:
+            progress.advance(bars["account"])
+            results.append(result)
+        plan_more()
+    return results
+
+
+@dataclass
+class PartitionPlan:
+    """What a plan task reports: the keys of the partition's studies still to build
+    (largest first) and how many studies it planned."""
+
+    partition: int
+    todo: list[str]
+    studies: int
+
+
+def _plan_files(work: Path, partition: int) -> tuple[Path, Path]:
+    name = f"part-{partition:04d}"
+    return work / PLAN_DIR / f"{name}.rejects.parquet", work / PLAN_DIR / f"{name}.keys.json"
+
+
+def _task_path(work: Path, key: str) -> Path:
+    return work / TASKS_DIR / f"{fmt.check_key(key)}.pickle"
+
+
+def plan_partition(
+    partition: int,
+    units: Sequence[partitions.Unit],
+    work: Path,
+    out: str | Path,
+    config: IngestConfig,
+    secret: bytes,
+) -> PartitionPlan:
+    """Plan one index partition (a Dask task): its rejects and study keys go to
+    ``plan/``, and each study still to build gets its task file in ``tasks/`` (its plan,
+    index rows and report), which its build task reads."""
+    tune_allocator()
+    rows = partitions.read_partition(work, partition, units)
+    study_plan = plan(rows, plan_config(config), partitions.read_duplicates(work, partition))
+    report_keys = [report_key(study, config) for study in study_plan.studies]
+    table_reports = partitions.read_reports(work, report_keys, config.index_partitions)
+    tasks = study_tasks(study_plan.studies, rows, table_reports, config, secret)
+    rejects_path, keys_path = _plan_files(work, partition)
+    rejects = pa.Table.from_pylist([asdict(reject) for reject in study_plan.rejects], schema=REJECTS_SCHEMA)
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(rejects_path, parquet_bytes(rejects))
+    write_bytes_atomic(keys_path, json.dumps([task.key for task in tasks]).encode())
+    todo, _ = pending_tasks(tasks, [task.key for task in tasks], out)
+    todo.sort(key=lambda task: (-task.index_rows.num_rows, task.key))
+    for task in todo:
+        path = _task_path(work, task.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+    return PartitionPlan(partition, [task.key for task in todo], len(tasks))
+
+
+def _clear_files(work: Path) -> None:
+    """Remove the per-file outcomes of an earlier run (a folder; a single file before)."""
+    path = work / FILES_FILE
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_files(work: Path, partition: int, files: pa.Table) -> None:
+    path = work / FILES_FILE / f"part-{partition:04d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, parquet_bytes(files))
+
+
+REJECTS_SCHEMA = pa.schema([("file_id", pa.string()), ("reason", pa.string()), ("message", pa.string())])
+
+
+def _load_task(work: Path, key: str) -> StudyTask:
+    return pickle.loads(_task_path(work, key).read_bytes())
+
+
+def stage_planned_study(key: str, work: Path, out: str | Path, config: IngestConfig) -> StudyOutcome:
+    """Build a study that :func:`plan_partition` planned (a Dask task)."""
+    return stage_study(_load_task(work, key), out, config)
+
+
+def reject_killing_planned(key: str, work: Path, out: str | Path, config: IngestConfig) -> StudyOutcome:
+    return reject_killing_study(_load_task(work, key), out)
+
+
+def account_partition(
+    partition: int, units: Sequence[partitions.Unit], work: Path, out: str | Path
+) -> IngestSummary:
+    """Give every file of one index partition its one outcome (a Dask task): the plan's
+    rejects and the recorded outcomes of the partition's studies, written to
+    ``files.parquet/part-NNNN.parquet``; return the partition's counts."""
+    rejects_path, keys_path = _plan_files(work, partition)
+    rejects = [Reject(**row) for row in pq.read_table(rejects_path).to_pylist()]
+    keys = json.loads(keys_path.read_bytes())
+    outcomes = [read_outcome(out, key) for key in keys]
+    missing = [key for key, outcome in zip(keys, outcomes, strict=True) if outcome is None]
+    if missing:
+        raise RuntimeError(
+            f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
         )
-        return _finish(out, config.max_shard_bytes, index_table, study_plan.rejects, outcomes, client, digest)
+    file_ids = partitions.read_partition(work, partition, units).select(["file_id"])
+    files = account(file_ids, rejects, outcomes)
+    _write_files(work, partition, files)
+    for key in keys:
+        _task_path(work, key).unlink(missing_ok=True)
+    return summarize(files, out)
 
 
 def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
@@ -808,36 +1043,18 @@ def _stage_all(
     return outcomes
 
 
-def _finish(
-    out: Path, max_shard_bytes: int, index_table: pa.Table, rejects, outcomes, client=None, digest: str = ""
-) -> IngestSummary:
-    """Commit the staged studies as the dataset's next version (none when nothing is
-    staged: the dataset is up to date), then the accounting. Each shard is written by
-    one task on the workers: the client only plans the boundaries and writes the
-    manifests. ``digest`` (:func:`inputs_digest`) is recorded with the counts, last, so
-    that a re-run on the same inputs can stop after the index (:func:`unchanged_run`)."""
-    version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
-    files = account(index_table, rejects, outcomes)
-    write_bytes_atomic(ingest_dir(out) / FILES_FILE, parquet_bytes(files))
-    summary = summarize(files, out, version)
+RUN_FILE = "last_run.json"
+RUN_COUNTS = ("files", "studies_staged", "studies_rejected", "outcomes", "reasons")
+
+
+def _record_run(out: str | Path, summary: IngestSummary, digest: str = "") -> IngestSummary:
+    """Record the counts of a finished run with the digest of its inputs (last, so that a
+    re-run on the same inputs can stop after the index: :func:`unchanged_run`)."""
     if digest:
         counts = {name: getattr(summary, name) for name in RUN_COUNTS}
         record = json.dumps({"inputs": digest, **counts}, sort_keys=True).encode()
         write_bytes_atomic(ingest_dir(out) / RUN_FILE, record)
     return summary
-
-
-RUN_FILE = "last_run.json"
-RUN_COUNTS = ("files", "studies_staged", "studies_rejected", "outcomes", "reasons")
-
-
-def inputs_digest(index_table: pa.Table, report_table: dict) -> str:
-    """Digest of everything a run plans from besides its settings (fixed per output): the
-    indexed files with their sizes (an index row is reused exactly when both match) and
-    the report table."""
-    files = zip(index_table["file_id"].to_pylist(), index_table["size"].to_pylist(), strict=True)
-    text = repr((sorted(files), sorted(report_table.items())))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def unchanged_run(out: str | os.PathLike, digest: str) -> IngestSummary | None:
@@ -924,4 +1141,8 @@ def run_nifti_ingest(
         )  # fmt: skip
         volumes = sorted({str(volume.path) for study_plan in plans for volume in study_plan.volumes})
         files = pa.table({"file_id": pa.array(volumes, pa.string())})
-        return _finish(out, max_shard_bytes, files, [], outcomes, client)
+        version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
+        files = account(files, [], outcomes)
+        _clear_files(ingest_dir(out))
+        _write_files(ingest_dir(out), 0, files)
+        return combine([summarize(files, out)], out, version)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,12 +235,20 @@ class Plan:
 # --------------------------------------------------------------------------- entry point
 
 
-def plan(index: pa.Table, config: PlanConfig | None = None) -> Plan:
-    """Studies, scans and rejects for every file of ``index`` (an INDEX_SCHEMA table)."""
+def plan(
+    index: pa.Table, config: PlanConfig | None = None, duplicates: Mapping[str, str] | None = None
+) -> Plan:
+    """Studies, scans and rejects for every file of ``index`` (an INDEX_SCHEMA table).
+
+    ``duplicates`` (file_id -> SOPInstanceUID) names the files that repeat an instance
+    stored elsewhere, when ``index`` is one partition of a larger index and the rule was
+    applied over the whole of it (:func:`hlip.ingest.partitions.find_duplicates`);
+    without it, the rule is applied within ``index``.
+    """
     config = config or PlanConfig()
     rows = sorted(index.to_pylist(), key=lambda r: r["file_id"])
     ledger = _Ledger()
-    candidates, reports = _classify_files(rows, config, ledger)
+    candidates, reports = _classify_files(rows, config, ledger, duplicates)
     slices = _expand_slices(candidates, ledger)
     stacks = _group_stacks(slices, config)
     stacks = _reject_localizer_series(stacks, config, ledger)
@@ -276,7 +284,7 @@ class _Ledger:
 
 
 def _classify_files(
-    rows: list[dict[str, Any]], config: PlanConfig, ledger: _Ledger
+    rows: list[dict[str, Any]], config: PlanConfig, ledger: _Ledger, duplicates: Mapping[str, str] | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Reject files by file-level rules; return image candidates and SR report rows."""
     localizer = _compile(config.localizer_hints)
@@ -284,7 +292,11 @@ def _classify_files(
     seen_instances: set[str] = set()
     candidates, reports = [], []
     for row in rows:
-        verdict = _file_verdict(row, seen_instances, localizer, dose)
+        if duplicates is None:
+            duplicate = row.get("SOPInstanceUID") in seen_instances
+        else:
+            duplicate = row["file_id"] in duplicates
+        verdict = _file_verdict(row, duplicate, localizer, dose)
         if row.get("SOPInstanceUID") and not row.get("error"):
             seen_instances.add(row["SOPInstanceUID"])
         if verdict == "report":
@@ -302,7 +314,7 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def _file_verdict(
-    row: dict[str, Any], seen: set[str], localizer: re.Pattern[str] | None, dose: re.Pattern[str] | None
+    row: dict[str, Any], duplicate: bool, localizer: re.Pattern[str] | None, dose: re.Pattern[str] | None
 ) -> tuple[str, str] | str | None:
     """None for an image candidate, "report" for an SR, else ``(reason, message)``."""
     if row.get("error"):
@@ -310,7 +322,7 @@ def _file_verdict(
         return (code if code in REASONS else "unreadable", message or row["error"])
     if row.get("IsDICOMDIR"):
         return ("dicomdir", "")
-    if row.get("SOPInstanceUID") in seen:
+    if duplicate:
         return ("duplicate_instance", f"SOPInstanceUID {row['SOPInstanceUID']}")
     sop_verdict = _sop_class_verdict(row)
     if sop_verdict is not None:

@@ -1,0 +1,445 @@
+"""The partitioned index: listing split into units, rows partitioned by study.
+
+An archive of 10^7-10^8 files cannot be listed, indexed or planned by one process, so the
+workers build the index as a partitioned Parquet dataset in the ingest's work folder
+(``_ingest/``), and the client never holds a row of it:
+
+* A **unit** is the piece of the sources one task lists and indexes: a folder tree of at
+  most :data:`UNIT_FILES` files, a chunk of the files directly in a larger folder, a
+  chunk of the members of a zip export or of the lines of a path list, or one file. A
+  task that finds its folder too large splits it into units (its subfolders, chunks of its
+  own files) instead of indexing it, so listing itself is spread over the workers.
+* A unit writes its rows to ``index/part-NNNN/<unit>.parquet``, one file for each
+  partition it has rows in. A row's partition is a hash of its StudyInstanceUID, so all
+  files of a study meet in one partition whatever folder or zip they lie in (unreadable
+  files, which belong to no study, are spread by a hash of their path). The
+  SOPInstanceUIDs of its rows go to ``sops/part-NNNN/<unit>.parquet`` by a hash of the
+  UID, so that an instance stored under two studies is found per partition too
+  (:func:`find_duplicates`).
+* ``units/<unit>.json`` records what the unit listed (a digest of the paths, sizes and
+  modification times) and the partitions it wrote. A re-run skips a unit whose listing
+  is unchanged and parses only the new or changed files of the others.
+
+What the client keeps is one small :class:`UnitSummary` per unit and counts per
+partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hlip.ingest import index, reports
+from hlip.shards.writer import parquet_bytes, write_bytes_atomic
+
+UNIT_FILES = 2048
+"""Most files one index task lists and parses: enough to hide a task's overhead, few
+enough that a huge folder is split over many workers."""
+
+DEFAULT_PARTITIONS = 64
+"""Index partitions of an ingest. A partition is planned by one task holding its rows, so
+aim at about 50,000 files per partition (``--index-partitions`` for larger archives)."""
+
+INDEX_DIR, SOPS_DIR, UNITS_DIR, DUPLICATES_DIR = "index", "sops", "units", "duplicates"
+ZIP_SUFFIX = ".zip"
+SOP_SCHEMA = pa.schema([("SOPInstanceUID", pa.string()), ("file_id", pa.string()), ("partition", pa.int32())])
+DUPLICATE_SCHEMA = pa.schema([("file_id", pa.string()), ("SOPInstanceUID", pa.string())])
+SCHEMA_DIGEST = hashlib.sha256(str(index.INDEX_SCHEMA).encode()).hexdigest()[:16]
+"""Rows of a unit recorded under another index schema are parsed again."""
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A piece of the sources: ``kind`` is ``tree`` (a folder, split when large), ``files``
+    (chunk ``chunk`` of the files directly in folder ``path``), ``zip`` / ``list`` (a zip
+    export or a path list; ``chunk`` -1 until split into chunks) or ``file``."""
+
+    kind: str
+    path: str
+    chunk: int = -1
+
+    @property
+    def name(self) -> str:
+        """A file name for the unit's records, stable across runs."""
+        return hashlib.sha256(repr(tuple(asdict(self).values())).encode()).hexdigest()[:24]
+
+
+@dataclass
+class UnitSummary:
+    """What an index task reports: more units to index (when it split its own), and the
+    unit's row counts per index partition and SOP partition (its record)."""
+
+    unit: Unit
+    units: list[Unit] = field(default_factory=list)
+    files: int = 0
+    parsed: int = 0
+    listing: str = ""
+    partitions: dict[int, int] = field(default_factory=dict)
+    sop_partitions: list[int] = field(default_factory=list)
+
+
+def partition_of(key: str, partitions: int) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % partitions
+
+
+def row_partition(row: dict, partitions: int) -> int:
+    """A row's index partition: by StudyInstanceUID (files without one, but readable,
+    share the partition of the empty UID, as the plan puts them in one study); an
+    unreadable file by its own id."""
+    if row.get("error"):
+        return partition_of(row["file_id"], partitions)
+    return partition_of(row.get("StudyInstanceUID") or "", partitions)
+
+
+def part_folder(kind: str, partition: int) -> str:
+    return f"{kind}/part-{partition:04d}"
+
+
+# --- units -------------------------------------------------------------------------------
+
+
+def source_units(sources: Iterable[str | os.PathLike]) -> list[Unit]:
+    """The first units of the sources; the tasks that index them split large ones."""
+    units = []
+    for source in sources:
+        path = Path(source)
+        absolute = os.path.abspath(path)
+        if path.is_dir():
+            units.append(Unit("tree", absolute))
+        elif path.is_file() and path.suffix.lower() in index.LIST_SUFFIXES:
+            units.append(Unit("list", absolute))
+        elif path.is_file() and (path.suffix.lower() == ZIP_SUFFIX or index._is_zip(path)):
+            units.append(Unit("zip", absolute))
+        else:
+            units.append(Unit("file", absolute))
+    return units
+
+
+def _excluded(path: str, exclude: Sequence[str]) -> bool:
+    return any(path == folder or path.startswith(folder + os.sep) for folder in exclude)
+
+
+def _entries(folder: str, exclude: Sequence[str]) -> tuple[list[str], list[os.DirEntry]]:
+    """Subfolders and files directly in ``folder``, sorted by name, without excluded ones;
+    an unreadable folder has none."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except OSError:
+        return [], []
+    folders, files = [], []
+    for entry in entries:
+        if _excluded(entry.path, exclude):
+            continue
+        try:
+            is_folder = entry.is_dir()
+        except OSError:
+            is_folder = False
+        (folders if is_folder else files).append(entry.path if is_folder else entry)
+    return folders, files
+
+
+def _source_file(entry: os.DirEntry) -> index.SourceFile:
+    try:
+        stat = entry.stat()
+    except OSError:
+        return index.SourceFile(os.path.abspath(entry.path), "", 0)
+    return index.SourceFile(os.path.abspath(entry.path), "", stat.st_size, stat.st_mtime_ns)
+
+
+def _is_zip_name(entry: os.DirEntry) -> bool:
+    return entry.name.lower().endswith(ZIP_SUFFIX)
+
+
+def _walk_tree(
+    folder: str, exclude: Sequence[str], limit: int
+) -> tuple[list[index.SourceFile], list[Unit]] | None:
+    """Every file of the tree (zips become units of their own), or None once it holds
+    more than ``limit`` files."""
+    files, zips, stack = [], [], [folder]
+    while stack:
+        folders, entries = _entries(stack.pop(), exclude)
+        stack.extend(reversed(folders))
+        for entry in entries:
+            if _is_zip_name(entry):
+                zips.append(Unit("zip", os.path.abspath(entry.path)))
+            else:
+                files.append(_source_file(entry))
+        if len(files) > limit:
+            return None
+    return sorted(files, key=lambda f: f.file_id), sorted(zips)
+
+
+def _chunks(count: int, limit: int) -> range:
+    return range(-(-count // limit))
+
+
+def expand(
+    unit: Unit, exclude: Sequence[str] = (), limit: int = UNIT_FILES
+) -> tuple[list[index.SourceFile], list[Unit]]:
+    """The files this unit indexes itself, and the units it splits off.
+
+    Listing is deterministic: the same tree gives the same units and files in the same order.
+    """
+    if unit.kind == "tree":
+        walked = _walk_tree(unit.path, exclude, limit)
+        if walked is not None:
+            return walked
+        folders, entries = _entries(unit.path, exclude)
+        plain = [entry for entry in entries if not _is_zip_name(entry)]
+        zips = [Unit("zip", os.path.abspath(entry.path)) for entry in entries if _is_zip_name(entry)]
+        chunks = [Unit("files", unit.path, i) for i in _chunks(len(plain), limit)]
+        return [], [*(Unit("tree", folder) for folder in folders), *chunks, *zips]
+    if unit.kind == "files":
+        plain = [entry for entry in _entries(unit.path, exclude)[1] if not _is_zip_name(entry)]
+        return [_source_file(entry) for entry in plain[unit.chunk * limit : (unit.chunk + 1) * limit]], []
+    if unit.kind == "zip":
+        members = list(index._iter_one_source(Path(unit.path), top_level=True))
+        if unit.chunk < 0 and len(members) > limit:
+            return [], [Unit("zip", unit.path, i) for i in _chunks(len(members), limit)]
+        return members[max(unit.chunk, 0) * limit :][:limit], []
+    if unit.kind == "list":
+        return _expand_list(unit, exclude, limit)
+    return list(index._iter_one_source(Path(unit.path), top_level=True)), []
+
+
+def _expand_list(unit: Unit, exclude: Sequence[str], limit: int) -> tuple[list[index.SourceFile], list[Unit]]:
+    """A path list: chunks of lines when long; a line naming a folder or list becomes a
+    unit, a line naming a file or zip is indexed here."""
+    lines = index.list_file_entries(Path(unit.path))
+    if unit.chunk < 0 and len(lines) > limit:
+        return [], [Unit("list", unit.path, i) for i in _chunks(len(lines), limit)]
+    files, units = [], []
+    for entry in lines[max(unit.chunk, 0) * limit :][:limit]:
+        if _excluded(str(entry), exclude):
+            continue
+        nested = source_units([entry])[0]
+        if nested.kind in ("tree", "list"):
+            units.append(nested)
+        else:
+            files.extend(expand(nested, exclude, limit)[0])
+    return files, units
+
+
+# --- indexing a unit -----------------------------------------------------------------------
+
+
+def listing_digest(files: Sequence[index.SourceFile], partitions: int) -> str:
+    text = repr((SCHEMA_DIGEST, partitions, [(f.file_id, f.size, f.mtime_ns) for f in files]))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _record_path(work: Path, unit: Unit) -> Path:
+    return work / UNITS_DIR / f"{unit.name}.json"
+
+
+def _fragment(work: Path, kind: str, partition: int, unit: Unit) -> Path:
+    return work / part_folder(kind, partition) / f"{unit.name}.parquet"
+
+
+def _read_record(work: Path, unit: Unit) -> UnitSummary | None:
+    try:
+        record = json.loads(_record_path(work, unit).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return UnitSummary(
+        unit=unit,
+        files=record["files"],
+        listing=record["listing"],
+        partitions={int(p): n for p, n in record["partitions"].items()},
+        sop_partitions=record["sop_partitions"],
+    )
+
+
+def _previous_rows(work: Path, record: UnitSummary | None) -> dict[tuple[str, int, int], dict]:
+    """Rows the unit wrote before, by (file_id, size, mtime_ns)."""
+    if record is None:
+        return {}
+    rows = {}
+    for partition in record.partitions:
+        try:
+            table = pq.read_table(_fragment(work, INDEX_DIR, partition, record.unit))
+        except OSError:
+            continue
+        for row in table.to_pylist():
+            rows[(row["file_id"], row["size"], row["mtime_ns"])] = row
+    return rows
+
+
+def index_unit(unit: Unit, work: Path, partitions: int, exclude: Sequence[str] = ()) -> UnitSummary:
+    """Index one unit into the partitioned index under ``work`` (a Dask task).
+
+    A unit that is too large returns the units it splits into and writes nothing. A unit
+    listed as before returns its record; otherwise the rows of unchanged files are taken
+    from its earlier fragments, the other files are parsed, and its fragments and record
+    are replaced.
+    """
+    from hlip.ingest.pipeline import tune_allocator
+
+    tune_allocator()
+    files, units = expand(unit, exclude)
+    listing = listing_digest(files, partitions)
+    record = _read_record(Path(work), unit)
+    summary = UnitSummary(unit, units, len(files), 0, listing)
+    if record is not None and record.listing == listing:
+        summary.partitions, summary.sop_partitions = record.partitions, record.sop_partitions
+        return summary
+    previous = _previous_rows(Path(work), record)
+    rows = []
+    for source_file in dict.fromkeys(files):
+        row = previous.get((source_file.file_id, source_file.size, source_file.mtime_ns))
+        if row is None:
+            row = index.index_file(source_file)
+            summary.parsed += 1
+        rows.append(row)
+    _write_unit(Path(work), summary, rows, partitions, record)
+    return summary
+
+
+def _write_unit(
+    work: Path, summary: UnitSummary, rows: list[dict], partitions: int, record: UnitSummary | None
+) -> None:
+    """Write the unit's fragments, remove those it no longer has, then its record."""
+    by_partition: dict[int, list[dict]] = {}
+    sops: dict[int, list[dict]] = {}
+    for row in rows:
+        partition = row_partition(row, partitions)
+        by_partition.setdefault(partition, []).append(row)
+        if row.get("SOPInstanceUID") and not row.get("error"):
+            sop = {"SOPInstanceUID": row["SOPInstanceUID"], "file_id": row["file_id"], "partition": partition}
+            sops.setdefault(partition_of(row["SOPInstanceUID"], partitions), []).append(sop)
+    for partition, part_rows in by_partition.items():
+        table = index.rows_to_table(sorted(part_rows, key=lambda row: row["file_id"]))
+        _write_table(_fragment(work, INDEX_DIR, partition, summary.unit), table)
+    for partition, sop_rows in sops.items():
+        table = pa.Table.from_pylist(sorted(sop_rows, key=lambda row: row["file_id"]), schema=SOP_SCHEMA)
+        _write_table(_fragment(work, SOPS_DIR, partition, summary.unit), table)
+    summary.partitions = {p: len(r) for p, r in sorted(by_partition.items())}
+    summary.sop_partitions = sorted(sops)
+    if record is not None:
+        for partition in set(record.partitions) - set(summary.partitions):
+            _fragment(work, INDEX_DIR, partition, summary.unit).unlink(missing_ok=True)
+        for partition in set(record.sop_partitions) - set(summary.sop_partitions):
+            _fragment(work, SOPS_DIR, partition, summary.unit).unlink(missing_ok=True)
+    fields = {
+        "unit": asdict(summary.unit),
+        "files": summary.files,
+        "listing": summary.listing,
+        "partitions": {str(p): n for p, n in summary.partitions.items()},
+        "sop_partitions": summary.sop_partitions,
+    }
+    _write_table_bytes(_record_path(work, summary.unit), json.dumps(fields, sort_keys=True).encode())
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    _write_table_bytes(path, parquet_bytes(table))
+
+
+def _write_table_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+
+
+# --- reading partitions ----------------------------------------------------------------------
+
+
+def read_partition(work: Path, partition: int, units: Iterable[Unit]) -> pa.Table:
+    """The index rows of one partition from the fragments of ``units``, one row per file,
+    sorted by ``file_id`` (a file that two sources name is indexed once)."""
+    tables = [pq.read_table(_fragment(Path(work), INDEX_DIR, partition, unit)) for unit in units]
+    if not tables:
+        return index.rows_to_table([])
+    table = pa.concat_tables(tables).sort_by("file_id")
+    file_ids = table["file_id"].to_pylist()
+    first = [i for i, file_id in enumerate(file_ids) if i == 0 or file_id != file_ids[i - 1]]
+    return table.take(first) if len(first) < len(file_ids) else table
+
+
+def find_duplicates(work: Path, sop_partition: int, units: Iterable[Unit]) -> list[int]:
+    """Flag the instances of one SOP partition stored in more than one file: every file
+    but the first by ``file_id`` (the rule :func:`hlip.ingest.plan.plan` applies within one
+    table) goes to ``duplicates/part-NNNN/`` of its own index partition. Returns the index
+    partitions that got flags (a Dask task; clear the folder before a run's first one)."""
+    tables = [pq.read_table(_fragment(Path(work), SOPS_DIR, sop_partition, unit)) for unit in units]
+    if not tables:
+        return []
+    table = pa.concat_tables(tables).sort_by([("SOPInstanceUID", "ascending"), ("file_id", "ascending")])
+    flags: dict[int, list[dict]] = {}
+    previous = None
+    for row in table.to_pylist():
+        current = (row["SOPInstanceUID"], row["file_id"])
+        # The same file named by two sources is one file, not a duplicate of itself.
+        if previous is not None and current[0] == previous[0] and current[1] != previous[1]:
+            flags.setdefault(row["partition"], []).append(row)
+        if previous is None or current[0] != previous[0]:
+            previous = current
+    for partition, rows in sorted(flags.items()):
+        name = f"{part_folder(DUPLICATES_DIR, partition)}/sops-{sop_partition:04d}.parquet"
+        _write_table(Path(work) / name, pa.Table.from_pylist(rows, schema=DUPLICATE_SCHEMA))
+    return sorted(flags)
+
+
+def read_duplicates(work: Path, partition: int) -> dict[str, str]:
+    """``file_id -> SOPInstanceUID`` of the files of a partition flagged as duplicates."""
+    folder = Path(work) / part_folder(DUPLICATES_DIR, partition)
+    if not folder.is_dir():
+        return {}
+    table = pa.concat_tables([pq.read_table(path) for path in sorted(folder.glob("*.parquet"))])
+    return dict(zip(table["file_id"].to_pylist(), table["SOPInstanceUID"].to_pylist(), strict=True))
+
+
+def iter_partitions(summaries: Iterable[UnitSummary]) -> Iterator[tuple[int, list[Unit]]]:
+    """``(partition, units with rows in it)`` for every non-empty partition."""
+    by_partition: dict[int, list[Unit]] = {}
+    for summary in summaries:
+        for partition in summary.partitions:
+            by_partition.setdefault(partition, []).append(summary.unit)
+    for partition in sorted(by_partition):
+        yield partition, sorted(by_partition[partition])
+
+
+# --- the report table ------------------------------------------------------------------------
+
+REPORTS_DIR = "reports"
+REPORT_SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("labels", pa.string())])
+
+
+def partition_reports(table: dict[str, reports.Report], work: Path, partitions: int) -> str:
+    """Write a loaded report table as ``reports/part-NNNN.parquet`` by a hash of its key,
+    replacing an earlier one; return the table's digest (a re-run with another table
+    rebuilds the studies whose report changed)."""
+    folder = Path(work) / REPORTS_DIR
+    for old in folder.glob("part-*.parquet"):
+        old.unlink()
+    by_partition: dict[int, list[dict]] = {}
+    for key, report in sorted(table.items()):
+        row = {"key": key, "text": report.text, "labels": json.dumps(report.labels, sort_keys=True)}
+        by_partition.setdefault(partition_of(key, partitions), []).append(row)
+    for partition, rows in by_partition.items():
+        _write_table(
+            folder / f"part-{partition:04d}.parquet", pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+        )
+    return hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest()
+
+
+def read_reports(work: Path, keys: Iterable[str], partitions: int) -> dict[str, reports.Report]:
+    """The reports of ``keys`` from the partitioned table (keys without one are absent)."""
+    wanted: dict[int, set[str]] = {}
+    for key in keys:
+        wanted.setdefault(partition_of(key, partitions), set()).add(key)
+    found = {}
+    for partition, part_keys in sorted(wanted.items()):
+        path = Path(work) / REPORTS_DIR / f"part-{partition:04d}.parquet"
+        if not path.exists():
+            continue
+        for row in pq.read_table(path).to_pylist():
+            if row["key"] in part_keys:
+                found[row["key"]] = reports.Report(row["text"], json.loads(row["labels"]))
+    return found
