@@ -4,6 +4,7 @@ study that kills its worker every time (a ``resource_limit`` reject; the rest go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,24 +67,17 @@ def _dask(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "distributed.cli.dask_" + arguments[0], *arguments[1:]]
 
 
-def test_ingest_through_separate_scheduler_and_worker_processes(archive, reference, tmp_path):
-    """``dask scheduler`` and ``dask worker`` as their own processes on random local ports,
-    and ``hlip-ingest run --scheduler``: the bytes of the serial run."""
+@contextlib.contextmanager
+def dask_cluster(tmp_path: Path, workers: int = 2):
+    """``dask scheduler`` and ``dask worker`` as their own processes on a random local
+    port; yields the scheduler's address."""
     from distributed import Client
 
     scheduler_file = tmp_path / "scheduler.json"
     scheduler = _start(
-        _dask(
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-dashboard",
-            "--scheduler-file",
-            str(scheduler_file),
-        )
-    )
+        _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+              "--scheduler-file", str(scheduler_file))
+    )  # fmt: skip
     processes = [scheduler]
     try:
         deadline = time.monotonic() + START_S
@@ -93,31 +87,54 @@ def test_ingest_through_separate_scheduler_and_worker_processes(archive, referen
         address = json.loads(scheduler_file.read_text())["address"]
         processes.append(
             _start(
-                _dask(
-                    "worker",
-                    address,
-                    "--nworkers",
-                    "2",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--memory-limit",
-                    "2GiB",
-                )  # fmt: skip
+                _dask("worker", address, "--nworkers", str(workers), "--nthreads", "1", "--no-dashboard",
+                      "--memory-limit", "2GiB")
             )
-        )
+        )  # fmt: skip
         with Client(address) as client:
-            client.wait_for_workers(2, timeout=START_S)
-        out = tmp_path / "out"
-        command = [
-            sys.executable, "-m", "hlip.ingest.cli", "run", str(archive.root), "--out", str(out),
-            "--reports", str(archive.reports_csv), "--spacing", "CT=5,4,4", "--secret", "test-secret",
-            "--scheduler", address,
-        ]  # fmt: skip
-        subprocess.run(command, check=True, env=_environment(), stdout=subprocess.DEVNULL, timeout=600)
+            client.wait_for_workers(workers, timeout=START_S)
+        yield address
     finally:
         for process in reversed(processes):
             _stop(process)
+
+
+def _ingest_command(archive, out: Path, address: str) -> list[str]:
+    return [
+        sys.executable, "-m", "hlip.ingest.cli", "run", str(archive.root), "--out", str(out),
+        "--reports", str(archive.reports_csv), "--spacing", "CT=5,4,4", "--secret", "test-secret",
+        "--scheduler", address,
+    ]  # fmt: skip
+
+
+def test_ingest_through_separate_scheduler_and_worker_processes(archive, reference, tmp_path):
+    """``hlip-ingest run --scheduler`` on a cluster of its own processes: the bytes of the
+    serial run."""
+    out = tmp_path / "out"
+    with dask_cluster(tmp_path) as address:
+        command = _ingest_command(archive, out, address)
+        subprocess.run(command, check=True, env=_environment(), stdout=subprocess.DEVNULL, timeout=600)
+    assert output_bytes(out) == output_bytes(reference)
+    assert files_table(out) == files_table(reference)
+
+
+def test_a_client_killed_mid_run_resumes_to_the_same_bytes(archive, reference, tmp_path):
+    """SIGKILL the ``hlip-ingest`` process once its first study is built, then run the same
+    command again: it takes over the dead run's lock, keeps what was done and ends with the
+    bytes of an uninterrupted run."""
+    out = tmp_path / "out"
+    outcomes = out / pipeline.INGEST_DIR / pipeline.OUTCOMES_DIR
+    with dask_cluster(tmp_path) as address:
+        command = _ingest_command(archive, out, address)
+        client = _start(command)
+        deadline = time.monotonic() + 300
+        while client.poll() is None and not any(outcomes.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+        client.stderr.close()
+        assert any(outcomes.glob("*.json")) and not (out / "_versions").exists(), "not killed mid-run"
+        subprocess.run(command, check=True, env=_environment(), stdout=subprocess.DEVNULL, timeout=600)
     assert output_bytes(out) == output_bytes(reference)
     assert files_table(out) == files_table(reference)
 

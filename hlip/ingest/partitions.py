@@ -182,12 +182,14 @@ def _chunks(count: int, limit: int) -> range:
 
 
 def expand(
-    unit: Unit, exclude: Sequence[str] = (), limit: int = UNIT_FILES
+    unit: Unit, exclude: Sequence[str] = (), limit: int | None = None
 ) -> tuple[list[index.SourceFile], list[Unit]]:
-    """The files this unit indexes itself, and the units it splits off.
+    """The files this unit indexes itself, and the units it splits off (units of at most
+    ``limit`` files, default :data:`UNIT_FILES`).
 
     Listing is deterministic: the same tree gives the same units and files in the same order.
     """
+    limit = limit or UNIT_FILES
     if unit.kind == "tree":
         walked = _walk_tree(unit.path, exclude, limit)
         if walked is not None:

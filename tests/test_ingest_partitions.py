@@ -1,0 +1,108 @@
+"""The partitioned index: listing split into units, rows partitioned by study, duplicates
+found across partitions, rows reused per unit, and a dataset that does not depend on how
+the index was cut."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from test_ingest_pipeline import SMALL, files_table, output_bytes, small_config
+
+from hlip.ingest import partitions, pipeline
+from hlip.ingest.index import index_sources
+from hlip.ingest.plan import plan
+from hlip.synth import make_archive
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """A synthetic archive plus one instance stored a second time under another study (same
+    SOPInstanceUID, another StudyInstanceUID), as a re-sent study with a corrected UID is."""
+    synth = make_archive(tmp_path_factory.mktemp("synth") / "archive", 3, seed=5, sizes=SMALL)
+    first, other = synth.studies[0].study_uid, synth.studies[1].study_uid
+    for path in sorted(synth.root.rglob("*")):
+        if not path.is_file() or path.suffix.lower() in (".csv", ".zip"):
+            continue
+        try:
+            dataset = pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - clutter of the archive
+            continue
+        if getattr(dataset, "StudyInstanceUID", "") == first and "PixelData" in dataset:
+            dataset.StudyInstanceUID = other
+            (synth.root / "zz-resent").mkdir()
+            dataset.save_as(synth.root / "zz-resent" / "copy.dcm")
+            break
+    return synth
+
+
+def _index(archive, work, partition_count: int, monkeypatch=None, unit_files: int | None = None):
+    if unit_files is not None:
+        monkeypatch.setattr(partitions, "UNIT_FILES", unit_files)
+    runner = pipeline.TaskRunner()
+    return pipeline.index_archive([archive.root], work, partition_count, runner)
+
+
+def test_split_units_index_every_file_once_as_one_table_does(archive, tmp_path, monkeypatch):
+    whole = index_sources([archive.root]).drop(["mtime_ns"])
+    summaries = _index(archive, tmp_path / "w", 5, monkeypatch, unit_files=3)
+    assert sum(1 for summary in summaries if summary.files) > 5, "the archive was not split"
+    assert all(summary.files <= 3 for summary in summaries)
+    table = pq.read_table(tmp_path / "w" / partitions.INDEX_DIR).sort_by("file_id").drop(["mtime_ns"])
+    assert table.equals(whole)
+    for partition, units in partitions.iter_partitions(summaries):
+        rows = partitions.read_partition(tmp_path / "w", partition, units)
+        uids = {row["StudyInstanceUID"] for row in rows.to_pylist() if not row["error"]}
+        assert all(partitions.partition_of(uid or "", 5) == partition for uid in uids)
+
+
+@pytest.mark.parametrize("partition_count", [1, 2, 7])
+def test_partitioned_plans_give_every_file_the_outcome_of_one_plan(archive, tmp_path, partition_count):
+    """The instance stored under two studies is a duplicate whichever partitions hold them."""
+    work = tmp_path / "w"
+    summaries = _index(archive, work, partition_count)
+    pipeline.flag_duplicates(work, summaries, pipeline.TaskRunner())
+    expected = plan(index_sources([archive.root])).outcomes()
+    found = {}
+    for partition, units in partitions.iter_partitions(summaries):
+        rows = partitions.read_partition(work, partition, units)
+        found.update(plan(rows, duplicates=partitions.read_duplicates(work, partition)).outcomes())
+    assert found == expected
+    assert sum(reason == "duplicate_instance" for outcome, reason in expected.values()) >= 2
+
+
+def test_a_rerun_parses_only_new_and_changed_files(archive, tmp_path, monkeypatch):
+    source = tmp_path / "archive"
+    shutil.copytree(archive.root, source)
+    copy = replace(archive, root=source)
+    work = tmp_path / "w"
+    first = _index(copy, work, 4, monkeypatch, unit_files=4)
+    assert sum(summary.parsed for summary in first) == sum(summary.files for summary in first)
+    again = _index(copy, work, 4, monkeypatch, unit_files=4)
+    assert sum(summary.parsed for summary in again) == 0
+    touched = next(path for path in sorted(source.rglob("*.dcm")))
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    (source / "late").mkdir()
+    shutil.copy(touched, source / "late" / "new.dcm")
+    third = _index(copy, work, 4, monkeypatch, unit_files=4)
+    assert sum(summary.parsed for summary in third) == 2
+    assert pipeline.index_digest(third) != pipeline.index_digest(again)
+    table = pq.read_table(work / partitions.INDEX_DIR)
+    assert table.num_rows == len(set(table["file_id"].to_pylist())) == sum(s.files for s in third)
+
+
+def test_the_dataset_does_not_depend_on_the_partition_count(archive, tmp_path):
+    outs = []
+    for partition_count in (1, 5):
+        out = tmp_path / f"out{partition_count}"
+        config = small_config(archive, index_partitions=partition_count)
+        pipeline.run_ingest([archive.root], out, config, workers=0)
+        outs.append(out)
+    assert output_bytes(outs[0]) == output_bytes(outs[1])
+    assert files_table(outs[0]) == files_table(outs[1])
+    parts = sorted((outs[1] / pipeline.INGEST_DIR / pipeline.FILES_FILE).iterdir())
+    assert len(parts) > 1
