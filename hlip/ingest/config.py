@@ -53,6 +53,9 @@ class IngestConfig:
     memory. Like the table's path it is neither hashed nor checked on resume: it decides
     which studies are built, not what a sample holds.
 
+    ``index_partitions`` splits the header index by study (:mod:`hlip.ingest.partitions`);
+    it changes how the work is cut, never a sample, and may change between runs.
+
     ``label_columns`` and ``label_prefixes`` allow report-table columns as labels
     (:func:`hlip.ingest.reports.choose_label_columns`); with neither, only 0/1 findings are.
     """

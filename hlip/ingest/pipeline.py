@@ -1,20 +1,26 @@
-"""The ingest pipeline: index -> plan -> build per study -> finalize, on Dask.
+"""The ingest pipeline: index -> plan -> build per study -> account -> finalize, on Dask.
 
-Each stage is a library function usable alone:
+Each stage is a library function usable alone, and each runs as tasks on the workers,
+which share the work folder (:func:`ingest_dir`):
 
-* :func:`index_stage` parses the header of every source file (batches of files per task)
-  into ``_ingest/index.parquet``, reusing the rows of files a previous run indexed;
-* :func:`hlip.ingest.plan.plan` turns the index into studies, scans and rejects;
+* :func:`index_archive` lists and parses the sources unit by unit into the partitioned
+  index (:mod:`hlip.ingest.partitions`), reusing the rows of unchanged files;
+  :func:`flag_duplicates` finds instances stored twice across the whole index;
+* :func:`plan_partition` plans one index partition (:func:`hlip.ingest.plan.plan`) and
+  writes a task file per study still to build;
 * :func:`build_study` builds one study in memory (decode, resample, report, de-identify);
-  :func:`stage_study` does that on a worker and stages the encoded sample with
+  :func:`stage_planned_study` does that on a worker and stages the encoded sample with
   :class:`~hlip.shards.writer.DatasetWriter`, returning a small :class:`StudyOutcome`;
-* :func:`account` gives every indexed file exactly one outcome (``_ingest/files.parquet``).
+* :func:`account_partition` gives every file of a partition exactly one outcome
+  (``_ingest/files.parquet/part-NNNN.parquet``).
 
-:func:`run_ingest` chains them. Tasks are per study so a worker holds one study at a
-time, however large the archive; voxels never travel back to the client. A re-run on
-the same output directory resumes: studies with an outcome record (and, when staged, a
-staged sample) are skipped, and the shards are written only at the end, atomically and
-in key order, so the bytes do not depend on worker count, scheduling or interruptions.
+:func:`run_ingest` chains them; the client only submits tasks and sums counts, holding a
+record per unit of the sources and per partition, never one per file. Tasks are per
+study so a worker holds one study at a time, however large the archive; voxels never
+travel back to the client. A re-run on the same output directory resumes: studies with
+an outcome record (and, when staged, a staged sample) are skipped, and the shards are
+written only at the end, atomically and in key order, so the bytes do not depend on
+worker count, scheduling, partitioning or interruptions.
 
 Everything under ``<out>/_ingest/`` may contain PHI (header index, file paths, the
 secret); nothing else does.
