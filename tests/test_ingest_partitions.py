@@ -106,3 +106,36 @@ def test_the_dataset_does_not_depend_on_the_partition_count(archive, tmp_path):
     assert files_table(outs[0]) == files_table(outs[1])
     parts = sorted((outs[1] / pipeline.INGEST_DIR / pipeline.FILES_FILE).iterdir())
     assert len(parts) > 1
+
+
+def test_a_grown_archive_replans_only_the_partitions_it_grew_in(archive, tmp_path, monkeypatch):
+    """The per-file outcomes after growing equal those of one run over the grown archive,
+    and partitions without new files are not planned again (units of a few files here, so
+    that a unit, like a real archive's, holds few studies)."""
+    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
+    source = tmp_path / "archive"
+    shutil.copytree(archive.root, source)
+    config = small_config(archive, index_partitions=16)
+    out = tmp_path / "out"
+    pipeline.run_ingest([source], out, config, workers=0)
+    late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)
+    shutil.copytree(late.root, source / "late", ignore=shutil.ignore_patterns("*.csv"))
+    reports = tmp_path / "reports.csv"
+    late_rows = late.reports_csv.read_text().splitlines()[1:]
+    reports.write_text("\n".join([*archive.reports_csv.read_text().splitlines(), *late_rows]) + "\n")
+    config = replace(config, report_table=str(reports))
+    whole = tmp_path / "whole"
+    pipeline.run_ingest([source], whole, config, workers=0)
+    planned = []
+    original = pipeline.plan
+
+    def counting_plan(rows, *args):
+        planned.append(rows.num_rows)
+        return original(rows, *args)
+
+    monkeypatch.setattr(pipeline, "plan", counting_plan)
+    summary = pipeline.run_ingest([source], out, config, workers=0)
+    assert files_table(out) == files_table(whole)
+    assert summary.version == 2 and summary.studies_added == 1
+    partitions_with_rows = len(list((out / pipeline.INGEST_DIR / pipeline.FILES_FILE).iterdir()))
+    assert 0 < len(planned) < partitions_with_rows

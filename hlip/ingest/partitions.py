@@ -413,10 +413,10 @@ REPORTS_DIR = "reports"
 REPORT_SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("labels", pa.string())])
 
 
-def partition_reports(table: dict[str, reports.Report], work: Path, partitions: int) -> str:
+def partition_reports(table: dict[str, reports.Report], work: Path, partitions: int) -> dict[int, str]:
     """Write a loaded report table as ``reports/part-NNNN.parquet`` by a hash of its key,
-    replacing an earlier one; return the table's digest (a re-run with another table
-    rebuilds the studies whose report changed)."""
+    replacing an earlier one; return the digest of each partition's rows (a re-run with
+    another table replans the partitions whose rows changed)."""
     folder = Path(work) / REPORTS_DIR
     for old in folder.glob("part-*.parquet"):
         old.unlink()
@@ -424,11 +424,12 @@ def partition_reports(table: dict[str, reports.Report], work: Path, partitions: 
     for key, report in sorted(table.items()):
         row = {"key": key, "text": report.text, "labels": json.dumps(report.labels, sort_keys=True)}
         by_partition.setdefault(partition_of(key, partitions), []).append(row)
-    for partition, rows in by_partition.items():
-        _write_table(
-            folder / f"part-{partition:04d}.parquet", pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
-        )
-    return hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest()
+    digests = {}
+    for partition, rows in sorted(by_partition.items()):
+        table_rows = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
+        _write_table(folder / f"part-{partition:04d}.parquet", table_rows)
+        digests[partition] = hashlib.sha256(repr(rows).encode()).hexdigest()
+    return digests
 
 
 def read_reports(work: Path, keys: Iterable[str], partitions: int) -> dict[str, reports.Report]:

@@ -801,26 +801,29 @@ def run_ingest(
         runner = TaskRunner(client)
         # First, on a worker: a table refused leaves no half-made --out behind.
         runner.submit("reports", partition_report_table, config, work)
-        reports_digest = runner.next()[1]
+        report_digests = runner.next()[1]
         out, secret = _prepare(out, config.secret, config.resume_fields())
         exclude = [work] if is_remote(out) else [out, work]
         summaries = index_archive(sources, work, config.index_partitions, runner, progress, exclude)
-        digest = hashlib.sha256((index_digest(summaries) + reports_digest).encode()).hexdigest()
+        digest = hashlib.sha256(repr((index_digest(summaries), report_digests)).encode()).hexdigest()
         if (unchanged := unchanged_run(out, digest)) is not None:
             return unchanged
         flag_duplicates(work, summaries, runner)
-        _clear_files(work)
-        partition_units = list(partitions.iter_partitions(summaries))
+        partition_units = [
+            (partition, units, partition_inputs(units, summaries, report_digests, partition, config))
+            for partition, units in partitions.iter_partitions(summaries)
+        ]
         del summaries
+        _remove_stale_files(work, {partition for partition, _, _ in partition_units})
         parts = _plan_build_account(runner, progress, work, out, config, secret, partition_units)
         version = DatasetWriter(out, max_shard_bytes=config.max_shard_bytes).finalize(ordered_map(client))
         return _record_run(out, combine(parts, out, version), digest)
 
 
-def partition_report_table(config: IngestConfig, work: Path) -> str:
+def partition_report_table(config: IngestConfig, work: Path) -> dict[int, str]:
     """Read the run's report table (a task: the client never holds it) and write it
-    partitioned into ``work`` (:func:`hlip.ingest.partitions.partition_reports`); its
-    digest. A refused table raises before anything is written."""
+    partitioned into ``work`` (:func:`hlip.ingest.partitions.partition_reports`); the
+    digest of each partition. A refused table raises before anything is written."""
     table = {}
     if config.report_table:
         table = reports.load_report_table(
@@ -840,7 +843,7 @@ def _plan_build_account(
     out: str | Path,
     config: IngestConfig,
     secret: bytes,
-    partition_units: list[tuple[int, list[partitions.Unit]]],
+    partition_units: list[tuple[int, list[partitions.Unit], str]],
 ) -> list[IngestSummary]:
     """Plan each partition, build its studies, then account for its files.
 
@@ -850,7 +853,7 @@ def _plan_build_account(
     """
     window = 4 * runner.workers
     queue = deque(partition_units)
-    units = dict(partition_units)
+    units = {partition: part_units for partition, part_units, _ in partition_units}
     left: dict[int, int] = {}
     planning, results = 0, []
     bars = {name: progress.add_task(name, total=0) for name in ("plan", "build", "account")}
@@ -860,9 +863,9 @@ def _plan_build_account(
     def plan_more() -> None:
         nonlocal planning
         while queue and planning < runner.workers and sum(left.values()) < window:
-            partition, part_units = queue.popleft()
+            partition, part_units, inputs = queue.popleft()
             runner.submit(
-                ("plan", partition), plan_partition, partition, part_units, work, out, config, secret
+                ("plan", partition), plan_partition, partition, part_units, inputs, work, out, config, secret
             )
             planning += 1
 
@@ -878,6 +881,11 @@ def _plan_build_account(
             progress.advance(bars["plan"])
             progress.update(bars["build"], total=progress.tasks[bars["build"]].total + result.studies)
             progress.advance(bars["build"], result.studies - len(result.todo))
+            if result.accounted is not None:  # unchanged since it was last accounted for
+                progress.advance(bars["account"])
+                results.append(result.accounted)
+                plan_more()
+                continue
             left[partition] = len(result.todo)
             for key in result.todo:
                 runner.submit(
@@ -906,11 +914,33 @@ class PartitionPlan:
     partition: int
     todo: list[str]
     studies: int
+    accounted: IngestSummary | None = None
+    """The partition's counts, when nothing in it changed since it was last accounted for."""
 
 
-def _plan_files(work: Path, partition: int) -> tuple[Path, Path]:
+def _plan_files(work: Path, partition: int) -> tuple[Path, Path, Path]:
+    """The plan's rejects and study keys (with its inputs digest), and the record of the
+    partition's last accounting."""
     name = f"part-{partition:04d}"
-    return work / PLAN_DIR / f"{name}.rejects.parquet", work / PLAN_DIR / f"{name}.keys.json"
+    folder = work / PLAN_DIR
+    return folder / f"{name}.rejects.parquet", folder / f"{name}.keys.json", folder / f"{name}.done.json"
+
+
+def partition_inputs(
+    units: Sequence[partitions.Unit],
+    summaries: Sequence[partitions.UnitSummary],
+    report_digests: dict[int, str],
+    partition: int,
+    config: IngestConfig,
+) -> str:
+    """Digest of what a partition is planned from, as far as the client knows it: the
+    listings of the units with rows in it, and its rows of the report table (which share
+    its partition when the table is keyed by StudyInstanceUID; else the whole table)."""
+    wanted = set(units)
+    listings = sorted((summary.unit, summary.listing) for summary in summaries if summary.unit in wanted)
+    by_uid = config.report_key_column == "StudyInstanceUID"
+    table = report_digests.get(partition, "") if by_uid else sorted(report_digests.items())
+    return hashlib.sha256(repr((listings, table)).encode()).hexdigest()
 
 
 def _task_path(work: Path, key: str) -> Path:
@@ -920,6 +950,7 @@ def _task_path(work: Path, key: str) -> Path:
 def plan_partition(
     partition: int,
     units: Sequence[partitions.Unit],
+    inputs: str,
     work: Path,
     out: str | Path,
     config: IngestConfig,
@@ -927,18 +958,33 @@ def plan_partition(
 ) -> PartitionPlan:
     """Plan one index partition (a Dask task): its rejects and study keys go to
     ``plan/``, and each study still to build gets its task file in ``tasks/`` (its plan,
-    index rows and report), which its build task reads."""
+    index rows and report), which its build task reads.
+
+    A partition whose inputs (``inputs``, :func:`partition_inputs`, and its duplicate
+    flags) are those of its last accounting is not planned again: a dataset that grows
+    by a few studies replans only the partitions they fall in."""
     tune_allocator()
+    duplicates = partitions.read_duplicates(work, partition)
+    digest = hashlib.sha256(repr((inputs, sorted(duplicates.items()))).encode()).hexdigest()
+    rejects_path, keys_path, done_path = _plan_files(work, partition)
+    if done_path.exists() and (work / FILES_FILE / f"part-{partition:04d}.parquet").exists():
+        done = json.loads(done_path.read_bytes())
+        if done["inputs"] == digest:
+            accounted = IngestSummary(out_dir=out, **done["counts"])
+            return PartitionPlan(
+                partition, [], accounted.studies_staged + accounted.studies_rejected, accounted
+            )
+    done_path.unlink(missing_ok=True)
     rows = partitions.read_partition(work, partition, units)
-    study_plan = plan(rows, plan_config(config), partitions.read_duplicates(work, partition))
+    study_plan = plan(rows, plan_config(config), duplicates)
     report_keys = [report_key(study, config) for study in study_plan.studies]
     table_reports = partitions.read_reports(work, report_keys, config.index_partitions)
     tasks = study_tasks(study_plan.studies, rows, table_reports, config, secret)
-    rejects_path, keys_path = _plan_files(work, partition)
     rejects = pa.Table.from_pylist([asdict(reject) for reject in study_plan.rejects], schema=REJECTS_SCHEMA)
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(rejects_path, parquet_bytes(rejects))
-    write_bytes_atomic(keys_path, json.dumps([task.key for task in tasks]).encode())
+    keys = {"inputs": digest, "keys": [task.key for task in tasks]}
+    write_bytes_atomic(keys_path, json.dumps(keys).encode())
     todo, _ = pending_tasks(tasks, [task.key for task in tasks], out)
     todo.sort(key=lambda task: (-task.index_rows.num_rows, task.key))
     for task in todo:
@@ -948,13 +994,15 @@ def plan_partition(
     return PartitionPlan(partition, [task.key for task in todo], len(tasks))
 
 
-def _clear_files(work: Path) -> None:
-    """Remove the per-file outcomes of an earlier run (a folder; a single file before)."""
+def _remove_stale_files(work: Path, live: set[int]) -> None:
+    """Remove the per-file outcomes of partitions that no longer hold files (and the single
+    ``files.parquet`` file of outputs made before it was partitioned)."""
     path = work / FILES_FILE
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    if path.is_file():
+        path.unlink()
+    for part in path.glob("part-*.parquet"):
+        if int(part.stem.removeprefix("part-")) not in live:
+            part.unlink()
 
 
 def _write_files(work: Path, partition: int, files: pa.Table) -> None:
@@ -985,9 +1033,10 @@ def account_partition(
     """Give every file of one index partition its one outcome (a Dask task): the plan's
     rejects and the recorded outcomes of the partition's studies, written to
     ``files.parquet/part-NNNN.parquet``; return the partition's counts."""
-    rejects_path, keys_path = _plan_files(work, partition)
+    rejects_path, keys_path, done_path = _plan_files(work, partition)
     rejects = [Reject(**row) for row in pq.read_table(rejects_path).to_pylist()]
-    keys = json.loads(keys_path.read_bytes())
+    planned = json.loads(keys_path.read_bytes())
+    keys = planned["keys"]
     outcomes = [read_outcome(out, key) for key in keys]
     missing = [key for key, outcome in zip(keys, outcomes, strict=True) if outcome is None]
     if missing:
@@ -999,7 +1048,10 @@ def account_partition(
     _write_files(work, partition, files)
     for key in keys:
         _task_path(work, key).unlink(missing_ok=True)
-    return summarize(files, out)
+    summary = summarize(files, out)
+    counts = {name: getattr(summary, name) for name in RUN_COUNTS}
+    write_bytes_atomic(done_path, json.dumps({"inputs": planned["inputs"], "counts": counts}).encode())
+    return summary
 
 
 def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
@@ -1149,6 +1201,6 @@ def run_nifti_ingest(
         files = pa.table({"file_id": pa.array(volumes, pa.string())})
         version = DatasetWriter(out, max_shard_bytes=max_shard_bytes).finalize(ordered_map(client))
         files = account(files, [], outcomes)
-        _clear_files(ingest_dir(out))
+        _remove_stale_files(ingest_dir(out), {0})
         _write_files(ingest_dir(out), 0, files)
         return combine([summarize(files, out)], out, version)
