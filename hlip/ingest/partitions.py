@@ -5,10 +5,11 @@ workers build the index as a partitioned Parquet dataset in the ingest's work fo
 (``_ingest/``), and the client never holds a row of it:
 
 * A **unit** is the piece of the sources one task lists and indexes: a folder tree of at
-  most :data:`UNIT_FILES` files, a chunk of the files directly in a larger folder, a
-  chunk of the members of a zip export or of the lines of a path list, or one file. A
-  task that finds its folder too large splits it into units (its subfolders, chunks of its
-  own files) instead of indexing it, so listing itself is spread over the workers.
+  most :data:`UNIT_FILES` files, a share of the files or of the subfolders of a larger
+  folder (by a hash of their names), a chunk of the members of a zip export or of the
+  lines of a path list, or one file. A task that finds its piece too large splits it into
+  units instead of indexing it (:func:`expand`), so listing itself is spread over the
+  workers.
 * A unit writes its rows to ``index/part-NNNN/<unit>.parquet``, one file for each
   partition it has rows in. A row's partition is a hash of its StudyInstanceUID, so all
   files of a study meet in one partition whatever folder or zip they lie in (unreadable
@@ -30,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -58,8 +59,9 @@ SCHEMA_DIGEST = hashlib.sha256(str(index.INDEX_SCHEMA).encode()).hexdigest()[:16
 @dataclass(frozen=True, order=True)
 class Unit:
     """A piece of the sources: ``kind`` is ``tree`` (a folder, split when large), ``files``
-    (chunk ``chunk`` of the files directly in folder ``path``), ``zip`` / ``list`` (a zip
-    export or a path list; ``chunk`` -1 until split into chunks) or ``file``."""
+    or ``folders`` (the files or the subfolder trees directly in folder ``path`` whose names
+    fall in hash bucket ``chunk``), ``zip`` / ``list`` (a zip export or a path list; chunk
+    ``chunk`` of its members or lines, -1 until split) or ``file``."""
 
     kind: str
     path: str
@@ -158,12 +160,12 @@ def _is_zip_name(entry: os.DirEntry) -> bool:
     return entry.name.lower().endswith(ZIP_SUFFIX)
 
 
-def _walk_tree(
-    folder: str, exclude: Sequence[str], limit: int
+def _walk(
+    roots: Sequence[str], exclude: Sequence[str], limit: int
 ) -> tuple[list[index.SourceFile], list[Unit]] | None:
-    """Every file of the tree (zips become units of their own), or None once it holds
-    more than ``limit`` files."""
-    files, zips, stack = [], [], [folder]
+    """Every file under the folders ``roots`` (zips become units of their own), or None
+    once they hold more than ``limit`` files."""
+    files, zips, stack = [], [], list(reversed(roots))
     while stack:
         folders, entries = _entries(stack.pop(), exclude)
         stack.extend(reversed(folders))
@@ -177,8 +179,30 @@ def _walk_tree(
     return sorted(files, key=lambda f: f.file_id), sorted(zips)
 
 
-def _chunks(count: int, limit: int) -> range:
-    return range(-(-count // limit))
+ALL = 1
+"""The bucket of every name: level 0 of the hash buckets below."""
+MAX_LEVEL = 32
+
+
+def _level_bucket(chunk: int) -> tuple[int, int]:
+    level = chunk.bit_length() - 1
+    return level, chunk - (1 << level)
+
+
+def _in_bucket(name: str, chunk: int) -> bool:
+    """Whether ``name`` falls in hash bucket ``chunk`` (level L, bucket b encoded as 2^L + b:
+    the names whose hash is b modulo 2^L)."""
+    level, bucket = _level_bucket(chunk)
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % (1 << level) == bucket
+
+
+def _halves(unit: Unit) -> list[Unit]:
+    """The two buckets of the next level that share ``unit``'s names."""
+    level, bucket = _level_bucket(unit.chunk)
+    return [
+        replace(unit, chunk=(2 << level) + bucket),
+        replace(unit, chunk=(2 << level) + bucket + (1 << level)),
+    ]
 
 
 def expand(
@@ -187,21 +211,37 @@ def expand(
     """The files this unit indexes itself, and the units it splits off (units of at most
     ``limit`` files, default :data:`UNIT_FILES`).
 
-    Listing is deterministic: the same tree gives the same units and files in the same order.
+    A folder too large for one unit is split into its direct files and its subfolders,
+    each set cut by a hash of the names into halves until a half fits (``files`` and
+    ``folders`` units): a name stays in its unit when others are added, so a growing
+    archive keeps its units, and their index rows, from run to run. Listing is
+    deterministic: the same tree gives the same units and files in the same order.
     """
     limit = limit or UNIT_FILES
     if unit.kind == "tree":
-        walked = _walk_tree(unit.path, exclude, limit)
+        walked = _walk([unit.path], exclude, limit)
         if walked is not None:
             return walked
         folders, entries = _entries(unit.path, exclude)
-        plain = [entry for entry in entries if not _is_zip_name(entry)]
         zips = [Unit("zip", os.path.abspath(entry.path)) for entry in entries if _is_zip_name(entry)]
-        chunks = [Unit("files", unit.path, i) for i in _chunks(len(plain), limit)]
-        return [], [*(Unit("tree", folder) for folder in folders), *chunks, *zips]
+        parts = [Unit("folders", unit.path, ALL)] if folders else []
+        if len(zips) < len(entries):
+            parts.append(Unit("files", unit.path, ALL))
+        return [], [*parts, *zips]
+    if unit.kind == "folders":
+        folders = [f for f in _entries(unit.path, exclude)[0] if _in_bucket(os.path.basename(f), unit.chunk)]
+        walked = _walk(folders, exclude, limit)
+        if walked is not None:
+            return walked
+        if len(folders) == 1 or _level_bucket(unit.chunk)[0] >= MAX_LEVEL:
+            return [], [Unit("tree", folder) for folder in folders]
+        return [], _halves(unit)
     if unit.kind == "files":
-        plain = [entry for entry in _entries(unit.path, exclude)[1] if not _is_zip_name(entry)]
-        return [_source_file(entry) for entry in plain[unit.chunk * limit : (unit.chunk + 1) * limit]], []
+        entries = _entries(unit.path, exclude)[1]
+        plain = [e for e in entries if not _is_zip_name(e) and _in_bucket(e.name, unit.chunk)]
+        if len(plain) > limit and _level_bucket(unit.chunk)[0] < MAX_LEVEL:
+            return [], _halves(unit)
+        return [_source_file(entry) for entry in plain], []
     if unit.kind == "zip":
         members = list(index._iter_one_source(Path(unit.path), top_level=True))
         if unit.chunk < 0 and len(members) > limit:
@@ -210,6 +250,10 @@ def expand(
     if unit.kind == "list":
         return _expand_list(unit, exclude, limit)
     return list(index._iter_one_source(Path(unit.path), top_level=True)), []
+
+
+def _chunks(count: int, limit: int) -> range:
+    return range(-(-count // limit))
 
 
 def _expand_list(unit: Unit, exclude: Sequence[str], limit: int) -> tuple[list[index.SourceFile], list[Unit]]:

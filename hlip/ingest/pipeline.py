@@ -202,6 +202,10 @@ def connect(scheduler: str | None = None, workers: int | None = None, memory_lim
         yield client
 
 
+KILLED_RETRIES = 2
+"""Times a task without ``if_killed`` is submitted again after Dask's ``KilledWorker``."""
+
+
 class TaskRunner:
     """Submit tasks and take their results as they finish.
 
@@ -209,7 +213,9 @@ class TaskRunner:
     read; without a client each call runs here, when it is submitted. A task that kills
     every worker it runs on (Dask's ``KilledWorker``, after
     ``distributed.scheduler.allowed-failures`` retries) runs ``if_killed`` with the same
-    arguments instead, as a task of its own, when that is given.
+    arguments instead, as a task of its own, when that is given; without it the task is
+    submitted again, up to :data:`KILLED_RETRIES` times, since Dask also counts a task
+    queued on a worker that another task killed.
     """
 
     def __init__(self, client=None) -> None:
@@ -236,8 +242,13 @@ class TaskRunner:
         if self.client is None:
             self.finished.append((tag, function(*args)))
             return
+        self._submit(tag, function, args, if_killed, 0)
+
+    def _submit(
+        self, tag: Any, function: Callable, args: tuple, if_killed: Callable | None, tries: int
+    ) -> None:
         future = self.client.submit(function, *args, pure=False)
-        self.futures[future] = (tag, args, if_killed)
+        self.futures[future] = (tag, function, args, if_killed, tries)
         self.pending.add(future)
 
     def next(self) -> tuple[Any, Any]:
@@ -248,13 +259,16 @@ class TaskRunner:
 
         while True:
             future = next(self.pending)
-            tag, args, if_killed = self.futures.pop(future)
+            tag, function, args, if_killed, tries = self.futures.pop(future)
             try:
                 result = future.result()
             except KilledWorker:
-                if if_killed is None:
+                if if_killed is not None:
+                    self._submit(tag, if_killed, args, None, 0)
+                elif tries < KILLED_RETRIES:
+                    self._submit(tag, function, args, None, tries + 1)
+                else:
                     raise
-                self.submit(tag, if_killed, *args)
                 continue
             future.release()
             return tag, result

@@ -629,7 +629,11 @@ class DatasetWriter:
         history = versions.list_versions(self.location)
         previous = history[-1] if history else None
         committed = {} if previous is None else self._digests(previous)
-        keys = [key for key in self.staged_keys() if committed.get(key) != self._staged_digests(key)]
+        keys = [
+            key
+            for key in self.staged_keys()
+            if key not in committed or committed[key] != self._staged_digests(key)
+        ]
         if previous is not None and not keys:
             self.location.delete_folder(STAGING_DIR)
             return None
