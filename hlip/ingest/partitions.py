@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hlip.ingest import index, reports
@@ -408,28 +409,68 @@ def read_partition(work: Path, partition: int, units: Iterable[Unit]) -> pa.Tabl
     return table.take(first) if len(first) < len(file_ids) else table
 
 
-def find_duplicates(work: Path, sop_partition: int, units: Iterable[Unit]) -> list[int]:
+def find_duplicates(work: Path, sop_partition: int, listings: Sequence[tuple[Unit, str]]) -> list[int]:
     """Flag the instances of one SOP partition stored in more than one file: every file
     but the first by ``file_id`` (the rule :func:`hlip.ingest.plan.plan` applies within one
     table) goes to ``duplicates/part-NNNN/`` of its own index partition. Returns the index
-    partitions that got flags (a Dask task; clear the folder before a run's first one)."""
-    tables = [pq.read_table(_fragment(Path(work), SOPS_DIR, sop_partition, unit)) for unit in units]
-    if not tables:
-        return []
+    partitions that got flags (a Dask task).
+
+    ``listings`` are the units with rows in the partition and their listing digests. The
+    partition's rows are kept compacted in one table (``sops/all-NNNN.parquet``): a re-run
+    reads it and the fragments of the units whose listing changed, not every unit's; when
+    none changed, the flags written last time stand and nothing is read.
+    """
+    work = Path(work)
+    record_path = work / DUPLICATES_DIR / f"sops-{sop_partition:04d}.json"
+    compact_path = work / SOPS_DIR / f"all-{sop_partition:04d}.parquet"
+    wanted = {unit.name: listing for unit, listing in listings}
+    record = {"listings": {}, "partitions": []}
+    if record_path.exists() and compact_path.exists():
+        record = json.loads(record_path.read_bytes())
+    if record["listings"] == wanted:
+        return record["partitions"]
+    kept = [name for name, listing in record["listings"].items() if wanted.get(name) == listing]
+    tables = [pq.read_table(compact_path).filter(pc.is_in(pc.field("unit"), pa.array(kept)))] if kept else []
+    for unit, listing in listings:
+        if record["listings"].get(unit.name) != listing:
+            fragment = pq.read_table(_fragment(work, SOPS_DIR, sop_partition, unit))
+            tables.append(
+                fragment.append_column("unit", pa.array([unit.name] * fragment.num_rows, pa.string()))
+            )
     table = pa.concat_tables(tables).sort_by([("SOPInstanceUID", "ascending"), ("file_id", "ascending")])
-    flags: dict[int, list[dict]] = {}
-    previous = None
-    for row in table.to_pylist():
-        current = (row["SOPInstanceUID"], row["file_id"])
-        # The same file named by two sources is one file, not a duplicate of itself.
-        if previous is not None and current[0] == previous[0] and current[1] != previous[1]:
-            flags.setdefault(row["partition"], []).append(row)
-        if previous is None or current[0] != previous[0]:
-            previous = current
-    for partition, rows in sorted(flags.items()):
-        name = f"{part_folder(DUPLICATES_DIR, partition)}/sops-{sop_partition:04d}.parquet"
-        _write_table(Path(work) / name, pa.Table.from_pylist(rows, schema=DUPLICATE_SCHEMA))
-    return sorted(flags)
+    _write_table(compact_path, table)
+    for partition in record["partitions"]:
+        (work / part_folder(DUPLICATES_DIR, partition) / f"sops-{sop_partition:04d}.parquet").unlink(
+            missing_ok=True
+        )
+    written = _flag_copies(work, sop_partition, table)
+    _write_table_bytes(record_path, json.dumps({"listings": wanted, "partitions": written}).encode())
+    return written
+
+
+def _flag_copies(work: Path, sop_partition: int, table: pa.Table) -> list[int]:
+    """Write the flags of a SOP partition's rows (sorted by UID, then file); the index
+    partitions flagged."""
+    if table.num_rows > 1:  # the same file named by two sources is one file, not a copy
+        same = pc.and_(_same_as_previous(table, "SOPInstanceUID"), _same_as_previous(table, "file_id"))
+        table = table.filter(pc.invert(same))
+    copies = (
+        table.filter(_same_as_previous(table, "SOPInstanceUID")) if table.num_rows > 1 else table.slice(0, 0)
+    )
+    written = sorted(set(copies["partition"].to_pylist()))
+    for partition in written:
+        rows = copies.filter(pc.equal(copies["partition"], partition)).select(DUPLICATE_SCHEMA.names)
+        _write_table(
+            work / part_folder(DUPLICATES_DIR, partition) / f"sops-{sop_partition:04d}.parquet", rows
+        )
+    return written
+
+
+def _same_as_previous(table: pa.Table, column: str) -> pa.Array:
+    """Per row, whether ``column`` equals the previous row's (False for the first row)."""
+    values = table[column].combine_chunks()
+    same = pc.fill_null(pc.equal(values.slice(1), values.slice(0, len(values) - 1)), False)
+    return pa.concat_arrays([pa.array([False]), same])
 
 
 def read_duplicates(work: Path, partition: int) -> dict[str, str]:

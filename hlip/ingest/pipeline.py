@@ -36,7 +36,6 @@ import json
 import os
 import pickle
 import secrets
-import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -366,14 +365,14 @@ def index_archive(
 
 def flag_duplicates(work: Path, summaries: Iterable[partitions.UnitSummary], runner: TaskRunner) -> None:
     """Find the instances stored in more than one file across the whole index, one task per
-    SOP partition (:func:`hlip.ingest.partitions.find_duplicates`)."""
-    shutil.rmtree(work / partitions.DUPLICATES_DIR, ignore_errors=True)
-    by_sop_partition: dict[int, list[partitions.Unit]] = {}
+    SOP partition whose units' listings changed (:func:`hlip.ingest.partitions.find_duplicates`)."""
+    by_sop_partition: dict[int, list[partitions.UnitSummary]] = {}
     for summary in summaries:
         for sop_partition in summary.sop_partitions:
-            by_sop_partition.setdefault(sop_partition, []).append(summary.unit)
-    for sop_partition, units in sorted(by_sop_partition.items()):
-        runner.submit("duplicates", partitions.find_duplicates, work, sop_partition, sorted(units))
+            by_sop_partition.setdefault(sop_partition, []).append(summary)
+    for sop_partition, part in sorted(by_sop_partition.items()):
+        listings = sorted((summary.unit, summary.listing) for summary in part)
+        runner.submit("duplicates", partitions.find_duplicates, work, sop_partition, listings)
     runner.drain()
 
 
