@@ -108,7 +108,7 @@ def test_the_dataset_does_not_depend_on_the_partition_count(archive, tmp_path):
     assert len(parts) > 1
 
 
-def test_a_grown_archive_replans_only_the_partitions_it_grew_in(archive, tmp_path, monkeypatch):
+def test_a_grown_archive_replans_only_what_it_grew_by(archive, tmp_path, monkeypatch):
     """The per-file outcomes after growing equal those of one run over the grown archive,
     and partitions without new files are not planned again (units of a few files here, so
     that a unit, like a real archive's, holds few studies)."""
@@ -139,3 +139,5 @@ def test_a_grown_archive_replans_only_the_partitions_it_grew_in(archive, tmp_pat
     assert summary.version == 2 and summary.studies_added == 1
     partitions_with_rows = len(list((out / pipeline.INGEST_DIR / pipeline.FILES_FILE).iterdir()))
     assert 0 < len(planned) < partitions_with_rows
+    # Within those partitions only the new studies' (and new unreadable files') rows.
+    assert sum(planned) == sum(1 for path in (source / "late").rglob("*") if path.is_file())

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pydicom
 from rich.progress import Progress
 
@@ -932,11 +931,49 @@ class PartitionPlan:
 
 
 def _plan_files(work: Path, partition: int) -> tuple[Path, Path, Path]:
-    """The plan's rejects and study keys (with its inputs digest), and the record of the
-    partition's last accounting."""
+    """The partition's plan being built, its plan as last accounted for, and the record of
+    that accounting."""
     name = f"part-{partition:04d}"
     folder = work / PLAN_DIR
-    return folder / f"{name}.rejects.parquet", folder / f"{name}.keys.json", folder / f"{name}.done.json"
+    return folder / f"{name}.pending.pickle", folder / f"{name}.pickle", folder / f"{name}.done.json"
+
+
+@dataclass
+class StudyGroup:
+    """The plan of the files of one StudyInstanceUID (or of one unreadable file): the
+    digest of what it was planned from, its study keys and its rejects."""
+
+    digest: str
+    keys: list[str]
+    rejects: list[Reject]
+
+
+def _row_groups(rows: pa.Table) -> list[str]:
+    """Per row, the unit the plan decides alone: a study (its StudyInstanceUID), or one
+    unreadable file. (Instances stored twice are flagged beforehand, over the whole index,
+    so no plan rule looks across studies.)"""
+    columns = zip(*(rows[name].to_pylist() for name in ("file_id", "error", "StudyInstanceUID")), strict=True)
+    return [
+        f"file:{file_id}" if error else f"study:{study_uid or ''}" for file_id, error, study_uid in columns
+    ]
+
+
+def _group_rows(rows: pa.Table) -> dict[str, list[int]]:
+    """Row positions by :func:`_row_groups`."""
+    groups: dict[str, list[int]] = {}
+    for position, name in enumerate(_row_groups(rows)):
+        groups.setdefault(name, []).append(position)
+    return groups
+
+
+def _group_digest(rows: pa.Table, duplicates: dict[str, str], table_reports: dict) -> str:
+    """What a group's plan and tasks are made from: its files (id, size, time), their
+    duplicate flags, and the report-table rows its UID or accession numbers find."""
+    files = sorted(zip(*(rows[c].to_pylist() for c in ("file_id", "size", "mtime_ns")), strict=True))
+    names = set(rows["StudyInstanceUID"].to_pylist()) | set(rows["AccessionNumber"].to_pylist())
+    found = sorted((name, table_reports[name]) for name in names if name in table_reports)
+    flags = [duplicates.get(file_id) for file_id, _, _ in files]
+    return hashlib.sha256(repr((files, flags, found)).encode()).hexdigest()
 
 
 def partition_inputs(
@@ -969,42 +1006,73 @@ def plan_partition(
     config: IngestConfig,
     secret: bytes,
 ) -> PartitionPlan:
-    """Plan one index partition (a Dask task): its rejects and study keys go to
-    ``plan/``, and each study still to build gets its task file in ``tasks/`` (its plan,
-    index rows and report), which its build task reads.
+    """Plan one index partition (a Dask task): its plan (study keys and rejects, by study)
+    goes to ``plan/``, and each study still to build gets its task file in ``tasks/`` (its
+    plan, index rows and report), which its build task reads.
 
-    A partition whose inputs (``inputs``, :func:`partition_inputs`, and its duplicate
-    flags) are those of its last accounting is not planned again: a dataset that grows
-    by a few studies replans only the partitions they fall in."""
+    Work is done only where inputs changed since the partition was last accounted for: a
+    partition whose inputs (``inputs``, :func:`partition_inputs`, and its duplicate flags)
+    are unchanged is not read at all; in another, only the studies whose files, flags or
+    report rows changed are planned again, so growing a dataset costs what the new studies
+    cost, not what the partitions they fall in hold."""
     tune_allocator()
     duplicates = partitions.read_duplicates(work, partition)
     digest = hashlib.sha256(repr((inputs, sorted(duplicates.items()))).encode()).hexdigest()
-    rejects_path, keys_path, done_path = _plan_files(work, partition)
+    pending_path, accounted_path, done_path = _plan_files(work, partition)
     if done_path.exists() and (work / FILES_FILE / f"part-{partition:04d}.parquet").exists():
         done = json.loads(done_path.read_bytes())
         if done["inputs"] == digest:
             accounted = IngestSummary(out_dir=out, **done["counts"])
-            return PartitionPlan(
-                partition, [], accounted.studies_staged + accounted.studies_rejected, accounted
-            )
+            studies = accounted.studies_staged + accounted.studies_rejected
+            return PartitionPlan(partition, [], studies, accounted)
     done_path.unlink(missing_ok=True)
+    previous = pickle.loads(accounted_path.read_bytes())["groups"] if accounted_path.exists() else {}
     rows = partitions.read_partition(work, partition, units)
+    names = set(rows["StudyInstanceUID"].to_pylist()) | set(rows["AccessionNumber"].to_pylist())
+    table_reports = partitions.read_reports(work, [name for name in names if name], config.index_partitions)
+    groups, changed = {}, []
+    for name, positions in _group_rows(rows).items():
+        group_rows = rows.take(pa.array(positions, pa.int64()))
+        group_digest = _group_digest(group_rows, duplicates, table_reports)
+        if name in previous and previous[name].digest == group_digest:
+            groups[name] = previous[name]
+        else:
+            groups[name] = StudyGroup(group_digest, [], [])
+            changed.append(positions)
+    positions = pa.array(sorted(p for part in changed for p in part), pa.int64())
+    todo = _plan_changed(rows.take(positions), groups, duplicates,
+                         table_reports, work, out, config, secret)  # fmt: skip
+    pending_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(pending_path, pickle.dumps({"inputs": digest, "groups": groups}))
+    return PartitionPlan(partition, todo, sum(len(group.keys) for group in groups.values()))
+
+
+def _plan_changed(
+    rows: pa.Table,
+    groups: dict[str, StudyGroup],
+    duplicates: dict[str, str],
+    table_reports: dict,
+    work: Path,
+    out: str | Path,
+    config: IngestConfig,
+    secret: bytes,
+) -> list[str]:
+    """Plan the rows of the changed groups into ``groups``; write the task file of each of
+    their studies still to build and return those keys, largest study first."""
     study_plan = plan(rows, plan_config(config), duplicates)
-    report_keys = [report_key(study, config) for study in study_plan.studies]
-    table_reports = partitions.read_reports(work, report_keys, config.index_partitions)
     tasks = study_tasks(study_plan.studies, rows, table_reports, config, secret)
-    rejects = pa.Table.from_pylist([asdict(reject) for reject in study_plan.rejects], schema=REJECTS_SCHEMA)
-    rejects_path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(rejects_path, parquet_bytes(rejects))
-    keys = {"inputs": digest, "keys": [task.key for task in tasks]}
-    write_bytes_atomic(keys_path, json.dumps(keys).encode())
+    for study, task in zip(study_plan.studies, tasks, strict=True):
+        groups[f"study:{study.study_uid}"].keys.append(task.key)
+    group_of = dict(zip(rows["file_id"].to_pylist(), _row_groups(rows), strict=True))
+    for reject in study_plan.rejects:
+        groups[group_of[reject.file_id]].rejects.append(reject)
     todo, _ = pending_tasks(tasks, [task.key for task in tasks], out)
     todo.sort(key=lambda task: (-task.index_rows.num_rows, task.key))
     for task in todo:
         path = _task_path(work, task.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
-    return PartitionPlan(partition, [task.key for task in todo], len(tasks))
+    return [task.key for task in todo]
 
 
 def _remove_stale_files(work: Path, live: set[int]) -> None:
@@ -1022,9 +1090,6 @@ def _write_files(work: Path, partition: int, files: pa.Table) -> None:
     path = work / FILES_FILE / f"part-{partition:04d}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, parquet_bytes(files))
-
-
-REJECTS_SCHEMA = pa.schema([("file_id", pa.string()), ("reason", pa.string()), ("message", pa.string())])
 
 
 def _load_task(work: Path, key: str) -> StudyTask:
@@ -1046,10 +1111,11 @@ def account_partition(
     """Give every file of one index partition its one outcome (a Dask task): the plan's
     rejects and the recorded outcomes of the partition's studies, written to
     ``files.parquet/part-NNNN.parquet``; return the partition's counts."""
-    rejects_path, keys_path, done_path = _plan_files(work, partition)
-    rejects = [Reject(**row) for row in pq.read_table(rejects_path).to_pylist()]
-    planned = json.loads(keys_path.read_bytes())
-    keys = planned["keys"]
+    pending_path, accounted_path, done_path = _plan_files(work, partition)
+    # A task that ran to its end on a worker lost before its result came back runs again.
+    planned = pickle.loads((pending_path if pending_path.exists() else accounted_path).read_bytes())
+    keys = [key for group in planned["groups"].values() for key in group.keys]
+    rejects = [reject for group in planned["groups"].values() for reject in group.rejects]
     outcomes = [read_outcome(out, key) for key in keys]
     missing = [key for key, outcome in zip(keys, outcomes, strict=True) if outcome is None]
     if missing:
@@ -1063,6 +1129,8 @@ def account_partition(
         _task_path(work, key).unlink(missing_ok=True)
     summary = summarize(files, out)
     counts = {name: getattr(summary, name) for name in RUN_COUNTS}
+    if pending_path.exists():
+        os.replace(pending_path, accounted_path)
     write_bytes_atomic(done_path, json.dumps({"inputs": planned["inputs"], "counts": counts}).encode())
     return summary
 
