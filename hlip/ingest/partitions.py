@@ -45,9 +45,11 @@ UNIT_FILES = 2048
 """Most files one index task lists and parses: enough to hide a task's overhead, few
 enough that a huge folder is split over many workers."""
 
-DEFAULT_PARTITIONS = 64
+DEFAULT_PARTITIONS = 16
 """Index partitions of an ingest. A partition is planned by one task holding its rows, so
-aim at about 50,000 files per partition (``--index-partitions`` for larger archives)."""
+aim at about 50,000 files per partition: the default suits archives of up to about 10^6
+files (``--index-partitions`` for larger ones). More partitions than that only add small
+files: each unit writes one fragment per partition it has rows in."""
 
 INDEX_DIR, SOPS_DIR, UNITS_DIR, DUPLICATES_DIR = "index", "sops", "units", "duplicates"
 ZIP_SUFFIX = ".zip"
