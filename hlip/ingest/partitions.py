@@ -399,12 +399,17 @@ def _write_table_bytes(path: Path, data: bytes) -> None:
 # --- reading partitions ----------------------------------------------------------------------
 
 
-def read_partition(work: Path, partition: int, units: Iterable[Unit]) -> pa.Table:
+def read_partition(
+    work: Path, partition: int, units: Iterable[Unit], columns: Sequence[str] | None = None
+) -> pa.Table:
     """The index rows of one partition from the fragments of ``units``, one row per file,
-    sorted by ``file_id`` (a file that two sources name is indexed once)."""
-    tables = [pq.read_table(_fragment(Path(work), INDEX_DIR, partition, unit)) for unit in units]
+    sorted by ``file_id`` (a file that two sources name is indexed once); only ``columns``
+    (which must include ``file_id``) when given."""
+    paths = [_fragment(Path(work), INDEX_DIR, partition, unit) for unit in units]
+    tables = [pq.read_table(path, columns=columns) for path in paths]
     if not tables:
-        return index.rows_to_table([])
+        empty = index.rows_to_table([])
+        return empty if columns is None else empty.select(list(columns))
     table = pa.concat_tables(tables).sort_by("file_id")
     file_ids = table["file_id"].to_pylist()
     first = [i for i, file_id in enumerate(file_ids) if i == 0 or file_id != file_ids[i - 1]]

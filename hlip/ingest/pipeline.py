@@ -1122,7 +1122,7 @@ def account_partition(
         raise RuntimeError(
             f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
         )
-    file_ids = partitions.read_partition(work, partition, units).select(["file_id"])
+    file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
     files = account(file_ids, rejects, outcomes)
     _write_files(work, partition, files)
     for key in keys:
