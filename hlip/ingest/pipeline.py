@@ -941,11 +941,13 @@ def _plan_files(work: Path, partition: int) -> tuple[Path, Path, Path]:
 @dataclass
 class StudyGroup:
     """The plan of the files of one StudyInstanceUID (or of one unreadable file): the
-    digest of what it was planned from, its study keys and its rejects."""
+    digest of what it was planned from, its study keys and its rejects; once accounted
+    for, its studies' outcomes (a later accounting of an unchanged group reads no record)."""
 
     digest: str
     keys: list[str]
     rejects: list[Reject]
+    outcomes: list[StudyOutcome] | None = None
 
 
 def _row_groups(rows: pa.Table) -> list[str]:
@@ -1109,28 +1111,32 @@ def account_partition(
     partition: int, units: Sequence[partitions.Unit], work: Path, out: str | Path
 ) -> IngestSummary:
     """Give every file of one index partition its one outcome (a Dask task): the plan's
-    rejects and the recorded outcomes of the partition's studies, written to
-    ``files.parquet/part-NNNN.parquet``; return the partition's counts."""
+    rejects and the outcomes of the partition's studies, written to
+    ``files.parquet/part-NNNN.parquet``; return the partition's counts. Only the studies
+    planned again have their outcome records read."""
     pending_path, accounted_path, done_path = _plan_files(work, partition)
     # A task that ran to its end on a worker lost before its result came back runs again.
     planned = pickle.loads((pending_path if pending_path.exists() else accounted_path).read_bytes())
-    keys = [key for group in planned["groups"].values() for key in group.keys]
-    rejects = [reject for group in planned["groups"].values() for reject in group.rejects]
-    outcomes = [read_outcome(out, key) for key in keys]
-    missing = [key for key, outcome in zip(keys, outcomes, strict=True) if outcome is None]
+    groups = list(planned["groups"].values())
+    fresh = [group for group in groups if group.outcomes is None]
+    for group in fresh:
+        group.outcomes = [read_outcome(out, key) for key in group.keys]
+    missing = [key for group in fresh for key, o in zip(group.keys, group.outcomes, strict=True) if o is None]
     if missing:
         raise RuntimeError(
             f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
         )
+    rejects = [reject for group in groups for reject in group.rejects]
+    outcomes = [outcome for group in groups for outcome in group.outcomes]
     file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
     files = account(file_ids, rejects, outcomes)
     _write_files(work, partition, files)
-    for key in keys:
+    for key in (key for group in fresh for key in group.keys):
         _task_path(work, key).unlink(missing_ok=True)
     summary = summarize(files, out)
     counts = {name: getattr(summary, name) for name in RUN_COUNTS}
-    if pending_path.exists():
-        os.replace(pending_path, accounted_path)
+    write_bytes_atomic(accounted_path, pickle.dumps(planned, protocol=pickle.HIGHEST_PROTOCOL))
+    pending_path.unlink(missing_ok=True)
     write_bytes_atomic(done_path, json.dumps({"inputs": planned["inputs"], "counts": counts}).encode())
     return summary
 
