@@ -37,7 +37,7 @@ import os
 import pickle
 import secrets
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,18 +274,6 @@ class TaskRunner:
     def drain(self) -> list:
         """The results of every outstanding task."""
         return [self.next()[1] for _ in range(self.outstanding)]
-
-
-def map_unordered(
-    client, function: Callable, items: Iterable, *args: Any, if_killed: Callable | None = None
-) -> Iterator:
-    """``function(item, *args)`` for every item, yielded as they finish (see
-    :class:`TaskRunner`)."""
-    runner = TaskRunner(client)
-    for item in items:
-        runner.submit(None, function, item, *args, if_killed=if_killed)
-    while runner.outstanding:
-        yield runner.next()[1]
 
 
 def ordered_map(client) -> Callable:
@@ -1182,8 +1170,11 @@ def _stage_all(
     study whose task keeps killing its worker gets ``if_killed(task, out, *args)``."""
     todo, outcomes = pending_tasks(tasks, keys, out)
     bar = progress.add_task("build", total=len(tasks), completed=len(outcomes))
-    for outcome in map_unordered(client, function, todo, out, *args, if_killed=if_killed):
-        outcomes.append(outcome)
+    runner = TaskRunner(client)
+    for task in todo:
+        runner.submit("study", function, task, out, *args, if_killed=if_killed)
+    while runner.outstanding:
+        outcomes.append(runner.next()[1])
         progress.advance(bar)
     return outcomes
 
