@@ -384,16 +384,11 @@ def _write_unit(
         "partitions": {str(p): n for p, n in summary.partitions.items()},
         "sop_partitions": summary.sop_partitions,
     }
-    _write_table_bytes(_record_path(work, summary.unit), json.dumps(fields, sort_keys=True).encode())
+    write_bytes_atomic(_record_path(work, summary.unit), json.dumps(fields, sort_keys=True).encode())
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
-    _write_table_bytes(path, parquet_bytes(table))
-
-
-def _write_table_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, parquet_bytes(table))
 
 
 # --- reading partitions ----------------------------------------------------------------------
@@ -451,7 +446,7 @@ def find_duplicates(work: Path, sop_partition: int, listings: Sequence[tuple[Uni
             missing_ok=True
         )
     written = _flag_copies(work, sop_partition, table)
-    _write_table_bytes(record_path, json.dumps({"listings": wanted, "partitions": written}).encode())
+    write_bytes_atomic(record_path, json.dumps({"listings": wanted, "partitions": written}).encode())
     return written
 
 

@@ -532,7 +532,6 @@ def _write_outcome(out_dir: str | os.PathLike, outcome: StudyOutcome) -> None:
         "inputs": outcome.inputs,
     }
     path = _outcome_path(out_dir, outcome.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(record, sort_keys=True).encode())
 
 
@@ -1032,7 +1031,6 @@ def plan_partition(
     positions = pa.array(sorted(p for part in changed for p in part), pa.int64())
     todo = _plan_changed(rows.take(positions), groups, duplicates,
                          table_reports, work, out, config, secret)  # fmt: skip
-    pending_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(pending_path, pickle.dumps({"inputs": digest, "groups": groups}))
     return PartitionPlan(partition, todo, sum(len(group.keys) for group in groups.values()))
 
@@ -1060,7 +1058,6 @@ def _plan_changed(
     todo.sort(key=lambda task: (-task.index_rows.num_rows, task.key))
     for task in todo:
         path = _task_path(work, task.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
     return [task.key for task in todo]
 
@@ -1078,7 +1075,6 @@ def _remove_stale_files(work: Path, live: set[int]) -> None:
 
 def _write_files(work: Path, partition: int, files: pa.Table) -> None:
     path = work / FILES_FILE / f"part-{partition:04d}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, parquet_bytes(files))
 
 

@@ -298,6 +298,8 @@ class AtomicFile:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole (temporary name, fsync, rename), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path) as file:
         file.write(data)
 
