@@ -147,17 +147,16 @@ def test_select_restricts_to_named_labels():
 
 
 def test_synth_prompts_follow_the_planted_findings():
-    from hlip.synth import FINDINGS, NORMAL_SENTENCES
+    from hlip.synth import FINDINGS
 
     prompts = load_prompts("synth")
     assert [b.name for b in prompts.binary] == [n for n, f in FINDINGS.items() if f.kind in ("CT", "MR")]
     for label in prompts.binary:
         finding = FINDINGS[label.name]
         assert (label.positive, label.negative) == (finding.positive_prompts, finding.negative_prompts)
-        # each phrase inside a findings section of its modality, as the reports write it
-        assert label.templates == ("{} " + " ".join(NORMAL_SENTENCES[finding.kind]),)
-    bare = load_prompts("synth", template_set="sentence")
-    assert {label.templates for label in bare.binary} == {("{}",)}
+        assert label.templates == ("{}",)  # plain phrases, alone
+        # plain: no size and no report context
+        assert not any(c.isdigit() for phrase in (*label.positive, *label.negative) for c in phrase)
 
 
 def test_benchmark_label_sets():

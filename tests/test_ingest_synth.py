@@ -36,6 +36,7 @@ from hlip.synth import (
 from hlip.synth.encoding import file_meta, series_files
 from hlip.synth.findings import brain_site
 from hlip.synth.series import ct_series, mr_series
+from hlip.synth.reports import report_sections, report_text
 from hlip.synth.studies import plan_study
 from hlip.synth.volumes import BLOOD, BULLA, FLUID, MASS, NODULE
 
@@ -235,11 +236,13 @@ def test_findings_are_planted_with_their_labels():
 def test_head_ct_hemorrhages_vary_in_size_and_density():
     sizes = Sizes(ct_matrix=96, ct_coverage_mm=160)
     studies = [plan_study(index, seed=3, kind="CT-HEAD", sizes=sizes) for index in range(40)]
+    style = studies[0].style
     bleeds = [s for s in studies if s.labels["intracranial_hemorrhage"]]
     diameters = [s.details["intracranial_hemorrhage"]["diameter"] for s in bleeds]
     densities = [s.details["intracranial_hemorrhage"]["density"] for s in bleeds]
-    assert min(diameters) <= 10 and max(diameters) >= 24 and min(diameters) >= 6 and max(diameters) <= 30
-    assert min(densities) <= 60 and max(densities) >= 80 and min(densities) >= 50 and max(densities) <= 90
+    (low, high), (dense_low, dense_high) = style.lesion_mm["intracranial_hemorrhage"], style.ct_blood_hu
+    assert low <= min(diameters) <= low + 4 and high - 4 <= max(diameters) <= high
+    assert dense_low <= min(densities) <= dense_low + 8 and dense_high - 8 <= max(densities) <= dense_high
     study = max(bleeds, key=lambda s: s.details["intracranial_hemorrhage"]["diameter"])
     thin = next(s for s in ct_series(study, sizes) if s.kind == "ct_axial_thin")
     assert (thin.template.BodyPartExamined, thin.template.StudyDescription) == (
@@ -255,9 +258,33 @@ def test_head_ct_hemorrhages_vary_in_size_and_density():
         thin.pixels[k, row - 1 : row + 2, col - 1 : col + 2].astype(float) + thin.template.RescaleIntercept
     )
     density = study.details["intracranial_hemorrhage"]["density"]
-    assert abs(window.mean() - density) < 12  # 10 HU noise over 9 voxels
+    offset = style.ct_offset_hu[study.scanner[1]]  # the scanner's calibration error
+    assert abs(window.mean() - density - offset) < 12  # 7-15 HU noise over 9 voxels
     assert study.hu[BLOOD] == density
     assert next(s for s in studies if s not in bleeds).hu[BLOOD] == 60  # the default table
+
+
+def test_each_seed_draws_its_own_wording_sizes_intensities_and_scanners():
+    """Two archives (seeds) differ in report wording, lesion size ranges, lesion contrast and
+    scanner calibration; one seed's studies share its draw."""
+    styles = [plan_study(0, seed, "CT", Sizes()).style for seed in (0, 1)]
+    assert plan_study(5, 0, "MR", Sizes()).style is styles[0]
+    assert styles[0].wording != styles[1].wording and styles[0].normal != styles[1].normal
+    assert styles[0].lesion_mm != styles[1].lesion_mm and styles[0].nodule_hu != styles[1].nodule_hu
+    assert styles[0].ct_offset_hu != styles[1].ct_offset_hu
+    findings = []
+    for seed in (0, 1):
+        sentences = set()
+        for index in range(0, 90, 3):
+            study = plan_study(index, seed, "CT", Sizes())
+            text = report_text(report_sections(study), capitals=True)
+            sentences |= set(text.split("FINDINGS:\n")[1].split("\n\n")[0].splitlines())
+            for diameter, _lobe in study.details.get("lung_nodule", {}).get("nodules", []):
+                low, high = study.style.lesion_mm["lung_nodule"]
+                assert low <= diameter <= high
+        findings.append(sentences)
+    shared = findings[0] & findings[1]
+    assert len(shared) < 0.7 * min(map(len, findings)), shared  # most sentences are the archive's own
 
 
 def test_phi_is_in_headers_and_reports_and_scrubbable(archive):

@@ -12,6 +12,7 @@ from hlip.synth.findings import (
     plant_mass,
     plant_nodules,
 )
+from hlip.synth.style import ArchiveStyle
 from hlip.synth.volumes import (
     BONE,
     CSF,
@@ -29,7 +30,13 @@ from hlip.synth.volumes import (
 
 
 def chest_phantom(
-    rng: np.random.Generator, z0: float, labels: dict[str, int], contrast: bool, half_z: float, scale: float
+    rng: np.random.Generator,
+    z0: float,
+    labels: dict[str, int],
+    contrast: bool,
+    half_z: float,
+    scale: float,
+    style: ArchiveStyle,
 ):
     """A supine chest (LPS: +x patient left, +y posterior) centred on z = ``z0``, with findings
     planted within ``half_z`` mm of it (the scanned range); returns the phantom and the details
@@ -55,12 +62,14 @@ def chest_phantom(
     ph.add((0, ay - 38, 0), (17, 15, INF), BONE)  # vertebral bodies
     ph.add((0, -(ay - 20), 0), (11, 5, INF), BONE)  # sternum
     if labels.get("lung_nodule"):
-        details["lung_nodule"] = plant_nodules(rng, ph, lungs, window, scale)
+        details["lung_nodule"] = plant_nodules(rng, ph, lungs, window, scale, style.lesion_mm["lung_nodule"])
     labels.update({label: int(bool(details.get(label))) for label in labels})
     return ph, details
 
 
-def brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int], scale: float):
+def brain_phantom(
+    rng: np.random.Generator, z0: float, labels: dict[str, int], scale: float, style: ArchiveStyle
+):
     """A head centred on (0, 0, z0): scalp fat, skull, CSF, grey and white matter, lateral
     ventricles; returns the phantom and the details of its findings."""
     ph, details = Phantom(), {}
@@ -78,11 +87,11 @@ def brain_phantom(rng: np.random.Generator, z0: float, labels: dict[str, int], s
         ph.add((sign * (16 if big else 10), -5, z0 + 10), (15, 34, 19) if big else (7, 27, 11), CSF)
     if big:
         details["hydrocephalus"] = {"degree": str(rng.choice(["mild", "moderate"]))}
-    for label, plant in (
-        ("mass", plant_mass),
-        ("hemorrhage", plant_hematoma),
-        ("intracranial_hemorrhage", plant_ct_hemorrhage),
-    ):
-        if labels.get(label):
-            details[label] = plant(rng, ph, z0, s, scale)
+    if labels.get("mass"):
+        details["mass"] = plant_mass(rng, ph, z0, s, scale, style.lesion_mm["mass"])
+    if labels.get("hemorrhage"):
+        details["hemorrhage"] = plant_hematoma(rng, ph, z0, s, scale, style.lesion_mm["hemorrhage"])
+    if labels.get("intracranial_hemorrhage"):
+        mm, hu = style.lesion_mm["intracranial_hemorrhage"], style.ct_blood_hu
+        details["intracranial_hemorrhage"] = plant_ct_hemorrhage(rng, ph, z0, s, scale, mm, hu)
     return ph, details

@@ -17,7 +17,9 @@ from hlip.synth.volumes import BLOOD, BULLA, EDEMA, EMPHYSEMA, FLUID, INF, LUNG,
 class Finding:
     """A finding the phantom can carry: where, what it looks like, and how reports say it.
 
-    The prompts are sentences in the style of the reports, for zero-shot classification.
+    The prompts are plain clinical phrases, as a user writes them for zero-shot classification,
+    each negative the negation of its positive: not the wording of the synthetic reports, which
+    varies from archive to archive (:mod:`hlip.synth.style`).
     """
 
     label: str
@@ -44,81 +46,57 @@ FINDINGS: dict[str, Finding] = {
             "lung_nodule",
             "CT",
             "CHEST",
-            "1-3 solid spheres of soft tissue (40 HU), 12-24 mm, inside a lung (-850 HU).",
-            (  # a size and a lobe, as every nodule report gives them
-                "A 20 mm solid nodule in the right upper lobe.",
-                "There is a 30 mm pulmonary nodule in the left lower lobe.",
-                "Multiple pulmonary nodules, the largest measuring 25 mm in the right middle lobe.",
-            ),
-            ("No pulmonary nodules.", "There is no lung nodule.", "The lungs are clear without nodules."),
+            "1-3 solid spheres of soft tissue (20-60 HU), 8-28 mm, inside a lung (-850 HU).",
+            ("Pulmonary nodule.", "Lung nodule.", "Nodule in the lung."),
+            ("No pulmonary nodules.", "No lung nodule.", "No nodule in the lungs."),
         ),
         Finding(
             "pleural_effusion",
             "CT",
             "CHEST",
             "Fluid (15 HU) filling the dependent (posterior) 25-55% of one or both pleural spaces.",
-            ("There is a pleural effusion.", "Pleural effusion is present.", "Fluid in the pleural space."),
-            ("No pleural effusion.", "There is no pleural effusion.", "The pleural spaces are clear."),
+            ("Pleural effusion.", "Fluid in the pleural space.", "Effusion of the pleura."),
+            ("No pleural effusion.", "No fluid in the pleural space.", "No effusion of the pleura."),
         ),
         Finding(
             "emphysema",
             "CT",
             "CHEST",
             "Lungs of lower attenuation (-930 HU) with 20-40 bullae (-990 HU, 10-24 mm), upper-lobe predominant.",
-            (
-                "There is emphysema.",
-                "Emphysematous changes of the lungs.",
-                "Centrilobular emphysema with bullae.",
-            ),
-            ("No emphysema.", "There is no emphysema.", "No emphysematous change of the lungs."),
+            ("Emphysema.", "Emphysema of the lungs.", "Emphysematous lungs."),
+            ("No emphysema.", "No emphysema of the lungs.", "No emphysematous change."),
         ),
         Finding(
             "mass",
             "MR",
             "HEAD",
-            "A 18-34 mm mass in a cerebral hemisphere, bright on T2 and FLAIR, dark on T1, with a halo of edema.",
-            (
-                "There is an intracranial mass.",
-                "A brain mass with surrounding edema.",
-                "Mass lesion in the brain.",
-            ),
-            ("No intracranial mass.", "There is no mass lesion.", "No space-occupying lesion in the brain."),
+            "A 14-38 mm mass in a cerebral hemisphere, bright on T2 and FLAIR, dark on T1, with a halo of edema.",
+            ("Brain mass.", "Intracranial mass.", "Mass in the brain."),
+            ("No brain mass.", "No intracranial mass.", "No mass in the brain."),
         ),
         Finding(
             "hemorrhage",
             "MR",
             "HEAD",
-            "A 15-30 mm intraparenchymal hematoma, bright on T1 and FLAIR, dark on T2.",
-            (  # a size and a lobe, as every hematoma report gives them
-                "There is a 40 mm right frontal hematoma.",
-                "Intraparenchymal hemorrhage in the left parietal lobe measuring 30 mm, hyperintense on T1.",
-                "There is a 50 mm left temporal hematoma.",
-            ),
-            ("No intracranial hemorrhage.", "There is no hemorrhage.", "No blood products in the brain."),
+            "A 11-34 mm intraparenchymal hematoma, bright on T1 and FLAIR, dark on T2.",
+            ("Brain hemorrhage.", "Intracranial hemorrhage.", "Hematoma in the brain."),
+            ("No brain hemorrhage.", "No intracranial hemorrhage.", "No hematoma in the brain."),
         ),
         Finding(
             "hydrocephalus",
             "MR",
             "HEAD",
             "Lateral ventricles (CSF) about twice their normal width and length.",
-            (
-                "There is hydrocephalus.",
-                "The ventricles are enlarged.",
-                "Ventriculomegaly consistent with hydrocephalus.",
-            ),
-            ("No hydrocephalus.", "The ventricles are normal in size.", "There is no ventriculomegaly."),
+            ("Hydrocephalus.", "Enlarged ventricles.", "Dilated ventricles of the brain."),
+            ("No hydrocephalus.", "Normal-sized ventricles.", "No dilated ventricles of the brain."),
         ),
         Finding(
             "intracranial_hemorrhage",
             "CT",
             "HEAD",
-            "A 6-30 mm intraparenchymal hemorrhage, hyperdense (50-90 HU) against grey (35 HU) and white (28 HU) matter.",
-            (
-                "There is an intraparenchymal hemorrhage.",
-                "Acute intracranial hemorrhage.",
-                "Hyperdense hematoma in the brain.",
-            ),
-            ("No intracranial hemorrhage.", "There is no hemorrhage.", "No acute intracranial abnormality."),
+            "A 5-33 mm intraparenchymal hemorrhage, hyperdense (45-93 HU) against grey (35 HU) and white (28 HU) matter.",
+            ("Intracranial hemorrhage.", "Brain hemorrhage.", "Hematoma in the brain."),
+            ("No intracranial hemorrhage.", "No brain hemorrhage.", "No hematoma in the brain."),
         ),
     )
 }
@@ -163,11 +141,16 @@ def plant_effusion(rng, ph: Phantom, lungs) -> dict:
     return {"side": side, "size": size}
 
 
-def plant_nodules(rng, ph: Phantom, lungs, z_window, scale: float) -> dict:
+def _diameter(rng, mm: tuple[int, int], scale: float) -> int:
+    """A lesion diameter (mm) drawn from the archive's range ``mm``, times ``scale``."""
+    return int(round(rng.integers(mm[0], mm[1] + 1) * scale))
+
+
+def plant_nodules(rng, ph: Phantom, lungs, z_window, scale: float, mm: tuple[int, int]) -> dict:
     """1-3 nodules, each placed where the phantom is lung all around it."""
     nodules = []
     for _ in range(int(rng.choice([1, 1, 2, 3]))):
-        diameter = int(round(rng.integers(12, 25) * scale))
+        diameter = _diameter(rng, mm, scale)
         for _attempt in range(200):
             side = "right" if rng.random() < 0.5 else "left"
             center, semi = lungs[side]
@@ -204,27 +187,29 @@ def brain_site(rng, z0: float, s: float, radius: float) -> tuple[np.ndarray, str
     return point, side, lobe
 
 
-def plant_mass(rng, ph: Phantom, z0: float, s: float, scale: float) -> dict:
-    diameter = int(round(rng.integers(18, 35) * scale))
+def plant_mass(rng, ph: Phantom, z0: float, s: float, scale: float, mm: tuple[int, int]) -> dict:
+    diameter = _diameter(rng, mm, scale)
     point, side, lobe = brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter * 0.8,) * 3, EDEMA)
     ph.add(point, (diameter / 2,) * 3, MASS)
     return {"diameter": diameter, "side": side, "lobe": lobe}
 
 
-def plant_hematoma(rng, ph: Phantom, z0: float, s: float, scale: float) -> dict:
-    diameter = int(round(rng.integers(15, 31) * scale))
+def plant_hematoma(rng, ph: Phantom, z0: float, s: float, scale: float, mm: tuple[int, int]) -> dict:
+    diameter = _diameter(rng, mm, scale)
     point, side, lobe = brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter / 2, diameter * 0.4, diameter * 0.35), BLOOD)
     return {"diameter": diameter, "side": side, "lobe": lobe}
 
 
-def plant_ct_hemorrhage(rng, ph: Phantom, z0: float, s: float, scale: float) -> dict:
+def plant_ct_hemorrhage(
+    rng, ph: Phantom, z0: float, s: float, scale: float, mm: tuple[int, int], hu: tuple[int, int]
+) -> dict:
     """An acute intraparenchymal hemorrhage on head CT, from a few millimetres to a large
-    hematoma and from faintly to clearly hyperdense: the density (HU) goes with the detail,
-    for the study's CT numbers."""
-    diameter = int(round(rng.integers(6, 31) * scale))
-    density = int(rng.integers(50, 91))
+    hematoma and from faintly to clearly hyperdense (``hu``, the archive's range): the density
+    (HU) goes with the detail, for the study's CT numbers."""
+    diameter = _diameter(rng, mm, scale)
+    density = int(rng.integers(hu[0], hu[1] + 1))
     point, side, lobe = brain_site(rng, z0, s, diameter / 2)
     ph.add(point, (diameter / 2, diameter * 0.42, diameter * 0.38), BLOOD)
     return {"diameter": diameter, "side": side, "lobe": lobe, "density": density}

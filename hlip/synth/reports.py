@@ -3,7 +3,8 @@ and header PHI repeated in the text, so that de-identification has work to do.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hlip.synth.studies import Study
 
@@ -27,132 +28,130 @@ def _pick(rng, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _finding_sentences(label: str, detail: dict | None, rng) -> tuple[str, str]:
-    """(findings sentence, impression sentence or "") for a positive (detail) or negative finding."""
+def _finding_sentences(study: Study, label: str) -> tuple[str, str]:
+    """(findings sentence, impression sentence or "") for a positive or negative finding, in
+    the wording of the study's archive."""
+    forms, impression, negatives = study.style.wording[label]
+    detail = study.details.get(label)
     if detail is None:
-        return _pick(rng, NEGATIVE_SENTENCES[label]), ""
-    return POSITIVE_SENTENCES[label](detail, rng)
+        return NEGATIVE_SENTENCES[label][negatives[int(study.rng.integers(len(negatives)))]], ""
+    fields = _fields(label, detail)
+    pool = POSITIVE_FORMS[label]
+    if fields.get("n", 1) > 1:  # several nodules: this archive's form for them
+        finding = pool.several[forms[0] % len(pool.several)]
+    else:
+        finding = pool.findings[forms[int(study.rng.integers(len(forms)))]]
+    return _sentence(finding, fields), _sentence(pool.impressions[impression], fields)
 
 
-def _nodule_sentences(detail, rng):
-    (diameter, lobe), n = detail["nodules"][0], len(detail["nodules"])
-    if n > 1:
-        return (
-            f"Multiple pulmonary nodules, the largest measuring {diameter} mm in the {lobe}.",
-            f"{n} pulmonary nodules, largest {diameter} mm in the {lobe}; follow-up CT recommended.",
-        )
-    return (
-        _pick(rng, (f"A {diameter} mm solid nodule in the {lobe}.", f"There is a {diameter} mm pulmonary nodule in the {lobe}.",
-                    f"{lobe.capitalize()} nodule measuring {diameter} mm.")),
-        f"{diameter} mm {lobe} pulmonary nodule.",
-    )  # fmt: skip
+def _sentence(form: str, fields: dict) -> str:
+    text = form.format(**fields)
+    return text[0].upper() + text[1:]
 
 
-def _effusion_sentences(detail, rng):
-    size, side = detail["size"], detail["side"]
-    noun = "pleural effusions" if side == "bilateral" else "pleural effusion"
-    return (
-        _pick(rng, (f"{size.capitalize()} {side} {noun}.", f"There is a {size} {side} {noun}.")),
-        _pick(rng, (f"{size.capitalize()} {side} {noun}.", f"{size.capitalize()} {side} effusion.")),
-    )
+def _fields(label: str, detail: dict) -> dict:
+    """The values a finding's sentence forms name: d (mm), side, lobe, n, size, noun, ..."""
+    fields = dict(detail)
+    if label == "lung_nodule":
+        (fields["d"], fields["lobe"]), fields["n"] = detail["nodules"][0], len(detail["nodules"])
+    if "diameter" in detail:
+        fields["d"] = detail["diameter"]
+    if label == "pleural_effusion":
+        fields["noun"] = "pleural effusions" if detail["side"] == "bilateral" else "pleural effusion"
+    return fields
 
 
-def _emphysema_sentences(detail, rng):
-    severity = detail["severity"]
-    return (
-        _pick(rng, (f"{severity.capitalize()} centrilobular emphysema, upper lobe predominant, with scattered bullae.",
-                    f"There is {severity} emphysema with bullae in both lungs.")),
-        f"{severity.capitalize()} emphysema.",
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Forms:
+    """A positive finding's sentence forms (str.format over :func:`_fields`): for the findings
+    section, for several lesions (nodules), and for the impression. Each archive's style uses
+    three of the findings forms and one impression form."""
+
+    findings: tuple[str, ...]
+    impressions: tuple[str, ...]
+    several: tuple[str, ...] = ()
 
 
-def _mass_sentences(detail, rng):
-    d, side, lobe = detail["diameter"], detail["side"], detail["lobe"]
-    return (
-        _pick(rng, (f"A {d} mm mass in the {side} {lobe} lobe, hyperintense on T2 and FLAIR, with surrounding edema.",
-                    f"There is a {d} mm {side} {lobe} mass with vasogenic edema.")),
-        f"{d} mm {side} {lobe} mass with edema; further evaluation with contrast is recommended.",
-    )  # fmt: skip
-
-
-def _hemorrhage_sentences(detail, rng):
-    d, side, lobe = detail["diameter"], detail["side"], detail["lobe"]
-    return (
-        _pick(rng, (f"Intraparenchymal hemorrhage in the {side} {lobe} lobe measuring {d} mm, hyperintense on T1.",
-                    f"There is a {d} mm {side} {lobe} hematoma.")),
-        f"{side.capitalize()} {lobe} intraparenchymal hemorrhage ({d} mm).",
-    )  # fmt: skip
-
-
-def _ct_hemorrhage_sentences(detail, rng):
-    d, side, lobe, density = detail["diameter"], detail["side"], detail["lobe"], detail["density"]
-    return (
-        _pick(rng, (f"There is a {d} mm hyperdense intraparenchymal hemorrhage in the {side} {lobe} lobe.",
-                    f"Acute {side} {lobe} intraparenchymal hematoma measuring {d} mm (about {density} HU).",
-                    f"A small focus of hyperdense blood in the {side} {lobe} lobe, {d} mm." if d < 12 else
-                    f"{side.capitalize()} {lobe} hematoma of {d} mm with mild surrounding mass effect.")),
-        f"Acute {side} {lobe} intraparenchymal hemorrhage ({d} mm).",
-    )  # fmt: skip
-
-
-def _hydrocephalus_sentences(detail, rng):
-    degree = detail["degree"]
-    return (
-        _pick(rng, (f"The lateral ventricles are enlarged, consistent with {degree} hydrocephalus.",
-                    f"{degree.capitalize()} hydrocephalus with dilated lateral ventricles.")),
-        f"{degree.capitalize()} hydrocephalus.",
-    )  # fmt: skip
-
-
-POSITIVE_SENTENCES: dict[str, Callable] = {
-    "lung_nodule": _nodule_sentences,
-    "pleural_effusion": _effusion_sentences,
-    "emphysema": _emphysema_sentences,
-    "mass": _mass_sentences,
-    "hemorrhage": _hemorrhage_sentences,
-    "hydrocephalus": _hydrocephalus_sentences,
-    "intracranial_hemorrhage": _ct_hemorrhage_sentences,
-}
+POSITIVE_FORMS: dict[str, Forms] = {
+    "lung_nodule": Forms(
+        ("A {d} mm solid nodule in the {lobe}.", "There is a {d} mm pulmonary nodule in the {lobe}.",
+         "{lobe} nodule measuring {d} mm.", "Solid pulmonary nodule of {d} mm in the {lobe}.",
+         "A noncalcified {d} mm nodule is seen in the {lobe}.",
+         "Rounded soft-tissue opacity of {d} mm in the {lobe}, in keeping with a nodule."),
+        ("{d} mm {lobe} pulmonary nodule.", "Pulmonary nodule, {lobe}, {d} mm; follow-up CT recommended.",
+         "Solitary or dominant lung nodule measuring {d} mm."),
+        ("Multiple pulmonary nodules, the largest measuring {d} mm in the {lobe}.",
+         "{n} solid nodules, the largest {d} mm in the {lobe}.",
+         "Several lung nodules; the dominant one measures {d} mm ({lobe})."),
+    ),
+    "pleural_effusion": Forms(
+        ("{size} {side} {noun}.", "There is a {size} {side} {noun}.", "{size} {side} pleural fluid collection.",
+         "Dependent fluid in the {side} pleural space, {size}.", "{side} {noun}, {size} in volume."),
+        ("{size} {side} {noun}.", "{size} {side} effusion.", "Pleural effusion ({side}, {size})."),
+    ),
+    "emphysema": Forms(
+        ("{severity} centrilobular emphysema, upper lobe predominant, with scattered bullae.",
+         "There is {severity} emphysema with bullae in both lungs.",
+         "Hyperlucent lungs with {severity} emphysematous change and bullae.",
+         "{severity} bullous emphysema of both upper lobes.", "Emphysema, {severity}, with several bullae."),
+        ("{severity} emphysema.", "Emphysema ({severity})."),
+    ),
+    "mass": Forms(
+        ("A {d} mm mass in the {side} {lobe} lobe, hyperintense on T2 and FLAIR, with surrounding edema.",
+         "There is a {d} mm {side} {lobe} mass with vasogenic edema.",
+         "{side} {lobe} space-occupying lesion of {d} mm with perilesional edema.",
+         "Intra-axial mass in the {side} {lobe} lobe measuring {d} mm, T2 hyperintense.",
+         "A {d} mm lesion with mass effect in the {side} {lobe} lobe."),
+        ("{d} mm {side} {lobe} mass with edema; further evaluation with contrast is recommended.",
+         "{side} {lobe} intracranial mass ({d} mm)."),
+    ),
+    "hemorrhage": Forms(
+        ("Intraparenchymal hemorrhage in the {side} {lobe} lobe measuring {d} mm, hyperintense on T1.",
+         "There is a {d} mm {side} {lobe} hematoma.", "T1-hyperintense blood products of {d} mm in the {side} {lobe} lobe.",
+         "A {d} mm subacute hematoma in the {side} {lobe} lobe.",
+         "Parenchymal hemorrhage, {side} {lobe}, {d} mm, dark on T2."),
+        ("{side} {lobe} intraparenchymal hemorrhage ({d} mm).", "Subacute {side} {lobe} hemorrhage of {d} mm."),
+    ),
+    "hydrocephalus": Forms(
+        ("The lateral ventricles are enlarged, consistent with {degree} hydrocephalus.",
+         "{degree} hydrocephalus with dilated lateral ventricles.", "Ventriculomegaly, {degree}, out of proportion to the sulci.",
+         "The ventricular system is dilated ({degree} hydrocephalus).", "Enlarged lateral ventricles: {degree} hydrocephalus."),
+        ("{degree} hydrocephalus.", "Hydrocephalus ({degree})."),
+    ),
+    "intracranial_hemorrhage": Forms(
+        ("There is a {d} mm hyperdense intraparenchymal hemorrhage in the {side} {lobe} lobe.",
+         "Acute {side} {lobe} intraparenchymal hematoma measuring {d} mm (about {density} HU).",
+         "A focus of hyperdense blood in the {side} {lobe} lobe, {d} mm.",
+         "{side} {lobe} hematoma of {d} mm.", "Hyperdense {d} mm parenchymal bleed, {side} {lobe} lobe."),
+        ("Acute {side} {lobe} intraparenchymal hemorrhage ({d} mm).", "Acute intracranial hemorrhage, {side} {lobe}, {d} mm."),
+    ),
+}  # fmt: skip
 NEGATIVE_SENTENCES = {
-    "lung_nodule": (
-        "No pulmonary nodules.",
-        "There is no evidence of a pulmonary nodule.",
-        "No lung nodule or mass is seen.",
-    ),
-    "pleural_effusion": (
-        "No pleural effusion.",
-        "There is no evidence of pleural effusion.",
-        "The pleural spaces are clear.",
-    ),
-    "emphysema": (
-        "No emphysema.",
-        "There is no evidence of emphysema.",
-        "The lung parenchyma shows no emphysematous change.",
-    ),
-    "mass": ("No intracranial mass.", "There is no evidence of a mass lesion.", "No space-occupying lesion."),
-    "hemorrhage": (
-        "No intracranial hemorrhage.",
-        "There is no evidence of hemorrhage.",
-        "No blood products are seen.",
-    ),
-    "hydrocephalus": (
-        "No hydrocephalus.",
-        "The ventricles are normal in size.",
-        "There is no evidence of hydrocephalus.",
-    ),
-    "intracranial_hemorrhage": (
-        "No intracranial hemorrhage.",
-        "There is no evidence of acute hemorrhage.",
-        "No hyperdense blood is seen.",
-    ),
-}
+    "lung_nodule": ("No pulmonary nodules.", "There is no evidence of a pulmonary nodule.", "No lung nodule or mass is seen.",
+                    "No suspicious pulmonary nodule.", "The lungs are free of nodules."),
+    "pleural_effusion": ("No pleural effusion.", "There is no evidence of pleural effusion.", "The pleural spaces are clear.",
+                         "No pleural fluid.", "No effusion."),
+    "emphysema": ("No emphysema.", "There is no evidence of emphysema.", "The lung parenchyma shows no emphysematous change.",
+                  "Normal lung attenuation without emphysema.", "No bullae or emphysema."),
+    "mass": ("No intracranial mass.", "There is no evidence of a mass lesion.", "No space-occupying lesion.",
+             "No mass or mass effect.", "No focal intracranial lesion."),
+    "hemorrhage": ("No intracranial hemorrhage.", "There is no evidence of hemorrhage.", "No blood products are seen.",
+                   "No hematoma.", "No T1-hyperintense blood products."),
+    "hydrocephalus": ("No hydrocephalus.", "The ventricles are normal in size.", "There is no evidence of hydrocephalus.",
+                      "Ventricular size is normal.", "No ventriculomegaly."),
+    "intracranial_hemorrhage": ("No intracranial hemorrhage.", "There is no evidence of acute hemorrhage.", "No hyperdense blood is seen.",
+                                "No acute bleed.", "No intraparenchymal hematoma."),
+}  # fmt: skip
 NORMAL_SENTENCES = {
     "CT": ("The heart is normal in size.", "No mediastinal or hilar lymphadenopathy.", "The central airways are patent.",
-           "The osseous structures are unremarkable.", "The visualized upper abdomen is unremarkable."),
+           "The osseous structures are unremarkable.", "The visualized upper abdomen is unremarkable.",
+           "No pericardial effusion.", "The thoracic aorta is normal in caliber.", "The thyroid gland is unremarkable."),
     "MR": ("No midline shift.", "The major intracranial flow voids are preserved.", "The cerebellum and brainstem are normal.",
-           "The orbits and paranasal sinuses are unremarkable."),
+           "The orbits and paranasal sinuses are unremarkable.", "No restricted diffusion.",
+           "The pituitary gland is normal.", "The basal cisterns are patent."),
     "CT-HEAD": ("The ventricles are normal in size.", "No midline shift.", "The gray-white matter differentiation is preserved.",
-                "The calvarium is intact."),
+                "The calvarium is intact.", "The basal cisterns are patent.", "The mastoid air cells are clear.",
+                "No extra-axial collection."),
 }  # fmt: skip
 INDICATIONS = {
     "CT": ("Cough.", "Shortness of breath.", "Weight loss.", "Chest pain.", "Staging."),
@@ -172,12 +171,13 @@ def report_sections(study: Study) -> list[tuple[str, str]]:
     rng = study.rng
     findings, impressions = [], []
     for label in study.labels:
-        finding, impression = _finding_sentences(label, study.details.get(label), rng)
+        finding, impression = _finding_sentences(study, label)
         if impression or rng.random() > 0.15:  # negatives are sometimes not mentioned
             findings.append(finding)
         if impression:
             impressions.append(impression)
-    findings += [s for s in NORMAL_SENTENCES[study.kind] if rng.random() < 0.6]
+    normal = NORMAL_SENTENCES[study.kind]
+    findings += [normal[i] for i in study.style.normal[study.kind] if rng.random() < 0.6]
     if not impressions:
         impressions = [_pick(rng, ("No acute abnormality.", "Normal study.", "No significant abnormality."))]
     exam = EXAMS[study.kind]
@@ -238,7 +238,13 @@ def phi_variants(study: Study) -> list[str]:
     names = [
         v
         for p in people
-        for v in (p.pn, p.plain, f"{p.family}, {p.given}", f"{p.family.upper()}, {p.given.upper()}")
+        for v in (
+            p.pn,
+            p.plain,
+            f"{p.family}, {p.given}",
+            f"{p.family.upper()}, {p.given.upper()}",
+            f"Dr. {p.family}",
+        )
     ]
     dates = [_date_text(study.study_date, s) for s in range(5)] + [study.birth_date]
     return [*phi_strings(study).values(), *names, *dates]

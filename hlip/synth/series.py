@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from hlip.synth.studies import Sizes, Study
-from hlip.synth.volumes import AXIAL, CORONAL, MR_SIGNAL, SAGITTAL, Grid, sample, stack, tilted
+from hlip.synth.volumes import AXIAL, CORONAL, SAGITTAL, Grid, sample, stack, tilted
 
 
 @dataclass
@@ -191,12 +191,16 @@ def _ct_template(study: Study, series: Series, storage: _CTStorage) -> None:
 
 
 def _ct_stack(study, number, description, kind, grid: Grid, image_type, tilt: float = 0.0) -> Series:
-    """A CT series in HU plus 10 HU noise; in odd studies InstanceNumber runs against the slice order."""
+    """A CT series in HU with the scanner's calibration offset and noise (the archive's draw);
+    in odd studies InstanceNumber runs against the slice order."""
     series = _new_series(study, number, description, kind, CTImageStorage)
     storage = CT_STORAGES[study.index % len(CT_STORAGES)]
     noise = np.random.default_rng([study.index, number, 7])
     hu = sample(study.phantom, grid, study.hu)
-    hu += noise.normal(0, 10, hu.shape).astype(np.float32)
+    model = study.scanner[1]
+    hu += study.style.ct_offset_hu[model] + noise.normal(0, study.style.ct_noise_hu[model], hu.shape).astype(
+        np.float32
+    )
     _image_modules(series, study, image_type, storage.encode(hu), storage.bits_stored)
     _ct_template(study, series, storage)
     series.template.SliceThickness = grid.thickness
@@ -292,8 +296,10 @@ def mr_series(study: Study, sizes: Sizes) -> list[Series]:
 
 def _mr_signal(study: Study, grids: Sequence[Grid], weighting: str, gain: float, noise) -> np.ndarray:
     """Magnitude images: tissue signal times the receiver gain, plus Rician-like noise, 12 bits."""
-    signal = np.concatenate([sample(study.phantom, g, MR_SIGNAL[weighting]) for g in grids]) * gain
-    signal = np.abs(signal + noise.normal(0, 18 * gain, signal.shape).astype(np.float32))
+    tissue = study.style.mr_signal(weighting)
+    signal = np.concatenate([sample(study.phantom, g, tissue) for g in grids]) * gain
+    sigma = 18 * gain * study.style.mr_noise[study.scanner[1]]
+    signal = np.abs(signal + noise.normal(0, sigma, signal.shape).astype(np.float32))
     return np.clip(np.rint(signal), 0, 4095)
 
 

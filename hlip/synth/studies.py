@@ -11,7 +11,8 @@ import numpy as np
 
 from hlip.synth.anatomy import brain_phantom, chest_phantom
 from hlip.synth.findings import FINDINGS, PREVALENCE, STUDY_KINDS
-from hlip.synth.volumes import BLOOD, HU, Phantom
+from hlip.synth.style import ArchiveStyle, archive_style
+from hlip.synth.volumes import Phantom
 
 FAMILY_NAMES = (
     "Anderson", "Baker", "Castillo", "Delgado", "Eriksen", "Fischer", "Garcia", "Haddad", "Ivanova",
@@ -57,6 +58,8 @@ class Study:
 
     index: int
     kind: str
+    style: ArchiveStyle
+    """What the archive's seed fixes: report wording, lesion sizes and intensities, scanners."""
     modality: str
     body_part: str
     hu: np.ndarray
@@ -99,20 +102,19 @@ def plan_study(index: int, seed: int, kind: str, sizes: Sizes) -> Study:
     study_day = np.datetime64("2019-01-01") + int(rng.integers(0, 6 * 365))
     z0 = float(rng.uniform(-160, -100)) if body_part == "CHEST" else float(rng.uniform(40, 80))
     contrast = kind == "CT" and rng.random() < 0.35
-    hu = HU
+    style = archive_style(seed)
     if kind == "CT":
         phantom, details = chest_phantom(
-            rng, z0, labels, contrast, sizes.ct_coverage_mm / 2, sizes.lesion_scale
+            rng, z0, labels, contrast, sizes.ct_coverage_mm / 2, sizes.lesion_scale, style
         )
     else:
-        phantom, details = brain_phantom(rng, z0, labels, sizes.lesion_scale)
-    if "density" in details.get("intracranial_hemorrhage", {}):
-        hu = HU.copy()
-        hu[BLOOD] = details["intracranial_hemorrhage"]["density"]
+        phantom, details = brain_phantom(rng, z0, labels, sizes.lesion_scale, style)
+    hu = style.hu(details.get("intracranial_hemorrhage", {}).get("density"))
     scanners = CT_SCANNERS if modality == "CT" else MR_SCANNERS
     return Study(
         index=index,
         kind=kind,
+        style=style,
         modality=modality,
         body_part=body_part,
         hu=hu,
