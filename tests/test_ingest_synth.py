@@ -35,8 +35,8 @@ from hlip.synth import (
 )
 from hlip.synth.encoding import file_meta, series_files
 from hlip.synth.findings import brain_site
-from hlip.synth.series import ct_series, mr_series
 from hlip.synth.reports import report_sections, report_text
+from hlip.synth.series import ct_series, mr_series
 from hlip.synth.studies import plan_study
 from hlip.synth.volumes import BLOOD, BULLA, FLUID, MASS, NODULE
 
