@@ -256,6 +256,11 @@ def test_text_modes(config):
     shuffled = StudyTransform(dataclasses.replace(config, text_mode="shuffle"), train=True)
     texts = {shuffled(study, e)["text"] for e in range(20)}
     assert len(texts) > 1 and all(sorted(split_sentences(t)) == sorted(sentences) for t in texts)
+    subset = StudyTransform(dataclasses.replace(config, text_mode="subset"), train=True)
+    parts = [split_sentences(subset(study, e)["text"]) for e in range(60)]
+    assert all(p and len(set(p)) == len(p) and set(p) <= set(sentences) for p in parts)  # no repeats
+    assert {len(p) for p in parts} == {1, 2, 3}  # from one statement to the whole report
+    assert len({tuple(p) for p in parts if len(p) == 2}) > 2  # in varying choice and order
 
 
 # --- filters ---------------------------------------------------------------------------------------

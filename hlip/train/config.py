@@ -30,7 +30,7 @@ from typing import Any
 from hlip import resources
 from hlip.train.windows import REGION_WINDOWS, REGION_WORDS
 
-TEXT_MODES = ("full", "shuffle", "sentence")
+TEXT_MODES = ("full", "shuffle", "sentence", "subset")
 CT_WINDOW_MODES = ("scans", "mean")
 PRECISIONS = ("fp32", "bf16")
 NAN_POLICIES = ("raise", "skip")
@@ -100,7 +100,8 @@ class TrainConfig:
     intensity_mean: float = HLIP_INTENSITY_MEAN
     intensity_std: float = HLIP_INTENSITY_STD
     text_mode: str = "sentence"
-    """Training text: "full" report, "shuffle" its sentences, or one random "sentence" per step."""
+    """Training text: "full" report, "shuffle" its sentences, one random "sentence", or a random
+    "subset" (about half) of its sentences in random order, drawn anew per step."""
     text_sections: list[str] = field(default_factory=list)
     """Report sections to train on, by heading (e.g. ["findings", "impression"]); empty = all text.
     A report with none of these headings is used whole."""

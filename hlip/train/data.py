@@ -299,13 +299,21 @@ class StudyTransform:
         return [Crop(region, unit_map, tuple(axes), mean, std) for unit_map in maps]
 
     def text(self, report: str, rng: np.random.Generator | None) -> str:
-        """The report (evaluation, ``full``), its sentences shuffled, or one random sentence,
-        from the ``text_sections`` of the report when it has them."""
+        """The report (evaluation, ``full``), its sentences shuffled, one random sentence, or a
+        random half of its sentences in random order (``subset``), from the ``text_sections`` of
+        the report when it has them.
+
+        ``subset`` trains the text tower on short texts of a few statements as well as on
+        whole reports, so that a user's one-line prompt lands where training texts were."""
         report = select_sections(report, self.config.text_sections).strip()
         sentences = split_sentences(report)
-        if rng is not None and sentences and self.config.text_mode == "shuffle":
-            report = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
-        elif rng is not None and sentences and self.config.text_mode == "sentence":
+        mode = self.config.text_mode
+        if rng is not None and sentences and mode in ("shuffle", "subset"):
+            order = rng.permutation(len(sentences))
+            if mode == "subset":
+                order = order[: max(1, int(rng.binomial(len(sentences), 0.5)))]
+            report = " ".join(sentences[i] for i in order)
+        elif rng is not None and sentences and mode == "sentence":
             report = sentences[int(rng.integers(len(sentences)))]
         return self.config.text_prefix + report
 
