@@ -141,3 +141,21 @@ def test_a_grown_archive_replans_only_what_it_grew_by(archive, tmp_path, monkeyp
     assert 0 < len(planned) < partitions_with_rows
     # Within those partitions only the new studies' (and new unreadable files') rows.
     assert sum(planned) == sum(1 for path in (source / "late").rglob("*") if path.is_file())
+
+
+def test_a_flat_folder_is_scanned_once_however_many_units_share_it(tmp_path, monkeypatch):
+    """A folder of many files is split into hash-bucket units that read the one listing its
+    splitting unit wrote, instead of each scanning the folder again."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(300):
+        (flat / f"IM{i:05d}").write_bytes(b"not dicom %d" % i)
+    scans = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(os.fspath(path)) or scandir(path))
+    summaries = _index(type("Archive", (), {"root": flat}), tmp_path / "w", 3, monkeypatch, unit_files=16)
+    assert sum(1 for summary in summaries if summary.files) >= 19  # 300 files, at most 16 per unit
+    assert all(summary.files <= 16 for summary in summaries)
+    assert scans.count(str(flat)) <= 2, "each unit scanned the folder"
+    table = pq.read_table(tmp_path / "w" / partitions.INDEX_DIR).sort_by("file_id").drop(["mtime_ns"])
+    assert table.equals(index_sources([flat]).drop(["mtime_ns"]))

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -51,7 +52,13 @@ aim at about 50,000 files per partition: the default suits archives of up to abo
 files (``--index-partitions`` for larger ones). More partitions than that only add small
 files: each unit writes one fragment per partition it has rows in."""
 
-INDEX_DIR, SOPS_DIR, UNITS_DIR, DUPLICATES_DIR = "index", "sops", "units", "duplicates"
+INDEX_DIR, SOPS_DIR, UNITS_DIR, DUPLICATES_DIR, LISTINGS_DIR = (
+    "index",
+    "sops",
+    "units",
+    "duplicates",
+    "listings",
+)
 ZIP_SUFFIX = ".zip"
 SOP_SCHEMA = pa.schema([("SOPInstanceUID", pa.string()), ("file_id", pa.string()), ("partition", pa.int32())])
 DUPLICATE_SCHEMA = pa.schema([("file_id", pa.string()), ("SOPInstanceUID", pa.string())])
@@ -131,9 +138,9 @@ def _excluded(path: str, exclude: Sequence[str]) -> bool:
     return any(path == folder or path.startswith(folder + os.sep) for folder in exclude)
 
 
-def _entries(folder: str, exclude: Sequence[str]) -> tuple[list[str], list[os.DirEntry]]:
-    """Subfolders and files directly in ``folder``, sorted by name, without excluded ones;
-    an unreadable folder has none."""
+def _entries(folder: str, exclude: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Paths of the subfolders and of the files directly in ``folder``, sorted by name,
+    without excluded ones; an unreadable folder has none."""
     try:
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
@@ -147,20 +154,20 @@ def _entries(folder: str, exclude: Sequence[str]) -> tuple[list[str], list[os.Di
             is_folder = entry.is_dir()
         except OSError:
             is_folder = False
-        (folders if is_folder else files).append(entry.path if is_folder else entry)
+        (folders if is_folder else files).append(entry.path)
     return folders, files
 
 
-def _source_file(entry: os.DirEntry) -> index.SourceFile:
+def _source_file(path: str) -> index.SourceFile:
     try:
-        stat = entry.stat()
+        stat = os.stat(path)
     except OSError:
-        return index.SourceFile(os.path.abspath(entry.path), "", 0)
-    return index.SourceFile(os.path.abspath(entry.path), "", stat.st_size, stat.st_mtime_ns)
+        return index.SourceFile(os.path.abspath(path), "", 0)
+    return index.SourceFile(os.path.abspath(path), "", stat.st_size, stat.st_mtime_ns)
 
 
-def _is_zip_name(entry: os.DirEntry) -> bool:
-    return entry.name.lower().endswith(ZIP_SUFFIX)
+def _is_zip_name(path: str) -> bool:
+    return path.lower().endswith(ZIP_SUFFIX)
 
 
 def _walk(
@@ -170,16 +177,74 @@ def _walk(
     once they hold more than ``limit`` files."""
     files, zips, stack = [], [], list(reversed(roots))
     while stack:
-        folders, entries = _entries(stack.pop(), exclude)
+        folders, paths = _entries(stack.pop(), exclude)
         stack.extend(reversed(folders))
-        for entry in entries:
-            if _is_zip_name(entry):
-                zips.append(Unit("zip", os.path.abspath(entry.path)))
+        for path in paths:
+            if _is_zip_name(path):
+                zips.append(Unit("zip", os.path.abspath(path)))
             else:
-                files.append(_source_file(entry))
+                files.append(_source_file(path))
         if len(files) > limit:
             return None
     return sorted(files, key=lambda f: f.file_id), sorted(zips)
+
+
+# --- one listing of a large folder ---------------------------------------------------------
+#
+# A folder too large for one unit is split over many units, each of which needs the folder's
+# entries: scanned by each of them, a folder of F files would be read F / UNIT_FILES times.
+# The unit that splits it writes the listing once (names, whether a folder, and the hash that
+# places a name in a bucket) for the units it splits into, which read their bucket from it.
+
+LISTING_SCHEMA = pa.schema([("name", pa.string()), ("folder", pa.bool_()), ("hash", pa.uint32())])
+
+
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+
+
+def _listing_path(listings: Path, folder: str) -> Path:
+    return listings / f"{hashlib.sha256(folder.encode()).hexdigest()[:24]}.parquet"
+
+
+def _write_listing(listings: Path, folder: str, folders: Sequence[str], files: Sequence[str]) -> None:
+    _write_table(_listing_path(listings, folder), _listing_table(folders, files))
+
+
+def _bucket(
+    folder: str, chunk: int, want_folders: bool, exclude: Sequence[str], listings: Path | None
+) -> tuple[list[str], np.ndarray]:
+    """Paths (sorted by name) and name hashes of the subfolders (or files) of ``folder`` in
+    hash bucket ``chunk``: from the listing the splitting unit wrote in this run, else
+    scanned."""
+    table = None
+    if listings is not None:
+        try:
+            table = pq.read_table(_listing_path(listings, folder))
+        except OSError:
+            table = None
+    if table is None:
+        folders, files = _entries(folder, exclude)
+        table = _listing_table(folders, files)
+    level, bucket = _level_bucket(chunk)
+    hashes = table["hash"].to_numpy().astype(np.int64)
+    keep = (table["folder"].to_numpy(zero_copy_only=False) == want_folders) & (
+        hashes % (1 << level) == bucket
+    )
+    names = table["name"].filter(pa.array(keep)).to_pylist()
+    return [os.path.join(folder, name) for name in names], hashes[keep]
+
+
+def _listing_table(folders: Sequence[str], files: Sequence[str]) -> pa.Table:
+    names = [os.path.basename(p) for p in (*folders, *files)]
+    return pa.table(
+        {
+            "name": names,
+            "folder": [True] * len(folders) + [False] * len(files),
+            "hash": pa.array([_name_hash(name) for name in names], pa.uint32()),
+        },
+        schema=LISTING_SCHEMA,
+    )
 
 
 ALL = 1
@@ -192,13 +257,6 @@ def _level_bucket(chunk: int) -> tuple[int, int]:
     return level, chunk - (1 << level)
 
 
-def _in_bucket(name: str, chunk: int) -> bool:
-    """Whether ``name`` falls in hash bucket ``chunk`` (level L, bucket b encoded as 2^L + b:
-    the names whose hash is b modulo 2^L)."""
-    level, bucket = _level_bucket(chunk)
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % (1 << level) == bucket
-
-
 def _halves(unit: Unit) -> list[Unit]:
     """The two buckets of the next level that share ``unit``'s names."""
     level, bucket = _level_bucket(unit.chunk)
@@ -208,8 +266,21 @@ def _halves(unit: Unit) -> list[Unit]:
     ]
 
 
+def _file_buckets(unit: Unit, hashes: np.ndarray, limit: int) -> list[Unit]:
+    """The ``files`` units that ``unit``'s names fall into when each is halved until it holds
+    at most ``limit`` names: the units one halving at a time would reach, found at once."""
+    level, _ = _level_bucket(unit.chunk)
+    if len(hashes) <= limit or level >= MAX_LEVEL:
+        return [unit]
+    return [
+        leaf
+        for half in _halves(unit)
+        for leaf in _file_buckets(half, hashes[hashes % (2 << level) == _level_bucket(half.chunk)[1]], limit)
+    ]
+
+
 def expand(
-    unit: Unit, exclude: Sequence[str] = (), limit: int | None = None
+    unit: Unit, exclude: Sequence[str] = (), limit: int | None = None, listings: Path | None = None
 ) -> tuple[list[index.SourceFile], list[Unit]]:
     """The files this unit indexes itself, and the units it splits off (units of at most
     ``limit`` files, default :data:`UNIT_FILES`).
@@ -219,20 +290,24 @@ def expand(
     ``folders`` units): a name stays in its unit when others are added, so a growing
     archive keeps its units, and their index rows, from run to run. Listing is
     deterministic: the same tree gives the same units and files in the same order.
+    With ``listings`` (a folder of the work area), the folder is scanned once, by the unit
+    that splits it, and its units read their names from the listing written there.
     """
     limit = limit or UNIT_FILES
     if unit.kind == "tree":
         walked = _walk([unit.path], exclude, limit)
         if walked is not None:
             return walked
-        folders, entries = _entries(unit.path, exclude)
-        zips = [Unit("zip", os.path.abspath(entry.path)) for entry in entries if _is_zip_name(entry)]
+        folders, paths = _entries(unit.path, exclude)
+        if listings is not None:
+            _write_listing(listings, unit.path, folders, paths)
+        zips = [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
         parts = [Unit("folders", unit.path, ALL)] if folders else []
-        if len(zips) < len(entries):
+        if len(zips) < len(paths):
             parts.append(Unit("files", unit.path, ALL))
         return [], [*parts, *zips]
     if unit.kind == "folders":
-        folders = [f for f in _entries(unit.path, exclude)[0] if _in_bucket(os.path.basename(f), unit.chunk)]
+        folders = _bucket(unit.path, unit.chunk, True, exclude, listings)[0]
         walked = _walk(folders, exclude, limit)
         if walked is not None:
             return walked
@@ -240,11 +315,12 @@ def expand(
             return [], [Unit("tree", folder) for folder in folders]
         return [], _halves(unit)
     if unit.kind == "files":
-        entries = _entries(unit.path, exclude)[1]
-        plain = [e for e in entries if not _is_zip_name(e) and _in_bucket(e.name, unit.chunk)]
-        if len(plain) > limit and _level_bucket(unit.chunk)[0] < MAX_LEVEL:
-            return [], _halves(unit)
-        return [_source_file(entry) for entry in plain], []
+        paths, hashes = _bucket(unit.path, unit.chunk, False, exclude, listings)
+        plain = [not _is_zip_name(path) for path in paths]
+        leaves = _file_buckets(unit, hashes[plain], limit)
+        if leaves != [unit]:
+            return [], leaves
+        return [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep], []
     if unit.kind == "zip":
         members = list(index._iter_one_source(Path(unit.path), top_level=True))
         if unit.chunk < 0 and len(members) > limit:
@@ -333,7 +409,7 @@ def index_unit(unit: Unit, work: Path, partitions: int, exclude: Sequence[str] =
     from hlip.ingest.pipeline import tune_allocator
 
     tune_allocator()
-    files, units = expand(unit, exclude)
+    files, units = expand(unit, exclude, listings=Path(work) / LISTINGS_DIR)
     listing = listing_digest(files, partitions)
     record = _read_record(Path(work), unit)
     summary = UnitSummary(unit, units, len(files), 0, listing)
