@@ -3,6 +3,7 @@ the model's input resolution.
 
     python bench/lesion_size.py --model RUN [--model RUN2 ...] --out DIR
         [--studies 120] [--scales 0.5 1 2] [--seed 7] [--spacing CT=5,4,4 --spacing MR=5,2.6,2.6]
+        [--train TRAIN_SHARDS]
 
 Writes one synthetic archive per lesion scale (a new draw, ``--seed``, unseen by training),
 ingests each at the model's spacing, embeds every study and scores it with the shipped plain
@@ -10,7 +11,9 @@ prompts (``synth``). For each focal finding (lung nodules, brain masses, hematom
 positive studies are binned by the diameter of their largest lesion in voxels of the in-plane
 input grid (diameter in mm / in-plane spacing), and each bin's positives are scored against all
 negative studies of that finding: the AUC at which the model tells a lesion of that size from
-none. Prints the table, writes ``DIR/lesion_size.json`` and ``DIR/lesion_size.png``.
+none. With ``--train``, the same bins are also scored by a logistic regression fit on the
+model's image embeddings of those training studies: what the image side holds at each size,
+whatever the prompts. Prints the table, writes ``DIR/lesion_size.json`` and ``DIR/lesion_size.png``.
 
 The archives and shards are kept in DIR, so a second model reuses them.
 """
@@ -24,8 +27,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
+from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.metrics import roc_auc
 from hlip.evaluate.prompts import load_prompts
 from hlip.evaluate.zeroshot import run_zeroshot
@@ -82,41 +89,86 @@ def in_plane_mm(spacing: list[str]) -> dict[str, float]:
     return {s.split("=")[0]: float(s.split("=")[1].split(",")[-1]) for s in spacing}
 
 
-def study(model: str, built: list[tuple[Path, dict]], voxel_mm: dict[str, float]) -> dict:
-    """Per focal finding and diameter bin: AUC, positives, and the bin's mean diameter."""
+def fit_probes(loaded, train_shards: str) -> dict:
+    """Per focal finding, a logistic regression on the model's image embeddings of the
+    training studies: what the image side holds, whatever the prompts."""
+    emb = embed_dataset(loaded, train_shards)
+    fitted = {}
+    for label in FOCAL:
+        y = binary_targets(emb.labels, label)
+        known = ~np.isnan(y)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        fitted[label] = model.fit(emb.image[known], y[known])
+    return fitted
+
+
+def study(model: str, built: list[tuple[Path, dict]], voxel_mm: dict[str, float], train: str | None) -> dict:
+    """Per way of scoring ("zero-shot", and "probe" with ``train``), per focal finding: the
+    AUC over all sizes and per diameter bin."""
     loaded = load_model(model)
     encode, prompts = text_encoder(loaded), load_prompts("synth").select(list(FOCAL))
-    scores: dict[str, list] = {label: [] for label in FOCAL}
+    probes = fit_probes(loaded, train) if train else {}
+    rows: dict[str, dict[str, list]] = {}
     for shards, truth in built:
         emb = embed_dataset(loaded, shards)
         result = run_zeroshot(emb.image, emb.labels, prompts, encode, loaded.logit_scale, n_boot=100)
         for label in FOCAL:
-            for key, target, score in zip(emb.keys, result.targets[label], result.scores[label], strict=True):
-                if not np.isnan(target):
-                    voxels = truth[key]["mm"].get(label, 0.0) / voxel_mm[FOCAL[label]]
-                    scores[label].append((int(target), voxels, float(score)))
-    table = {}
-    for label, rows in scores.items():
-        y, voxels, s = (np.array(c) for c in zip(*rows, strict=True))
-        negatives = s[y == 0]
-        table[label] = {"auc_all": roc_auc(y, s), "bins": []}
-        for low, high in BIN_PAIRS:
-            inside = (y == 1) & (voxels >= low) & (voxels < high)
-            if inside.sum() >= 3:
-                both = np.r_[np.ones(inside.sum()), np.zeros(len(negatives))]
-                auc = roc_auc(both, np.r_[s[inside], negatives])
-                table[label]["bins"].append(
-                    {
-                        "voxels": [low, high],
-                        "mean_voxels": float(voxels[inside].mean()),
-                        "n": int(inside.sum()),
-                        "auc": auc,
-                    }
-                )
-    return table
+            scored = {"zero-shot": result.scores[label]}
+            if label in probes:
+                scored["probe"] = probes[label].decision_function(emb.image)
+            for method, scores in scored.items():
+                for key, target, score in zip(emb.keys, result.targets[label], scores, strict=True):
+                    if not np.isnan(target):
+                        voxels = truth[key]["mm"].get(label, 0.0) / voxel_mm[FOCAL[label]]
+                        rows.setdefault(method, {}).setdefault(label, []).append(
+                            (int(target), voxels, float(score))
+                        )
+    return {method: {label: binned(r) for label, r in by_label.items()} for method, by_label in rows.items()}
 
 
-def plot(tables: dict[str, dict], path: Path) -> None:
+def binned(rows: list[tuple[int, float, float]]) -> dict:
+    """AUC over all sizes, and of each diameter bin's positives against all negatives."""
+    y, voxels, s = (np.array(c) for c in zip(*rows, strict=True))
+    negatives = s[y == 0]
+    out = {"auc_all": roc_auc(y, s), "bins": []}
+    for low, high in BIN_PAIRS:
+        inside = (y == 1) & (voxels >= low) & (voxels < high)
+        if inside.sum() >= 3:
+            both = np.r_[np.ones(inside.sum()), np.zeros(len(negatives))]
+            auc = roc_auc(both, np.r_[s[inside], negatives])
+            out["bins"].append(
+                {
+                    "voxels": [low, high],
+                    "mean_voxels": float(voxels[inside].mean()),
+                    "n": int(inside.sum()),
+                    "auc": auc,
+                }
+            )
+    return out
+
+
+def model_name(model: str) -> str:
+    """A short name for a model path: its run folder."""
+    path = Path(model)
+    return path.parent.name if path.name in ("run", "checkpoints") or path.suffix == ".pt" else path.name
+
+
+def print_tables(tables: dict) -> None:
+    for model, methods in tables.items():
+        print(f"\n{model}")
+        print(
+            "| finding | scored by | all sizes | " + " | ".join(f"{a}-{b} vox" for a, b in BIN_PAIRS) + " |"
+        )
+        print("|---" * (len(BINS) + 2) + "|")
+        for label in FOCAL:
+            for method, table in methods.items():
+                row = table[label]
+                cells = {tuple(b["voxels"]): f"{b['auc']:.2f} ({b['n']})" for b in row["bins"]}
+                line = [cells.get((a, b), "-") for a, b in BIN_PAIRS]
+                print(f"| {label} | {method} | {row['auc_all']:.3f} | " + " | ".join(line) + " |")
+
+
+def plot(tables: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,14 +176,14 @@ def plot(tables: dict[str, dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(FOCAL), figsize=(4 * len(FOCAL), 3.2), sharey=True)
     for ax, label in zip(axes, FOCAL, strict=True):
-        for model, table in tables.items():
-            bins = table[label]["bins"]
-            ax.plot([b["mean_voxels"] for b in bins], [b["auc"] for b in bins], "o-", label=Path(model).name)
+        for model, methods in tables.items():
+            for method, table in methods.items():
+                bins = table[label]["bins"]
+                x, y = [b["mean_voxels"] for b in bins], [b["auc"] for b in bins]
+                ax.plot(x, y, "o-" if method == "zero-shot" else "s--", label=f"{model_name(model)} {method}")
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set(
-            title=label, xlabel="largest lesion diameter (voxels in-plane)", xscale="log", ylim=(0.3, 1.02)
-        )
-    axes[0].set_ylabel("zero-shot AUC vs negatives")
+        ax.set(title=label, xlabel="largest lesion diameter (voxels in-plane)", ylim=(0.0, 1.02))
+    axes[0].set_ylabel("AUC against negatives")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -147,19 +199,15 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--spacing", action="append", default=None)
+    parser.add_argument(
+        "--train", help="training shards: also score by a linear probe on their image embeddings"
+    )
     args = parser.parse_args()
     spacing = args.spacing or ["CT=5,4,4", "MR=5,2.6,2.6"]
     args.out.mkdir(parents=True, exist_ok=True)
     built = build(args.out, args.scales, args.studies, args.seed, spacing)
-    tables = {model: study(model, built, in_plane_mm(spacing)) for model in args.model}
-    for model, table in tables.items():
-        print(f"\n{model}")
-        print("| finding | all sizes | " + " | ".join(f"{a}-{b} vox" for a, b in BIN_PAIRS) + " |")
-        print("|---" * (len(BINS) + 1) + "|")
-        for label, row in table.items():
-            cells = {tuple(b["voxels"]): f"{b['auc']:.2f} ({b['n']})" for b in row["bins"]}
-            line = [cells.get((a, b), "-") for a, b in BIN_PAIRS]
-            print(f"| {label} | {row['auc_all']:.3f} | " + " | ".join(line) + " |")
+    tables = {model: study(model, built, in_plane_mm(spacing), args.train) for model in args.model}
+    print_tables(tables)
     (args.out / "lesion_size.json").write_text(json.dumps(tables, indent=2))
     plot(tables, args.out / "lesion_size.png")
     print(f"\nwrote {args.out / 'lesion_size.json'} and {args.out / 'lesion_size.png'}")

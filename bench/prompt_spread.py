@@ -14,7 +14,9 @@ of a label always differ only by the finding):
   ("There is a pulmonary nodule in the right upper lobe.");
 * ``report + size``: the same with a size ("A 30 mm solid nodule in the right upper lobe.");
 * ``plain in context``: the plain phrase followed by normal findings of its modality, the text
-  around a finding in a report.
+  around a finding in a report;
+* ``plain, positive only``: the plain positive phrases without negatives, scored by their
+  cosine similarity to the study (HLIP's protocol for RSNA and CQ500).
 
 The sizes are fixed typical values (nodule 30 mm, mass 40 mm, hematoma 40 mm), not the held-out
 studies' sizes. Prints per model a table of AUC per finding and phrasing, and the spread (max -
@@ -75,7 +77,7 @@ def phrasings() -> dict[str, dict]:
     """Each phrasing as a prompts-file mapping over the shipped synth labels."""
     plain = load_prompts("synth")
     out = {}
-    for name in ("plain", "plain + size", "report", "report + size", "plain in context"):
+    for name in ("plain", "plain + size", "report", "report + size", "plain in context", "plain, positive only"):
         labels = {}
         for label in plain.binary:
             modality = "CT" if label.name in ("lung_nodule", "pleural_effusion", "emphysema") else "MR"
@@ -90,6 +92,8 @@ def phrasings() -> dict[str, dict]:
                 }
             else:
                 spec = {"positive": list(label.positive), "negative": list(label.negative)}
+            if name == "plain, positive only":
+                del spec["negative"]
             if name == "plain in context":
                 spec["templates"] = ["{} " + CONTEXT[modality]]
             labels[label.name] = spec
