@@ -10,6 +10,9 @@ their radiology reports, and the clutter of a real hospital export.
   whatever its orientation, tilt or grid, shows the same anatomy and findings;
 * findings (:data:`FINDINGS`) planted in the phantom, positive in about 45% of the studies
   of their modality, independently, and stated (or negated) in the report;
+* a style per seed (:mod:`~hlip.synth.style`): the report wording, lesion size ranges,
+  lesion intensities and scanner calibrations of the whole archive, so that two seeds are two
+  hospitals;
 * ``reports.csv``: StudyInstanceUID, AccessionNumber, report, one 0/1 column per finding
   (empty for the other modality's findings); for some studies the report lives in a DICOM
   SR object instead and the CSV cell is empty;
@@ -22,8 +25,8 @@ their radiology reports, and the clutter of a real hospital export.
 The returned :class:`SynthArchive` lists every file with its kind and every PHI string, so
 tests can check what an ingest run made of each file and grep its outputs for PHI.
 
-Modules, in the order a study is made: :mod:`~hlip.synth.volumes` (tissues, phantoms, image
-grids), :mod:`~hlip.synth.findings` (what can be planted, and how),
+Modules, in the order a study is made: :mod:`~hlip.synth.style` (the archive's draw),
+:mod:`~hlip.synth.volumes` (tissues, phantoms, image grids), :mod:`~hlip.synth.findings` (what can be planted, and how),
 :mod:`~hlip.synth.anatomy` (chest and head), :mod:`~hlip.synth.studies` (study plans),
 :mod:`~hlip.synth.series` (DICOM series), :mod:`~hlip.synth.reports` (report text),
 :mod:`~hlip.synth.encoding` (file bytes per transfer syntax), :mod:`~hlip.synth.archive`
