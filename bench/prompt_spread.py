@@ -77,7 +77,14 @@ def phrasings() -> dict[str, dict]:
     """Each phrasing as a prompts-file mapping over the shipped synth labels."""
     plain = load_prompts("synth")
     out = {}
-    for name in ("plain", "plain + size", "report", "report + size", "plain in context", "plain, positive only"):
+    for name in (
+        "plain",
+        "plain + size",
+        "report",
+        "report + size",
+        "plain in context",
+        "plain, positive only",
+    ):
         labels = {}
         for label in plain.binary:
             modality = "CT" if label.name in ("lung_nodule", "pleural_effusion", "emphysema") else "MR"
