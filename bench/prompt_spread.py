@@ -33,6 +33,7 @@ import numpy as np
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.prompts import load_prompts, parse_prompts
 from hlip.evaluate.zeroshot import run_zeroshot
+from hlip.synth import FINDINGS
 
 REPORT = {  # label: (positive without size, positive with size, negative)
     "lung_nodule": (
@@ -87,7 +88,7 @@ def phrasings() -> dict[str, dict]:
     ):
         labels = {}
         for label in plain.binary:
-            modality = "CT" if label.name in ("lung_nodule", "pleural_effusion", "emphysema") else "MR"
+            modality = FINDINGS[label.name].modality
             if name.startswith("report"):
                 positive, sized, negative = REPORT[label.name]
                 spec = {"positive": [sized if name.endswith("size") else positive], "negative": [negative]}

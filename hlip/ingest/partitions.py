@@ -179,13 +179,11 @@ def _walk(
     while stack:
         folders, paths = _entries(stack.pop(), exclude)
         stack.extend(reversed(folders))
-        for path in paths:
-            if _is_zip_name(path):
-                zips.append(Unit("zip", os.path.abspath(path)))
-            else:
-                files.append(_source_file(path))
-        if len(files) > limit:
+        plain = [path for path in paths if not _is_zip_name(path)]
+        if len(files) + len(plain) > limit:  # before a stat of each: the folder is split anyway
             return None
+        zips += [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
+        files += [_source_file(path) for path in plain]
     return sorted(files, key=lambda f: f.file_id), sorted(zips)
 
 
@@ -205,10 +203,6 @@ def _name_hash(name: str) -> int:
 
 def _listing_path(listings: Path, folder: str) -> Path:
     return listings / f"{hashlib.sha256(folder.encode()).hexdigest()[:24]}.parquet"
-
-
-def _write_listing(listings: Path, folder: str, folders: Sequence[str], files: Sequence[str]) -> None:
-    _write_table(_listing_path(listings, folder), _listing_table(folders, files))
 
 
 def _bucket(
@@ -300,7 +294,7 @@ def expand(
             return walked
         folders, paths = _entries(unit.path, exclude)
         if listings is not None:
-            _write_listing(listings, unit.path, folders, paths)
+            _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths))
         zips = [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
         parts = [Unit("folders", unit.path, ALL)] if folders else []
         if len(zips) < len(paths):
