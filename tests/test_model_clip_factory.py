@@ -102,10 +102,11 @@ def test_overrides_reach_the_model():
         precision="bf16",
         grad_checkpointing=True,
         embed_dim=64,
-        text={"context_length": 32, "sentence_mean": True},
+        text={"context_length": 32, "sentence_mean": True, "drop_measurements": True},
         vision={"name": "vit_nano_multiscan_h3"},
     )
     assert tokenizer.sentence_mean and model.model_config["text"]["sentence_mean"]
+    assert tokenizer.drop_measurements and model.model_config["text"]["drop_measurements"]
     assert model.logit_bias is not None and model.autocast_dtype == torch.bfloat16
     assert model.visual.trunk.grad_checkpointing and model.text.transformer.is_activation_checkpointing
     assert model.embed_dim == 64 and tokenizer.context_length == 32 and model.visual.trunk.embed_dim == 48
@@ -132,12 +133,13 @@ def test_stored_config_rebuilds_the_same_model(demo):
     assert tokenizer.context_length == 128 and not tokenizer.sentence_mean
 
 
-def test_config_stored_before_sentence_mean_reads_whole_reports(demo):
+@pytest.mark.parametrize("option", ["sentence_mean", "drop_measurements"])
+def test_config_stored_before_a_text_option_reads_texts_as_before(demo, option):
     stored = json.loads(json.dumps(demo[0].model_config))
-    del stored["text"]["sentence_mean"]
-    assert not create_model(stored, pretrained_text=False)[1].sentence_mean
-    stored["text"]["sentence_mean"] = True
-    assert create_model(stored, pretrained_text=False)[1].sentence_mean
+    del stored["text"][option]
+    assert not getattr(create_model(stored, pretrained_text=False)[1], option)
+    stored["text"][option] = True
+    assert getattr(create_model(stored, pretrained_text=False)[1], option)
 
 
 def test_sentence_mean_model_gives_one_feature_per_report():

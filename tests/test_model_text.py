@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from hlip.model.text import TextTower, Tokenizer, default_text_model_dir, load_text_config, split_sentences
+from hlip.model.text import (
+    TextTower,
+    Tokenizer,
+    default_text_model_dir,
+    drop_measurements,
+    load_text_config,
+    split_sentences,
+)
 
 TINY_BERT = dict(
     vocab_size=30522,
@@ -127,6 +134,47 @@ def test_sentence_mean_of_one_sentence_points_like_the_sentence():
         plain = tower(**Tokenizer(None, context_length=32)(prompt))
         pooled = tower(**Tokenizer(None, context_length=32, sentence_mean=True)(prompt))
     torch.testing.assert_close(pooled, F.normalize(plain, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "without"),
+    [
+        ("A 12 mm solid nodule in the right upper lobe.", "A solid nodule in the right upper lobe."),
+        ("Right upper lobe nodule measuring 1.2 x 0.8 cm.", "Right upper lobe nodule."),
+        (
+            "Pulmonary nodule, left lower lobe, 7 mm; follow-up CT recommended.",
+            "Pulmonary nodule, left lower lobe; follow-up CT recommended.",
+        ),
+        ("Acute left frontal hematoma measuring 14 mm (about 62 HU).", "Acute left frontal hematoma."),
+        (
+            "A focus of hyperdense blood in the left frontal lobe, 9 mm.",
+            "A focus of hyperdense blood in the left frontal lobe.",
+        ),
+        ("An 8 mm nodule and a 5-mm nodule.", "A nodule and a nodule."),
+        ("A 30 mm abscess.", "An abscess."),
+        ("Bullae up to 3 cm, density below -950 HU.", "Bullae, density."),
+        ("Effusion of about 200 ml.", "Effusion."),
+    ],
+)
+def test_drop_measurements_cuts_sizes_and_their_words(sentence, without):
+    assert drop_measurements(sentence) == without
+
+
+@pytest.mark.parametrize(
+    "text", ["1. No effusion. 2. T2 hyperintense lesion at C5-6.", "No acute intracranial abnormality.", ""]
+)
+def test_drop_measurements_keeps_text_without_units(text):
+    """Numbers without a unit (enumerators, sequences, levels) are not measurements."""
+    assert drop_measurements(text) == text
+
+
+def test_tokenizer_drops_measurements_of_reports_and_prompts_alike():
+    report = "There is a 14 mm pulmonary nodule in the right upper lobe (about 40 HU). No effusion."
+    for sentence_mean in (False, True):
+        cut = Tokenizer(None, context_length=32, sentence_mean=sentence_mean, drop_measurements=True)
+        plain = Tokenizer(None, context_length=32, sentence_mean=sentence_mean)
+        expected = plain(["There is a pulmonary nodule in the right upper lobe. No effusion."])
+        assert all(torch.equal(cut([report])[k], expected[k]) for k in expected)
 
 
 def test_sentence_mean_trains_every_sentence():

@@ -8,7 +8,8 @@ config next to its checkpoint and rebuild the exact model later):
     text:    {"path": local HF model dir or None (= built-in MiniLM),
               "requires": None, or the text model a preset was trained with (then "path" is mandatory),
               "pooling": "cls" | "mean", "context_length": int,
-              "sentence_mean": bool (a report = mean of its sentences' embeddings; see text.Tokenizer)}
+              "sentence_mean": bool (a report = mean of its sentences' embeddings; see text.Tokenizer),
+              "drop_measurements": bool (texts read without their sizes; see text.drop_measurements)}
     loss:    "clip" | "siglip"
     precision: "fp32" | "bf16" (autocast)     grad_checkpointing: bool
 """
@@ -41,6 +42,7 @@ def _config(vision: dict, embed_dim: int, requires: str | None, pooling: str, co
             "pooling": pooling,
             "context_length": context_length,
             "sentence_mean": False,
+            "drop_measurements": False,
         },
         "loss": "clip",
         "precision": "fp32",
@@ -103,7 +105,8 @@ def resolve_model_config(name: str | Mapping, *, text_path: str | Path | None = 
     if base is None:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODEL_PRESETS)}")
     config = _merge(base, overrides)
-    config["text"].setdefault("sentence_mean", False)  # configs stored before the option existed
+    for option in ("sentence_mean", "drop_measurements"):  # configs stored before the options existed
+        config["text"].setdefault(option, False)
     if text_path is not None:
         config["text"]["path"] = str(text_path)
     if config["text"]["path"] is None and config["text"]["requires"]:
@@ -140,7 +143,10 @@ def create_model(
     if config["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.model_config = config
-    return model, Tokenizer(text_cfg["path"], text_cfg["context_length"], text_cfg["sentence_mean"])
+    tokenizer = Tokenizer(
+        text_cfg["path"], text_cfg["context_length"], text_cfg["sentence_mean"], text_cfg["drop_measurements"]
+    )
+    return model, tokenizer
 
 
 def _check_context_length(text_cfg: dict) -> None:

@@ -28,6 +28,23 @@ POOLING = ("cls", "mean")
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\d\.)(?<!\b[A-Z]\.)(?<!\b[A-Z][a-z]\.)\s+|\s*\n+\s*")
 """After . ! ? (not after an enumerator "1.", an initial "J." or a title "Dr.") or at a line break."""
 
+_NUMBER = r"[-\u2212]?\d+(?:[.,]\d+)?"
+_MEASURE = rf"{_NUMBER}(?:\s*(?:x|\u00d7|by|-|\u2013|to)\s*{_NUMBER})*\s*-?\s*(?:mm|cm|HU|ml|mL|cc)\b"
+_MEASUREMENT = re.compile(
+    rf"\s*\(\s*(?:about|approximately|approx\.)?\s*{_MEASURE}\s*\)"
+    rf"|(?<![\w.])(?:(?:measuring|measures|measured|of|about|approximately|approx\.|up to|sized|below|above"
+    rf"|under|over|less than|more than|greater than|smaller than|larger than)\s+)*{_MEASURE}"
+)
+_ARTICLE_BEFORE_MEASURE = re.compile(rf"\b([Aa])n?\s+{_MEASURE}\s+(?=(\w))")
+_AFTER_CUT = (
+    (re.compile(r"\s*,\s*(?=[,;:.])"), ""),
+    (re.compile(r"\s+(?=[,;:.)])"), ""),
+    (re.compile(r"\s{2,}"), " "),
+)
+"""A measurement with its unit (12 mm, 1.2 x 0.8 cm, 5-mm, about 62 HU), with a leading "measuring"
+or "of" and its brackets; the article before one ("an 8 mm nodule" -> "a nodule"); then the commas
+and spaces that the cut leaves before punctuation."""
+
 # Model types whose config/tokenizer classes live in remote code (trust_remote_code) but whose
 # encoder is a plain architecture transformers knows: CXR-BERT's config subclasses BertConfig
 # and HLIP keeps only its inner BertModel.
@@ -43,6 +60,21 @@ _LAYOUTS = {
 def split_sentences(text: str) -> list[str]:
     """Sentences of a report (split after . ! ? and at line breaks), empty ones dropped."""
     return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
+
+
+def drop_measurements(text: str) -> str:
+    """The text without its measurements ("A 12 mm nodule measuring 12 mm." -> "A nodule.").
+
+    Reports give a size to nearly every focal finding, while a user's prompt names the finding
+    ("Pulmonary nodule."): trained on sized sentences, the text tower puts an unsized phrase
+    away from all of them. Read without sizes, report and prompt say the same thing; the size is
+    the image's to show.
+    """
+    cut = _ARTICLE_BEFORE_MEASURE.sub(lambda m: m[1] + ("n " if m[2] in "aeiouAEIOU" else " "), text)
+    cut = _MEASUREMENT.sub("", cut)
+    for pattern, replacement in _AFTER_CUT:
+        cut = pattern.sub(replacement, cut)
+    return cut.strip()
 
 
 def default_text_model_dir() -> Path:
@@ -261,9 +293,17 @@ class Tokenizer:
     longest sentence of the batch (each cut at ``context_length``), and adds
     ``text_index`` [n_sentences], the text each row belongs to; :class:`TextTower` then embeds
     a text as the mean of its sentences. A text without any sentence counts as one empty one.
+    ``drop_measurements=True`` reads every text, report or prompt, without its measurements
+    (:func:`drop_measurements`).
     """
 
-    def __init__(self, path: str | Path | None = None, context_length: int = 77, sentence_mean: bool = False):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        context_length: int = 77,
+        sentence_mean: bool = False,
+        drop_measurements: bool = False,
+    ):
         path = resolve_text_dir(path)
         builtin = _builtin_model_type(path)
         kwargs = {"tokenizer_type": builtin} if builtin else {}
@@ -271,6 +311,7 @@ class Tokenizer:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
         self.context_length = context_length
         self.sentence_mean = sentence_mean
+        self.drop_measurements = drop_measurements
         self.path = path
 
     @property
@@ -281,6 +322,8 @@ class Tokenizer:
         """Texts -> dict(input_ids, attention_mask), LongTensors of shape [len(texts), longest text]
         (with ``sentence_mean``: [n_sentences, longest sentence], plus ``text_index``)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.drop_measurements:
+            texts = [drop_measurements(text) for text in texts]
         if not self.sentence_mean:
             return self._encode(texts)
         per_text = [split_sentences(text) or [""] for text in texts]
