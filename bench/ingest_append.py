@@ -1,7 +1,7 @@
 """Benchmark datasets that grow: the cost of appending new studies, and of a re-run that
 finds nothing new, against fresh ingests measured in the same run.
 
-For each base size B (default 8 and 32 studies of small synthetic CT/MR studies, where
+For each base size B (default 8, 32 and 128 studies of small synthetic CT/MR studies, where
 per-file costs dominate as they do in real exports) and N new studies (default 4):
 
 * ``fresh``: ingest the base archive into an empty output (the baseline of the re-run);
@@ -15,7 +15,7 @@ Every ingest runs in this process (``workers=0``: no cluster start-up in the num
 timed by wall clock; the best of ``--repeat`` runs is kept (each run starts from copies
 of the same outputs, so it does the same work).
 
-Run: ``.venv/bin/python bench/ingest_append.py`` (``--base 8 32 --new 4 --repeat 3``).
+Run: ``.venv/bin/python bench/ingest_append.py`` (``--base 8 32 128 --new 4 --repeat 3``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def measure(root: Path, base_studies: int, new_studies: int, repeat: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=int, nargs="+", default=[8, 32], help="Base archive sizes (studies).")
+    parser.add_argument(
+        "--base", type=int, nargs="+", default=[8, 32, 128], help="Base archive sizes (studies)."
+    )
     parser.add_argument("--new", type=int, default=4, help="New studies appended.")
     parser.add_argument("--repeat", type=int, default=3, help="Best of this many runs per measurement.")
     args = parser.parse_args()

@@ -4,6 +4,7 @@ the index was cut."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from dataclasses import replace
@@ -159,3 +160,58 @@ def test_a_flat_folder_is_scanned_once_however_many_units_share_it(tmp_path, mon
     assert scans.count(str(flat)) <= 2, "each unit scanned the folder"
     table = pq.read_table(tmp_path / "w" / partitions.INDEX_DIR).sort_by("file_id").drop(["mtime_ns"])
     assert table.equals(index_sources([flat]).drop(["mtime_ns"]))
+
+
+def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, tmp_path, monkeypatch):
+    """Growing the archive, or amending one study's report, makes the plan read the rows of
+    the new or amended studies only (not every row of the partitions they fall in), and the
+    per-file outcomes equal those of one run over the final archive."""
+    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
+    source = tmp_path / "archive"
+    shutil.copytree(archive.root, source)
+    config = small_config(archive, index_partitions=2)
+    out = tmp_path / "out"
+    pipeline.run_ingest([source], out, config, workers=0)
+    read = []
+    original = partitions.read_partition
+
+    def counting_read(*args, with_unit=False, **kwargs):
+        table = original(*args, with_unit=with_unit, **kwargs)
+        if with_unit:  # the plan's read of whole rows
+            read.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(partitions, "read_partition", counting_read)
+    late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)  # a night's export, a source of its own
+    sources = [source, late.root]
+    rows = list(csv.DictReader(archive.reports_csv.open(newline="")))
+    rows += list(csv.DictReader(late.reports_csv.open(newline="")))
+    table = tmp_path / "reports.csv"
+    _write_csv(table, rows)
+    config = replace(config, report_table=str(table))
+    pipeline.run_ingest(sources, out, config, workers=0)
+    late_files = sum(1 for path in late.root.rglob("*") if path.is_file())
+    assert sum(read) == late_files
+
+    read.clear()
+    amended = archive.studies[2].study_uid
+    for row in rows:
+        if row["StudyInstanceUID"] == amended:
+            row["report"] += "\nADDENDUM: no change in the impression."
+    _write_csv(table, rows)
+    summary = pipeline.run_ingest(sources, out, config, workers=0)
+    amended_reads = sum(read)
+    whole = tmp_path / "whole"
+    pipeline.run_ingest(sources, whole, config, workers=0)
+    assert files_table(out) == files_table(whole)
+    assert (summary.studies_added, summary.studies_superseded) == (0, 1)
+    index = pq.read_table(out / pipeline.INGEST_DIR / partitions.INDEX_DIR, columns=["StudyInstanceUID"])
+    study_files = index["StudyInstanceUID"].to_pylist().count(amended)
+    assert 0 < amended_reads == study_files < index.num_rows / 4
+
+
+def _write_csv(path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -465,20 +465,33 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 
 def read_partition(
-    work: Path, partition: int, units: Iterable[Unit], columns: Sequence[str] | None = None
+    work: Path,
+    partition: int,
+    units: Iterable[Unit],
+    columns: Sequence[str] | None = None,
+    *,
+    with_unit: bool = False,
 ) -> pa.Table:
     """The index rows of one partition from the fragments of ``units``, one row per file,
     sorted by ``file_id`` (a file that two sources name is indexed once); only ``columns``
-    (which must include ``file_id``) when given."""
-    paths = [_fragment(Path(work), INDEX_DIR, partition, unit) for unit in units]
-    tables = [pq.read_table(path, columns=columns) for path in paths]
+    (which must include ``file_id``) when given; with ``with_unit``, a column ``unit``
+    names the unit (:attr:`Unit.name`) each row was read from."""
+    tables = []
+    for unit in units:
+        table = pq.read_table(_fragment(Path(work), INDEX_DIR, partition, unit), columns=columns)
+        tables.append(_with_unit(table, unit.name) if with_unit else table)
     if not tables:
         empty = index.rows_to_table([])
-        return empty if columns is None else empty.select(list(columns))
+        empty = empty if columns is None else empty.select(list(columns))
+        return _with_unit(empty, "") if with_unit else empty
     table = pa.concat_tables(tables).sort_by("file_id")
     file_ids = table["file_id"].to_pylist()
     first = [i for i, file_id in enumerate(file_ids) if i == 0 or file_id != file_ids[i - 1]]
     return table.take(first) if len(first) < len(file_ids) else table
+
+
+def _with_unit(table: pa.Table, name: str) -> pa.Table:
+    return table.append_column("unit", pa.array([name] * table.num_rows, pa.string()))
 
 
 def find_duplicates(work: Path, sop_partition: int, listings: Sequence[tuple[Unit, str]]) -> list[int]:
@@ -505,9 +518,8 @@ def find_duplicates(work: Path, sop_partition: int, listings: Sequence[tuple[Uni
     tables = [pq.read_table(compact_path).filter(pc.is_in(pc.field("unit"), pa.array(kept)))] if kept else []
     for unit, listing in listings:
         if record["listings"].get(unit.name) != listing:
-            fragment = pq.read_table(_fragment(work, SOPS_DIR, sop_partition, unit))
             tables.append(
-                fragment.append_column("unit", pa.array([unit.name] * fragment.num_rows, pa.string()))
+                _with_unit(pq.read_table(_fragment(work, SOPS_DIR, sop_partition, unit)), unit.name)
             )
     table = pa.concat_tables(tables).sort_by([("SOPInstanceUID", "ascending"), ("file_id", "ascending")])
     _write_table(compact_path, table)
@@ -568,25 +580,75 @@ def iter_partitions(summaries: Iterable[UnitSummary]) -> Iterator[tuple[int, lis
 
 REPORTS_DIR = "reports"
 REPORT_SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("labels", pa.string())])
+REPORT_ROW_GROUP = 1024
+"""Report rows per Parquet row group: rows are sorted by key, so a lookup of a few keys
+reads the row groups whose key range holds them, not a partition's whole text."""
+CHANGED_KEYS, CHANGED_RECORD = "changed.parquet", "changed.json"
 
 
 def partition_reports(table: dict[str, reports.Report], work: Path, partitions: int) -> dict[int, str]:
     """Write a loaded report table as ``reports/part-NNNN.parquet`` by a hash of its key,
     replacing an earlier one; return the digest of each partition's rows (a re-run with
-    another table replans the partitions whose rows changed)."""
+    another table replans the partitions whose rows changed).
+
+    The keys whose rows differ from the table written before (added, changed or removed)
+    go to ``reports/changed.parquet``, and ``changed.json`` names the digests of both
+    tables: a plan made from the earlier table checks only the studies those keys find
+    (:func:`changed_report_keys`), so a report table that grows every night does not make
+    every study's rows be read again."""
     folder = Path(work) / REPORTS_DIR
-    for old in folder.glob("part-*.parquet"):
-        old.unlink()
+    before = _report_rows(folder)
     by_partition: dict[int, list[dict]] = {}
     for key, report in sorted(table.items()):
         row = {"key": key, "text": report.text, "labels": json.dumps(report.labels, sort_keys=True)}
         by_partition.setdefault(partition_of(key, partitions), []).append(row)
-    digests = {}
+    digests = {
+        partition: hashlib.sha256(repr(rows).encode()).hexdigest() for partition, rows in by_partition.items()
+    }
+    record_path = folder / CHANGED_RECORD
+    earlier = json.loads(record_path.read_bytes())["to"] if record_path.exists() else None
+    record_path.unlink(missing_ok=True)  # written last: a write stopped half-way leaves none
+    now = {row["key"]: (row["text"], row["labels"]) for rows in by_partition.values() for row in rows}
+    changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
+    for old in folder.glob("part-*.parquet"):
+        old.unlink()
     for partition, rows in sorted(by_partition.items()):
         table_rows = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
-        _write_table(folder / f"part-{partition:04d}.parquet", table_rows)
-        digests[partition] = hashlib.sha256(repr(rows).encode()).hexdigest()
+        write_bytes_atomic(
+            folder / f"part-{partition:04d}.parquet", parquet_bytes(table_rows, REPORT_ROW_GROUP)
+        )
+    _write_table(folder / CHANGED_KEYS, pa.table({"key": pa.array(changed, pa.string())}))
+    record = {"from": earlier, "to": {str(p): d for p, d in sorted(digests.items())}}
+    write_bytes_atomic(record_path, json.dumps(record, sort_keys=True).encode())
     return digests
+
+
+def _report_rows(folder: Path) -> dict[str, tuple[str, str]]:
+    """``key -> (text, labels)`` of the report table written last (empty if none)."""
+    rows = {}
+    for path in sorted(folder.glob("part-*.parquet")):
+        table = pq.read_table(path)
+        texts = zip(table["text"].to_pylist(), table["labels"].to_pylist(), strict=True)
+        rows.update(zip(table["key"].to_pylist(), texts, strict=True))
+    return rows
+
+
+def changed_report_keys(work: Path, since: dict[int, str], now: dict[int, str]) -> set[str] | None:
+    """The report keys whose rows differ between two states of the report table, each given
+    by the digests of the partitions that matter to the caller (the same partitions, "" for
+    an empty one): ``since`` (what a plan was made from) and ``now``. None when the last
+    write of the table did not go from the one to the other in those partitions (a run was
+    stopped in between): the caller then checks every study."""
+    if since == now:
+        return set()
+    folder = Path(work) / REPORTS_DIR
+    record = json.loads((folder / CHANGED_RECORD).read_bytes()) if (folder / CHANGED_RECORD).exists() else {}
+    if record.get("from") is None or since.keys() != now.keys():
+        return None
+    for state, digests in ((since, record["from"]), (now, record["to"])):
+        if any(digests.get(str(partition), "") != digest for partition, digest in state.items()):
+            return None
+    return set(pq.read_table(folder / CHANGED_KEYS)["key"].to_pylist())
 
 
 def read_reports(work: Path, keys: Iterable[str], partitions: int) -> dict[str, reports.Report]:
@@ -599,7 +661,6 @@ def read_reports(work: Path, keys: Iterable[str], partitions: int) -> dict[str, 
         path = Path(work) / REPORTS_DIR / f"part-{partition:04d}.parquet"
         if not path.exists():
             continue
-        for row in pq.read_table(path).to_pylist():
-            if row["key"] in part_keys:
-                found[row["key"]] = reports.Report(row["text"], json.loads(row["labels"]))
+        for row in pq.read_table(path, filters=[("key", "in", sorted(part_keys))]).to_pylist():
+            found[row["key"]] = reports.Report(row["text"], json.loads(row["labels"]))
     return found

@@ -38,11 +38,12 @@ import pickle
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pydicom
 from rich.progress import Progress
 
@@ -808,13 +809,10 @@ def run_ingest(
         if (unchanged := unchanged_run(out, digest)) is not None:
             return unchanged
         flag_duplicates(work, summaries, runner)
-        partition_units = [
-            (partition, units, partition_inputs(units, summaries, report_digests, partition, config))
-            for partition, units in partitions.iter_partitions(summaries)
-        ]
+        inputs = plan_inputs(summaries, report_digests, config)
         del summaries
-        _remove_stale_files(work, {partition for partition, _, _ in partition_units})
-        parts = _plan_build_account(runner, progress, work, out, config, secret, partition_units)
+        _remove_stale_files(work, {part.partition for part in inputs})
+        parts = _plan_build_account(runner, progress, work, out, config, secret, inputs)
         version = DatasetWriter(out, max_shard_bytes=config.max_shard_bytes).finalize(ordered_map(client))
         return _record_run(out, combine(parts, out, version), digest)
 
@@ -842,7 +840,7 @@ def _plan_build_account(
     out: str | Path,
     config: IngestConfig,
     secret: bytes,
-    partition_units: list[tuple[int, list[partitions.Unit], str]],
+    inputs: list[PartitionInputs],
 ) -> list[IngestSummary]:
     """Plan each partition, build its studies, then account for its files.
 
@@ -851,8 +849,8 @@ def _plan_build_account(
     partition is accounted for as soon as its last study is built.
     """
     window = 4 * runner.workers
-    queue = deque(partition_units)
-    units = {partition: part_units for partition, part_units, _ in partition_units}
+    queue = deque(inputs)
+    units = {part.partition: part.units for part in inputs}
     left: dict[int, int] = {}
     planning, results = 0, []
     bars = {name: progress.add_task(name, total=0) for name in ("plan", "build", "account")}
@@ -862,10 +860,8 @@ def _plan_build_account(
     def plan_more() -> None:
         nonlocal planning
         while queue and planning < runner.workers and sum(left.values()) < window:
-            partition, part_units, inputs = queue.popleft()
-            runner.submit(
-                ("plan", partition), plan_partition, partition, part_units, inputs, work, out, config, secret
-            )
+            part = queue.popleft()
+            runner.submit(("plan", part.partition), plan_partition, part, work, out, config, secret)
             planning += 1
 
     def account(partition: int) -> None:
@@ -935,13 +931,20 @@ class StudyGroup:
     keys: list[str]
     rejects: list[Reject]
     outcomes: list[StudyOutcome] | None = None
+    units: list[str] | None = None
+    """The units (:attr:`~hlip.ingest.partitions.Unit.name`) holding the group's rows."""
+    names: list[str] | None = None
+    """Its StudyInstanceUID and accession numbers: the keys its report rows may have."""
+
+
+GROUP_COLUMNS = ["file_id", "error", "StudyInstanceUID"]
 
 
 def _row_groups(rows: pa.Table) -> list[str]:
     """Per row, the unit the plan decides alone: a study (its StudyInstanceUID), or one
     unreadable file. (Instances stored twice are flagged beforehand, over the whole index,
     so no plan rule looks across studies.)"""
-    columns = zip(*(rows[name].to_pylist() for name in ("file_id", "error", "StudyInstanceUID")), strict=True)
+    columns = zip(*(rows[name].to_pylist() for name in GROUP_COLUMNS), strict=True)
     return [
         f"file:{file_id}" if error else f"study:{study_uid or ''}" for file_id, error, study_uid in columns
     ]
@@ -955,31 +958,56 @@ def _group_rows(rows: pa.Table) -> dict[str, list[int]]:
     return groups
 
 
+def _group_names(rows: pa.Table) -> list[str]:
+    """The keys by which report rows find a group's files: UIDs and accession numbers."""
+    names = set(rows["StudyInstanceUID"].to_pylist()) | set(rows["AccessionNumber"].to_pylist())
+    return sorted(name for name in names if name)
+
+
 def _group_digest(rows: pa.Table, duplicates: dict[str, str], table_reports: dict) -> str:
     """What a group's plan and tasks are made from: its files (id, size, time), their
     duplicate flags, and the report-table rows its UID or accession numbers find."""
     files = sorted(zip(*(rows[c].to_pylist() for c in ("file_id", "size", "mtime_ns")), strict=True))
-    names = set(rows["StudyInstanceUID"].to_pylist()) | set(rows["AccessionNumber"].to_pylist())
-    found = sorted((name, table_reports[name]) for name in names if name in table_reports)
+    found = [(name, table_reports[name]) for name in _group_names(rows) if name in table_reports]
     flags = [duplicates.get(file_id) for file_id, _, _ in files]
     return hashlib.sha256(repr((files, flags, found)).encode()).hexdigest()
 
 
-def partition_inputs(
-    units: Sequence[partitions.Unit],
-    summaries: Sequence[partitions.UnitSummary],
-    report_digests: dict[int, str],
-    partition: int,
-    config: IngestConfig,
-) -> str:
-    """Digest of what a partition is planned from, as far as the client knows it: the
-    listings of the units with rows in it, and its rows of the report table (which share
-    its partition when the table is keyed by StudyInstanceUID; else the whole table)."""
-    wanted = set(units)
-    listings = sorted((summary.unit, summary.listing) for summary in summaries if summary.unit in wanted)
+@dataclass(frozen=True)
+class PartitionInputs:
+    """What a partition is planned from, as far as the client knows it: the units with
+    rows in it and their listing digests, and the digests of the report-table partitions
+    its studies' reports can lie in (its own when the table is keyed by StudyInstanceUID,
+    else all; "" for an empty one)."""
+
+    partition: int
+    listings: tuple[tuple[partitions.Unit, str], ...]
+    reports: dict[int, str]
+
+    @property
+    def units(self) -> list[partitions.Unit]:
+        return [unit for unit, _ in self.listings]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(repr((self.listings, sorted(self.reports.items()))).encode()).hexdigest()
+
+
+def plan_inputs(
+    summaries: Sequence[partitions.UnitSummary], report_digests: dict[int, str], config: IngestConfig
+) -> list[PartitionInputs]:
+    """The :class:`PartitionInputs` of every partition with rows, by partition."""
+    listing = {summary.unit: summary.listing for summary in summaries}
     by_uid = config.report_key_column == "StudyInstanceUID"
-    table = report_digests.get(partition, "") if by_uid else sorted(report_digests.items())
-    return hashlib.sha256(repr((listings, table)).encode()).hexdigest()
+    every = range(config.index_partitions)
+    return [
+        PartitionInputs(
+            partition,
+            tuple((unit, listing[unit]) for unit in units),
+            {p: report_digests.get(p, "") for p in ([partition] if by_uid else every)},
+        )
+        for partition, units in partitions.iter_partitions(summaries)
+    ]
 
 
 def _task_path(work: Path, key: str) -> Path:
@@ -987,26 +1015,22 @@ def _task_path(work: Path, key: str) -> Path:
 
 
 def plan_partition(
-    partition: int,
-    units: Sequence[partitions.Unit],
-    inputs: str,
-    work: Path,
-    out: str | Path,
-    config: IngestConfig,
-    secret: bytes,
+    inputs: PartitionInputs, work: Path, out: str | Path, config: IngestConfig, secret: bytes
 ) -> PartitionPlan:
     """Plan one index partition (a Dask task): its plan (study keys and rejects, by study)
     goes to ``plan/``, and each study still to build gets its task file in ``tasks/`` (its
     plan, index rows and report), which its build task reads.
 
     Work is done only where inputs changed since the partition was last accounted for: a
-    partition whose inputs (``inputs``, :func:`partition_inputs`, and its duplicate flags)
-    are unchanged is not read at all; in another, only the studies whose files, flags or
-    report rows changed are planned again, so growing a dataset costs what the new studies
-    cost, not what the partitions they fall in hold."""
+    partition whose inputs (:class:`PartitionInputs` and its duplicate flags) are unchanged
+    is not read at all; in another, only the rows of the studies that may have changed are
+    read (:func:`_groups_to_replan`), and only those whose files, flags or report rows did
+    change are planned again, so growing a dataset costs what the new studies cost, not
+    what the partitions they fall in hold."""
     tune_allocator()
+    partition = inputs.partition
     duplicates = partitions.read_duplicates(work, partition)
-    digest = hashlib.sha256(repr((inputs, sorted(duplicates.items()))).encode()).hexdigest()
+    digest = hashlib.sha256(repr((inputs.digest, sorted(duplicates.items()))).encode()).hexdigest()
     pending_path, accounted_path, done_path = _plan_files(work, partition)
     if done_path.exists() and (work / FILES_FILE / f"part-{partition:04d}.parquet").exists():
         done = json.loads(done_path.read_bytes())
@@ -1015,24 +1039,77 @@ def plan_partition(
             studies = accounted.studies_staged + accounted.studies_rejected
             return PartitionPlan(partition, [], studies, accounted)
     done_path.unlink(missing_ok=True)
-    previous = pickle.loads(accounted_path.read_bytes())["groups"] if accounted_path.exists() else {}
-    rows = partitions.read_partition(work, partition, units)
-    names = set(rows["StudyInstanceUID"].to_pylist()) | set(rows["AccessionNumber"].to_pylist())
-    table_reports = partitions.read_reports(work, [name for name in names if name], config.index_partitions)
-    groups, changed = {}, []
+    previous = pickle.loads(accounted_path.read_bytes()) if accounted_path.exists() else {"groups": {}}
+    touched, units = _groups_to_replan(inputs, previous, duplicates, work)
+    rows = partitions.read_partition(work, partition, units, with_unit=True)
+    if touched is not None:
+        rows = rows.filter(pa.array([name in touched for name in _row_groups(rows)], pa.bool_()))
+    table_reports = partitions.read_reports(work, _group_names(rows), config.index_partitions)
+    groups = {
+        name: group
+        for name, group in previous["groups"].items()
+        if touched is not None and name not in touched
+    }
+    changed = []
     for name, positions in _group_rows(rows).items():
         group_rows = rows.take(pa.array(positions, pa.int64()))
-        group_digest = _group_digest(group_rows, duplicates, table_reports)
-        if name in previous and previous[name].digest == group_digest:
-            groups[name] = previous[name]
+        group = StudyGroup(_group_digest(group_rows, duplicates, table_reports), [], [])
+        if name in previous["groups"] and previous["groups"][name].digest == group.digest:
+            group = previous["groups"][name]
         else:
-            groups[name] = StudyGroup(group_digest, [], [])
             changed.append(positions)
+        groups[name] = replace(
+            group, units=sorted(set(group_rows["unit"].to_pylist())), names=_group_names(group_rows)
+        )
     positions = pa.array(sorted(p for part in changed for p in part), pa.int64())
-    todo = _plan_changed(rows.take(positions), groups, duplicates,
+    todo = _plan_changed(rows.take(positions).drop_columns(["unit"]), groups, duplicates,
                          table_reports, work, out, config, secret)  # fmt: skip
-    write_bytes_atomic(pending_path, pickle.dumps({"inputs": digest, "groups": groups}))
+    plan_record = {
+        "inputs": digest,
+        "groups": groups,
+        "listings": {unit.name: listing for unit, listing in inputs.listings},
+        "reports": inputs.reports,
+        "duplicates": duplicates,
+    }
+    write_bytes_atomic(pending_path, pickle.dumps(plan_record, protocol=pickle.HIGHEST_PROTOCOL))
     return PartitionPlan(partition, todo, sum(len(group.keys) for group in groups.values()))
+
+
+def _groups_to_replan(
+    inputs: PartitionInputs, previous: dict, duplicates: dict[str, str], work: Path
+) -> tuple[set[str] | None, list[partitions.Unit]]:
+    """The groups of a partition that may differ from its previous plan, and the units
+    holding their rows: the groups with rows in a unit whose listing changed (or that is
+    gone), those with a file whose duplicate flag changed, and those whose report keys
+    have other rows in the report table. ``(None, every unit)`` when every group must be
+    read: no such previous plan, or report-table changes that cannot be told apart
+    (:func:`partitions.changed_report_keys`)."""
+    before = previous.get("listings")
+    report_keys = (
+        None if before is None else partitions.changed_report_keys(work, previous["reports"], inputs.reports)
+    )
+    if report_keys is None:
+        return None, inputs.units
+    changed = [unit for unit, listing in inputs.listings if before.get(unit.name) != listing]
+    moved = {unit.name for unit in changed} | (before.keys() - {unit.name for unit in inputs.units})
+    rows = partitions.read_partition(work, inputs.partition, changed, columns=GROUP_COLUMNS)
+    flagged = {
+        f
+        for f in duplicates.keys() | previous["duplicates"].keys()
+        if duplicates.get(f) != previous["duplicates"].get(f)
+    }
+    flagged -= set(rows["file_id"].to_pylist())
+    if flagged:  # a copy flagged in an unchanged unit (rare): find its group
+        every = partitions.read_partition(work, inputs.partition, inputs.units, columns=GROUP_COLUMNS)
+        rows = pa.concat_tables([rows, every.filter(pc.is_in(every["file_id"], pa.array(sorted(flagged))))])
+    touched = set(_row_groups(rows))
+    for name, group in previous["groups"].items():
+        if moved.intersection(group.units) or report_keys.intersection(group.names):
+            touched.add(name)
+    holding = {unit.name for unit in changed}
+    for name in touched & previous["groups"].keys():
+        holding.update(previous["groups"][name].units)
+    return touched, [unit for unit in inputs.units if unit.name in holding]
 
 
 def _plan_changed(

@@ -541,10 +541,17 @@ def scans_table(packed: list[PackedSample]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCANS_SCHEMA)
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     """Parquet with a fixed writer configuration (no timestamps are ever written)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd", use_dictionary=True, write_statistics=True)
+    pq.write_table(
+        table,
+        buffer,
+        compression="zstd",
+        use_dictionary=True,
+        write_statistics=True,
+        row_group_size=row_group_size,
+    )
     return buffer.getvalue()
 
 
