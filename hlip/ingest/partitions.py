@@ -174,17 +174,17 @@ def _walk(
     roots: Sequence[str], exclude: Sequence[str], limit: int
 ) -> tuple[list[index.SourceFile], list[Unit]] | None:
     """Every file under the folders ``roots`` (zips become units of their own), or None
-    once they hold more than ``limit`` files."""
-    files, zips, stack = [], [], list(reversed(roots))
+    once they hold more than ``limit`` files. Files are stat'ed only once the whole tree is
+    known to fit: a tree that is split is listed again by its parts, which stat their own."""
+    plain, zips, stack = [], [], list(reversed(roots))
     while stack:
         folders, paths = _entries(stack.pop(), exclude)
         stack.extend(reversed(folders))
-        plain = [path for path in paths if not _is_zip_name(path)]
-        if len(files) + len(plain) > limit:  # before a stat of each: the folder is split anyway
+        plain += [path for path in paths if not _is_zip_name(path)]
+        if len(plain) > limit:
             return None
         zips += [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
-        files += [_source_file(path) for path in plain]
-    return sorted(files, key=lambda f: f.file_id), sorted(zips)
+    return sorted(map(_source_file, plain), key=lambda f: f.file_id), sorted(zips)
 
 
 # --- one listing of a large folder ---------------------------------------------------------
