@@ -11,6 +11,9 @@ per-file costs dominate as they do in real exports) and N new studies (default 4
   new studies); ``alone``: the new archive alone into an empty output (its baseline);
   goal: ``append`` at most 1.2x ``alone``, whatever B.
 
+``--trust-folder-times`` runs every ingest with that setting: the re-runs then skip the
+base's folders, whose times are unchanged, instead of listing and stat'ing their files.
+
 Every ingest runs in this process (``workers=0``: no cluster start-up in the numbers),
 timed by wall clock; the best of ``--repeat`` runs is kept (each run starts from copies
 of the same outputs, so it does the same work).
@@ -35,8 +38,13 @@ from hlip.synth import Sizes, make_archive
 SIZES = Sizes(ct_matrix=64, mr_matrix=64, ct_coverage_mm=80.0)
 
 
-def _config(reports: Path) -> IngestConfig:
-    return IngestConfig(target_spacing={"CT": (5.0, 4.0, 4.0)}, report_table=str(reports), secret="bench")
+def _config(reports: Path, trust_folder_times: bool = False) -> IngestConfig:
+    return IngestConfig(
+        target_spacing={"CT": (5.0, 4.0, 4.0)},
+        report_table=str(reports),
+        secret="bench",
+        trust_folder_times=trust_folder_times,
+    )
 
 
 def _reports(path: Path, *tables: Path) -> Path:
@@ -62,11 +70,11 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copytree(source, target)
 
 
-def measure(root: Path, base_studies: int, new_studies: int, repeat: int) -> dict[str, float]:
+def measure(root: Path, base_studies: int, new_studies: int, repeat: int, trust: bool) -> dict[str, float]:
     base = make_archive(root / f"base{base_studies}", base_studies, seed=1, sizes=SIZES)
     new = make_archive(root / f"new{base_studies}", new_studies, seed=1000 + base_studies, sizes=SIZES)
     both = _reports(root / f"reports{base_studies}.csv", base.reports_csv, new.reports_csv)
-    config = _config(both)
+    config = _config(both, trust)
     done, work = root / f"done{base_studies}", root / "work"
     fresh = _best(repeat, lambda: _copy(None, work), lambda: run_ingest([base.root], work, config, workers=0))
     shutil.copytree(work, done)
@@ -92,6 +100,9 @@ def main() -> None:
     )
     parser.add_argument("--new", type=int, default=4, help="New studies appended.")
     parser.add_argument("--repeat", type=int, default=3, help="Best of this many runs per measurement.")
+    parser.add_argument(
+        "--trust-folder-times", action="store_true", help="Re-runs skip folders whose times are unchanged."
+    )
     args = parser.parse_args()
     print(
         "base studies (files) | new (files) | fresh s | unchanged s | unchanged/fresh (goal <= 0.05) "
@@ -99,7 +110,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="hlip-append-") as folder:
         for base_studies in args.base:
-            m = measure(Path(folder), base_studies, args.new, args.repeat)
+            m = measure(Path(folder), base_studies, args.new, args.repeat, args.trust_folder_times)
             print(
                 f"{base_studies} ({m['base']}) | {args.new} ({m['new']}) | {m['fresh']:.2f} | "
                 f"{m['unchanged']:.2f} | {m['unchanged'] / m['fresh']:.3f} | {m['alone']:.2f} | "

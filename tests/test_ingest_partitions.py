@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import zipfile
 from dataclasses import replace
 
 import pyarrow.parquet as pq
@@ -215,3 +216,37 @@ def _write_csv(path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def test_trusted_folder_times_skip_unchanged_folders_and_see_what_was_added(archive, tmp_path, monkeypatch):
+    """With trust_folder_times an unchanged re-run stats no file; a file added to an
+    existing folder and a study folder added at the top are found, and the per-file
+    outcomes equal those of a fresh run over the final archive."""
+    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
+    source = tmp_path / "archive"
+    shutil.copytree(archive.root, source)
+    (source / "exports").mkdir()
+    with zipfile.ZipFile(source / "exports" / "notes.zip", "w") as export:  # a unit found in a folder
+        export.writestr("notes.txt", "not an image")
+    config = replace(small_config(archive, index_partitions=4), trust_folder_times=True)
+    out = tmp_path / "out"
+    first = pipeline.run_ingest([source], out, config, workers=0)
+    stats = []
+    source_file = partitions._source_file
+    monkeypatch.setattr(partitions, "_source_file", lambda path: stats.append(path) or source_file(path))
+    again = pipeline.run_ingest([source], out, config, workers=0)
+    assert stats == []
+    assert (again.files, again.studies_staged) == (first.files, first.studies_staged)
+
+    deep = max((path for path in source.rglob("*") if path.is_dir()), key=lambda path: len(path.parts))
+    (deep / "NOTES.txt").write_text("not an image")
+    late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)
+    shutil.copytree(late.root, source / "late", ignore=shutil.ignore_patterns("*.csv"))
+    pipeline.run_ingest([source], out, config, workers=0)
+    stated = len(stats)
+    whole = tmp_path / "whole"
+    pipeline.run_ingest([source], whole, replace(config, trust_folder_times=False), workers=0)
+    assert files_table(out) == files_table(whole)
+    assert str(deep / "NOTES.txt") in {row["file_id"] for row in files_table(out)}
+    late_files = sum(1 for path in (source / "late").rglob("*") if path.is_file())
+    assert late_files < stated < sum(1 for path in source.rglob("*") if path.is_file()) / 2

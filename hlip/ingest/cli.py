@@ -149,6 +149,11 @@ def run(
     codec: str = CODEC,
     secret: str | None = typer.Option(None, help="Key of the study pseudonyms (else $HLIP_DEID_SECRET)."),
     index_partitions: int = INDEX_PARTITIONS,
+    trust_folder_times: bool = typer.Option(
+        False,
+        help="On a re-run, skip listing folders whose modification time is unchanged "
+        "(for archives whose files are never rewritten in place).",
+    ),
     scheduler: str | None = SCHEDULER,
     workers: int | None = WORKERS,
     memory_limit: str = MEMORY_LIMIT,
@@ -169,6 +174,7 @@ def run(
             codec=codec,
             secret=secret,
             index_partitions=index_partitions,
+            trust_folder_times=trust_folder_times,
         )
     with _user_errors(), _progress() as progress:
         summary = pipeline.run_ingest(

@@ -55,6 +55,9 @@ class IngestConfig:
 
     ``index_partitions`` splits the header index by study (:mod:`hlip.ingest.partitions`);
     it changes how the work is cut, never a sample, and may change between runs.
+    ``trust_folder_times`` lets a re-run skip listing the folders whose modification times
+    are unchanged (right for archives whose files are never rewritten in place); it too
+    may change between runs.
 
     ``label_columns`` and ``label_prefixes`` allow report-table columns as labels
     (:func:`hlip.ingest.reports.choose_label_columns`); with neither, only 0/1 findings are.
@@ -73,6 +76,7 @@ class IngestConfig:
     codec: str = DEFAULT_CODEC
     secret: str | None = None
     index_partitions: int = DEFAULT_PARTITIONS
+    trust_folder_times: bool = False
 
     def __post_init__(self) -> None:
         slab_codec(self.codec)
@@ -111,7 +115,7 @@ class IngestConfig:
         """What must match for a run to resume in an existing output directory."""
         recorded = asdict(self)
         del recorded["secret"], recorded["report_table"], recorded["max_study_voxels"]
-        del recorded["index_partitions"]
+        del recorded["index_partitions"], recorded["trust_folder_times"]
         recorded["target_spacing"] = self.hashed_fields()["target_spacing"]
         for name in ("report_text_columns", "label_columns", "label_prefixes"):
             recorded[name] = self.hashed_fields()[name]

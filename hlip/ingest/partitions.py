@@ -170,21 +170,34 @@ def _is_zip_name(path: str) -> bool:
     return path.lower().endswith(ZIP_SUFFIX)
 
 
+def _stamp(folder: str) -> list:
+    """``[path, mtime_ns, inode]`` of a folder, taken before it is listed: a file added,
+    removed or renamed in it afterwards changes the stamp ([path, 0, 0] if unreadable)."""
+    try:
+        stat = os.stat(folder)
+    except OSError:
+        return [folder, 0, 0]
+    return [folder, stat.st_mtime_ns, stat.st_ino]
+
+
 def _walk(
     roots: Sequence[str], exclude: Sequence[str], limit: int
-) -> tuple[list[index.SourceFile], list[Unit]] | None:
-    """Every file under the folders ``roots`` (zips become units of their own), or None
-    once they hold more than ``limit`` files. Files are stat'ed only once the whole tree is
-    known to fit: a tree that is split is listed again by its parts, which stat their own."""
-    plain, zips, stack = [], [], list(reversed(roots))
+) -> tuple[list[index.SourceFile], list[Unit], list[list]] | None:
+    """Every file under the folders ``roots`` (zips become units of their own) and the
+    stamp of every folder listed, or None once they hold more than ``limit`` files. Files
+    are stat'ed only once the whole tree is known to fit: a tree that is split is listed
+    again by its parts, which stat their own."""
+    plain, zips, stamps, stack = [], [], [], list(reversed(roots))
     while stack:
-        folders, paths = _entries(stack.pop(), exclude)
+        folder = stack.pop()
+        stamps.append(_stamp(folder))
+        folders, paths = _entries(folder, exclude)
         stack.extend(reversed(folders))
         plain += [path for path in paths if not _is_zip_name(path)]
         if len(plain) > limit:
             return None
         zips += [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
-    return sorted(map(_source_file, plain), key=lambda f: f.file_id), sorted(zips)
+    return sorted(map(_source_file, plain), key=lambda f: f.file_id), sorted(zips), stamps
 
 
 # --- one listing of a large folder ---------------------------------------------------------
@@ -207,10 +220,10 @@ def _listing_path(listings: Path, folder: str) -> Path:
 
 def _bucket(
     folder: str, chunk: int, want_folders: bool, exclude: Sequence[str], listings: Path | None
-) -> tuple[list[str], np.ndarray]:
+) -> tuple[list[str], np.ndarray, list]:
     """Paths (sorted by name) and name hashes of the subfolders (or files) of ``folder`` in
-    hash bucket ``chunk``: from the listing the splitting unit wrote in this run, else
-    scanned."""
+    hash bucket ``chunk``, and the folder's stamp taken before it was listed: from the
+    listing the splitting unit wrote in this run, else scanned."""
     table = None
     if listings is not None:
         try:
@@ -218,27 +231,27 @@ def _bucket(
         except OSError:
             table = None
     if table is None:
+        stamp = _stamp(folder)
         folders, files = _entries(folder, exclude)
-        table = _listing_table(folders, files)
+        table = _listing_table(folders, files, stamp)
     level, bucket = _level_bucket(chunk)
     hashes = table["hash"].to_numpy().astype(np.int64)
     keep = (table["folder"].to_numpy(zero_copy_only=False) == want_folders) & (
         hashes % (1 << level) == bucket
     )
     names = table["name"].filter(pa.array(keep)).to_pylist()
-    return [os.path.join(folder, name) for name in names], hashes[keep]
+    stamp = json.loads(table.schema.metadata[b"stamp"])
+    return [os.path.join(folder, name) for name in names], hashes[keep], stamp
 
 
-def _listing_table(folders: Sequence[str], files: Sequence[str]) -> pa.Table:
+def _listing_table(folders: Sequence[str], files: Sequence[str], stamp: list) -> pa.Table:
     names = [os.path.basename(p) for p in (*folders, *files)]
-    return pa.table(
-        {
-            "name": names,
-            "folder": [True] * len(folders) + [False] * len(files),
-            "hash": pa.array([_name_hash(name) for name in names], pa.uint32()),
-        },
-        schema=LISTING_SCHEMA,
-    )
+    columns = {
+        "name": names,
+        "folder": [True] * len(folders) + [False] * len(files),
+        "hash": pa.array([_name_hash(name) for name in names], pa.uint32()),
+    }
+    return pa.table(columns, schema=LISTING_SCHEMA.with_metadata({"stamp": json.dumps(stamp)}))
 
 
 ALL = 1
@@ -276,6 +289,14 @@ def _file_buckets(unit: Unit, hashes: np.ndarray, limit: int) -> list[Unit]:
 def expand(
     unit: Unit, exclude: Sequence[str] = (), limit: int | None = None, listings: Path | None = None
 ) -> tuple[list[index.SourceFile], list[Unit]]:
+    """The files this unit indexes itself, and the units it splits off
+    (:func:`expand_stamped` without the stamps)."""
+    return expand_stamped(unit, exclude, limit, listings)[:2]
+
+
+def expand_stamped(
+    unit: Unit, exclude: Sequence[str] = (), limit: int | None = None, listings: Path | None = None
+) -> tuple[list[index.SourceFile], list[Unit], dict | None]:
     """The files this unit indexes itself, and the units it splits off (units of at most
     ``limit`` files, default :data:`UNIT_FILES`).
 
@@ -286,43 +307,65 @@ def expand(
     deterministic: the same tree gives the same units and files in the same order.
     With ``listings`` (a folder of the work area), the folder is scanned once, by the unit
     that splits it, and its units read their names from the listing written there.
+
+    The stamps of a unit that lists folder files itself are ``{"roots": the folders it
+    walked from, "folders": the stamp of every folder its files were listed from}``
+    (:func:`unchanged_folders`); None for other units.
     """
     limit = limit or UNIT_FILES
     if unit.kind == "tree":
         walked = _walk([unit.path], exclude, limit)
         if walked is not None:
-            return walked
+            return walked[0], walked[1], {"roots": [unit.path], "folders": walked[2]}
+        stamp = _stamp(unit.path)
         folders, paths = _entries(unit.path, exclude)
         if listings is not None:
-            _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths))
+            _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths, stamp))
         zips = [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
         parts = [Unit("folders", unit.path, ALL)] if folders else []
         if len(zips) < len(paths):
             parts.append(Unit("files", unit.path, ALL))
-        return [], [*parts, *zips]
+        return [], [*parts, *zips], None
     if unit.kind == "folders":
         folders = _bucket(unit.path, unit.chunk, True, exclude, listings)[0]
         walked = _walk(folders, exclude, limit)
         if walked is not None:
-            return walked
+            return walked[0], walked[1], {"roots": folders, "folders": walked[2]}
         if len(folders) == 1 or _level_bucket(unit.chunk)[0] >= MAX_LEVEL:
-            return [], [Unit("tree", folder) for folder in folders]
-        return [], _halves(unit)
+            return [], [Unit("tree", folder) for folder in folders], None
+        return [], _halves(unit), None
     if unit.kind == "files":
-        paths, hashes = _bucket(unit.path, unit.chunk, False, exclude, listings)
+        paths, hashes, stamp = _bucket(unit.path, unit.chunk, False, exclude, listings)
         plain = [not _is_zip_name(path) for path in paths]
         leaves = _file_buckets(unit, hashes[plain], limit)
         if leaves != [unit]:
-            return [], leaves
-        return [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep], []
+            return [], leaves, None
+        files = [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep]
+        return files, [], {"roots": [], "folders": [stamp]}
     if unit.kind == "zip":
         members = list(index._iter_one_source(Path(unit.path), top_level=True))
         if unit.chunk < 0 and len(members) > limit:
-            return [], [Unit("zip", unit.path, i) for i in _chunks(len(members), limit)]
-        return members[max(unit.chunk, 0) * limit :][:limit], []
+            return [], [Unit("zip", unit.path, i) for i in _chunks(len(members), limit)], None
+        return members[max(unit.chunk, 0) * limit :][:limit], [], None
     if unit.kind == "list":
-        return _expand_list(unit, exclude, limit)
-    return list(index._iter_one_source(Path(unit.path), top_level=True)), []
+        return (*_expand_list(unit, exclude, limit), None)
+    return list(index._iter_one_source(Path(unit.path), top_level=True)), [], None
+
+
+def unchanged_folders(unit: Unit, stamps: dict | None, exclude: Sequence[str], listings: Path | None) -> bool:
+    """Whether the folders a unit listed its files from last time (``stamps``, from
+    :func:`expand_stamped`) are as they were: the same roots, and every folder with the same
+    modification time and inode. Adding, removing or renaming an entry changes its folder's
+    time; rewriting a file in place does not, so a caller trusts this only where files are
+    never rewritten in place (``--trust-folder-times``)."""
+    if stamps is None:
+        return False
+    if (
+        unit.kind == "folders"
+        and _bucket(unit.path, unit.chunk, True, exclude, listings)[0] != stamps["roots"]
+    ):
+        return False
+    return all(_stamp(stamp[0]) == stamp for stamp in stamps["folders"])
 
 
 def _chunks(count: int, limit: int) -> range:
@@ -363,18 +406,22 @@ def _fragment(work: Path, kind: str, partition: int, unit: Unit) -> Path:
     return work / part_folder(kind, partition) / f"{unit.name}.parquet"
 
 
-def _read_record(work: Path, unit: Unit) -> UnitSummary | None:
+def _read_record(work: Path, unit: Unit) -> tuple[UnitSummary | None, dict | None]:
+    """The unit's record as written last (with the units it handed on, such as the zips
+    in its folders), and the stamps of the folders it listed."""
     try:
         record = json.loads(_record_path(work, unit).read_bytes())
     except (OSError, ValueError):
-        return None
-    return UnitSummary(
+        return None, None
+    summary = UnitSummary(
         unit=unit,
+        units=[Unit(**fields) for fields in record.get("units", [])],
         files=record["files"],
         listing=record["listing"],
         partitions={int(p): n for p, n in record["partitions"].items()},
         sop_partitions=record["sop_partitions"],
     )
+    return summary, record.get("stamps")
 
 
 def _previous_rows(work: Path, record: UnitSummary | None) -> dict[tuple[str, int, int], dict]:
@@ -392,25 +439,33 @@ def _previous_rows(work: Path, record: UnitSummary | None) -> dict[tuple[str, in
     return rows
 
 
-def index_unit(unit: Unit, work: Path, partitions: int, exclude: Sequence[str] = ()) -> UnitSummary:
+def index_unit(
+    unit: Unit, work: Path, partitions: int, exclude: Sequence[str] = (), trust_folder_times: bool = False
+) -> UnitSummary:
     """Index one unit into the partitioned index under ``work`` (a Dask task).
 
     A unit that is too large returns the units it splits into and writes nothing. A unit
     listed as before returns its record; otherwise the rows of unchanged files are taken
     from its earlier fragments, the other files are parsed, and its fragments and record
-    are replaced.
+    are replaced. With ``trust_folder_times``, a unit whose folders are unchanged
+    (:func:`unchanged_folders`) returns its record without listing or stat'ing its files.
     """
     from hlip.ingest.pipeline import tune_allocator
 
     tune_allocator()
-    files, units = expand(unit, exclude, listings=Path(work) / LISTINGS_DIR)
+    work, listings = Path(work), Path(work) / LISTINGS_DIR
+    record, stamps = _read_record(work, unit)
+    if trust_folder_times and record is not None and unchanged_folders(unit, stamps, exclude, listings):
+        return record
+    files, units, now = expand_stamped(unit, exclude, listings=listings)
     listing = listing_digest(files, partitions)
-    record = _read_record(Path(work), unit)
     summary = UnitSummary(unit, units, len(files), 0, listing)
     if record is not None and record.listing == listing:
         summary.partitions, summary.sop_partitions = record.partitions, record.sop_partitions
+        if now != stamps:
+            _write_record(work, summary, now)
         return summary
-    previous = _previous_rows(Path(work), record)
+    previous = _previous_rows(work, record)
     rows = []
     for source_file in dict.fromkeys(files):
         row = previous.get((source_file.file_id, source_file.size, source_file.mtime_ns))
@@ -418,12 +473,17 @@ def index_unit(unit: Unit, work: Path, partitions: int, exclude: Sequence[str] =
             row = index.index_file(source_file)
             summary.parsed += 1
         rows.append(row)
-    _write_unit(Path(work), summary, rows, partitions, record)
+    _write_unit(work, summary, rows, partitions, record, now)
     return summary
 
 
 def _write_unit(
-    work: Path, summary: UnitSummary, rows: list[dict], partitions: int, record: UnitSummary | None
+    work: Path,
+    summary: UnitSummary,
+    rows: list[dict],
+    partitions: int,
+    record: UnitSummary | None,
+    stamps: dict | None,
 ) -> None:
     """Write the unit's fragments, remove those it no longer has, then its record."""
     by_partition: dict[int, list[dict]] = {}
@@ -447,12 +507,18 @@ def _write_unit(
             _fragment(work, INDEX_DIR, partition, summary.unit).unlink(missing_ok=True)
         for partition in set(record.sop_partitions) - set(summary.sop_partitions):
             _fragment(work, SOPS_DIR, partition, summary.unit).unlink(missing_ok=True)
+    _write_record(work, summary, stamps)
+
+
+def _write_record(work: Path, summary: UnitSummary, stamps: dict | None) -> None:
     fields = {
         "unit": asdict(summary.unit),
+        "units": [asdict(unit) for unit in summary.units],
         "files": summary.files,
         "listing": summary.listing,
         "partitions": {str(p): n for p, n in summary.partitions.items()},
         "sop_partitions": summary.sop_partitions,
+        "stamps": stamps,
     }
     write_bytes_atomic(_record_path(work, summary.unit), json.dumps(fields, sort_keys=True).encode())
 

@@ -325,6 +325,7 @@ def index_archive(
     runner: TaskRunner,
     progress: Progress | None = None,
     exclude: Iterable[str | os.PathLike] = (),
+    trust_folder_times: bool = False,
 ) -> list[partitions.UnitSummary]:
     """Index every file under ``sources`` (headers only) into the partitioned index under
     ``work`` (:mod:`hlip.ingest.partitions`); return one summary per unit.
@@ -332,20 +333,26 @@ def index_archive(
     Each unit is a task; a task that splits its unit hands back the new units, which are
     submitted at once, so listing a large archive is spread over the workers and overlaps
     with parsing it. Files under ``exclude`` (the output, when it lies inside a source)
-    are not inputs. Unchanged units are not parsed again.
+    are not inputs. Unchanged units are not parsed again; with ``trust_folder_times``,
+    units whose folders are unchanged are not even listed
+    (:func:`hlip.ingest.partitions.unchanged_folders`).
     """
     progress = progress or Progress(disable=True)
     excluded = [os.path.abspath(folder) for folder in exclude]
     bar = progress.add_task("index", total=0)
     summaries, files, known = [], 0, 0
     for unit in partitions.source_units(sources):
-        runner.submit("unit", partitions.index_unit, unit, work, partition_count, excluded)
+        runner.submit(
+            "unit", partitions.index_unit, unit, work, partition_count, excluded, trust_folder_times
+        )
         known += 1
     while runner.outstanding:
         _, summary = runner.next()
         summaries.append(summary)
         for unit in summary.units:
-            runner.submit("unit", partitions.index_unit, unit, work, partition_count, excluded)
+            runner.submit(
+                "unit", partitions.index_unit, unit, work, partition_count, excluded, trust_folder_times
+            )
         known, files = known + len(summary.units), files + summary.files
         progress.update(bar, total=known, completed=len(summaries), description=f"index ({files} files)")
     return summaries
@@ -805,7 +812,9 @@ def run_ingest(
         report_digests = runner.next()[1]
         out, secret = _prepare(out, config.secret, config.resume_fields())
         exclude = [work] if is_remote(out) else [out, work]
-        summaries = index_archive(sources, work, config.index_partitions, runner, progress, exclude)
+        summaries = index_archive(
+            sources, work, config.index_partitions, runner, progress, exclude, config.trust_folder_times
+        )
         digest = hashlib.sha256(repr((index_digest(summaries), report_digests)).encode()).hexdigest()
         if (unchanged := unchanged_run(out, digest)) is not None:
             return unchanged
