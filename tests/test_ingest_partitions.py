@@ -110,16 +110,21 @@ def test_the_dataset_does_not_depend_on_the_partition_count(archive, tmp_path):
     assert len(parts) > 1
 
 
+def _ingested_copy(archive, tmp_path, monkeypatch, **changes):
+    """A copy of the archive ingested once, with units of a few files (so that a unit, like
+    a real archive's, holds few studies): (source, config, out)."""
+    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
+    source, out = tmp_path / "archive", tmp_path / "out"
+    shutil.copytree(archive.root, source)
+    config = small_config(archive, **changes)
+    pipeline.run_ingest([source], out, config, workers=0)
+    return source, config, out
+
+
 def test_a_grown_archive_replans_only_what_it_grew_by(archive, tmp_path, monkeypatch):
     """The per-file outcomes after growing equal those of one run over the grown archive,
-    and partitions without new files are not planned again (units of a few files here, so
-    that a unit, like a real archive's, holds few studies)."""
-    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
-    source = tmp_path / "archive"
-    shutil.copytree(archive.root, source)
-    config = small_config(archive, index_partitions=16)
-    out = tmp_path / "out"
-    pipeline.run_ingest([source], out, config, workers=0)
+    and partitions without new files are not planned again."""
+    source, config, out = _ingested_copy(archive, tmp_path, monkeypatch, index_partitions=16)
     late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)
     shutil.copytree(late.root, source / "late", ignore=shutil.ignore_patterns("*.csv"))
     reports = tmp_path / "reports.csv"
@@ -167,12 +172,7 @@ def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, 
     """Growing the archive, or amending one study's report, makes the plan read the rows of
     the new or amended studies only (not every row of the partitions they fall in), and the
     per-file outcomes equal those of one run over the final archive."""
-    monkeypatch.setattr(partitions, "UNIT_FILES", 8)
-    source = tmp_path / "archive"
-    shutil.copytree(archive.root, source)
-    config = small_config(archive, index_partitions=2)
-    out = tmp_path / "out"
-    pipeline.run_ingest([source], out, config, workers=0)
+    source, config, out = _ingested_copy(archive, tmp_path, monkeypatch, index_partitions=2)
     read = []
     original = partitions.read_partition
 
