@@ -170,8 +170,9 @@ def test_a_flat_folder_is_scanned_once_however_many_units_share_it(tmp_path, mon
 
 def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, tmp_path, monkeypatch):
     """Growing the archive, or amending one study's report, makes the plan read the rows of
-    the new or amended studies only (not every row of the partitions they fall in), and the
-    per-file outcomes equal those of one run over the final archive."""
+    the new or amended studies only (not every row of the partitions they fall in) and the
+    accounting replace only their outcomes, and the per-file outcomes equal those of one run
+    over the final archive."""
     source, config, out = _ingested_copy(archive, tmp_path, monkeypatch, index_partitions=2)
     read = []
     original = partitions.read_partition
@@ -183,6 +184,11 @@ def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, 
         return table
 
     monkeypatch.setattr(partitions, "read_partition", counting_read)
+    whole_accountings = []
+    account_all = pipeline._account_all
+    monkeypatch.setattr(
+        pipeline, "_account_all", lambda *a: whole_accountings.append(a[1]) or account_all(*a)
+    )
     late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)  # a night's export, a source of its own
     sources = [source, late.root]
     rows = list(csv.DictReader(archive.reports_csv.open(newline="")))
@@ -193,6 +199,7 @@ def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, 
     pipeline.run_ingest(sources, out, config, workers=0)
     late_files = sum(1 for path in late.root.rglob("*") if path.is_file())
     assert sum(read) == late_files
+    assert whole_accountings == []  # the files table is updated by the new studies' rows only
 
     read.clear()
     amended = archive.studies[2].study_uid

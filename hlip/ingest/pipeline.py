@@ -44,6 +44,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pydicom
 from rich.progress import Progress
 
@@ -945,6 +946,8 @@ class StudyGroup:
     """The units (:attr:`~hlip.ingest.partitions.Unit.name`) holding the group's rows."""
     names: list[str] | None = None
     """Its StudyInstanceUID and accession numbers: the keys its report rows may have."""
+    files: list[str] | None = None
+    """The ids of its files: what an accounting replaces when the group is planned again."""
 
 
 GROUP_COLUMNS = ["file_id", "error", "StudyInstanceUID"]
@@ -1069,7 +1072,10 @@ def plan_partition(
         else:
             changed.append(positions)
         groups[name] = replace(
-            group, units=sorted(set(group_rows["unit"].to_pylist())), names=_group_names(group_rows)
+            group,
+            units=sorted(set(group_rows["unit"].to_pylist())),
+            names=_group_names(group_rows),
+            files=group_rows["file_id"].to_pylist(),
         )
     positions = pa.array(sorted(p for part in changed for p in part), pa.int64())
     todo = _plan_changed(rows.take(positions).drop_columns(["unit"]), groups, duplicates,
@@ -1080,9 +1086,24 @@ def plan_partition(
         "listings": {unit.name: listing for unit, listing in inputs.listings},
         "reports": inputs.reports,
         "duplicates": duplicates,
+        "reaccount": _reaccount(touched, previous),
     }
     write_bytes_atomic(pending_path, pickle.dumps(plan_record, protocol=pickle.HIGHEST_PROTOCOL))
     return PartitionPlan(partition, todo, sum(len(group.keys) for group in groups.values()))
+
+
+def _reaccount(touched: set[str] | None, previous: dict) -> dict | None:
+    """What the accounting of a partition planned from ``touched`` groups replaces in the
+    ``files.parquet`` part of the previous accounting: the touched groups' files as they
+    were then. None (account every file) when every group was read or the previous plan
+    does not say."""
+    if touched is None or previous.get("files_digest") is None:
+        return None
+    before = [previous["groups"][name] for name in sorted(touched & previous["groups"].keys())]
+    if any(group.files is None for group in before):
+        return None
+    dropped = [file_id for group in before for file_id in group.files]
+    return {"touched": sorted(touched), "dropped": dropped, "files_digest": previous["files_digest"]}
 
 
 def _groups_to_replan(
@@ -1160,9 +1181,11 @@ def _remove_stale_files(work: Path, live: set[int]) -> None:
             part.unlink()
 
 
-def _write_files(work: Path, partition: int, files: pa.Table) -> None:
+def _write_files(work: Path, partition: int, files: pa.Table) -> bytes:
     path = work / FILES_FILE / f"part-{partition:04d}.parquet"
-    write_bytes_atomic(path, parquet_bytes(files))
+    encoded = parquet_bytes(files)
+    write_bytes_atomic(path, encoded)
+    return encoded
 
 
 def _load_task(work: Path, key: str) -> StudyTask:
@@ -1197,19 +1220,48 @@ def account_partition(
         raise RuntimeError(
             f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
         )
-    rejects = [reject for group in groups for reject in group.rejects]
-    outcomes = [outcome for group in groups for outcome in group.outcomes]
-    file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
-    files = account(file_ids, rejects, outcomes)
-    _write_files(work, partition, files)
+    files = _account_touched(work, partition, planned) or _account_all(work, partition, units, groups)
+    encoded = _write_files(work, partition, files)
     for key in (key for group in fresh for key in group.keys):
         _task_path(work, key).unlink(missing_ok=True)
     summary = summarize(files, out)
     counts = {name: getattr(summary, name) for name in RUN_COUNTS}
+    planned["files_digest"] = hashlib.sha256(encoded).hexdigest()
     write_bytes_atomic(accounted_path, pickle.dumps(planned, protocol=pickle.HIGHEST_PROTOCOL))
     pending_path.unlink(missing_ok=True)
     write_bytes_atomic(done_path, json.dumps({"inputs": planned["inputs"], "counts": counts}).encode())
     return summary
+
+
+def _account_all(
+    work: Path, partition: int, units: Sequence[partitions.Unit], groups: list[StudyGroup]
+) -> pa.Table:
+    """The outcome of every file of the partition, its file ids read from the index."""
+    rejects = [reject for group in groups for reject in group.rejects]
+    outcomes = [outcome for group in groups for outcome in group.outcomes]
+    file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
+    return account(file_ids, rejects, outcomes)
+
+
+def _account_touched(work: Path, partition: int, planned: dict) -> pa.Table | None:
+    """The previous ``files.parquet`` part with the rows of the groups planned again
+    replaced by their new outcomes; None when the plan read every group or the part is not
+    the one the previous accounting wrote (then every file is accounted for again)."""
+    reaccount = planned.get("reaccount")
+    path = work / FILES_FILE / f"part-{partition:04d}.parquet"
+    if reaccount is None or not path.exists():
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != reaccount["files_digest"]:
+        return None
+    groups = [planned["groups"][name] for name in reaccount["touched"] if name in planned["groups"]]
+    file_ids = pa.table({"file_id": pa.array([f for group in groups for f in group.files], pa.string())})
+    rejects = [reject for group in groups for reject in group.rejects]
+    new = account(file_ids, rejects, [outcome for group in groups for outcome in group.outcomes])
+    old = pq.read_table(pa.BufferReader(data))
+    replaced = pa.array(sorted({*reaccount["dropped"], *file_ids["file_id"].to_pylist()}), pa.string())
+    kept = old.filter(pc.invert(pc.is_in(old["file_id"], value_set=replaced)))
+    return pa.concat_tables([kept, new]).sort_by("file_id").combine_chunks()
 
 
 def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
