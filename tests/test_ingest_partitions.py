@@ -226,7 +226,7 @@ def _write_csv(path, rows: list[dict]) -> None:
 
 
 def test_trusted_folder_times_skip_unchanged_folders_and_see_what_was_added(archive, tmp_path, monkeypatch):
-    """With trust_folder_times an unchanged re-run stats no file; a file added to an
+    """With trust_folder_times an unchanged re-run lists no folder and stats no file; a file added to an
     existing folder and a study folder added at the top are found, and the per-file
     outcomes equal those of a fresh run over the final archive."""
     monkeypatch.setattr(partitions, "UNIT_FILES", 8)
@@ -238,11 +238,12 @@ def test_trusted_folder_times_skip_unchanged_folders_and_see_what_was_added(arch
     config = replace(small_config(archive, index_partitions=4), trust_folder_times=True)
     out = tmp_path / "out"
     first = pipeline.run_ingest([source], out, config, workers=0)
-    stats = []
-    source_file = partitions._source_file
+    stats, scans = [], []
+    source_file, scandir = partitions._source_file, os.scandir
     monkeypatch.setattr(partitions, "_source_file", lambda path: stats.append(path) or source_file(path))
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or scandir(path))
     again = pipeline.run_ingest([source], out, config, workers=0)
-    assert stats == []
+    assert stats == [] and not [path for path in scans if str(source) in str(path)]
     assert (again.files, again.studies_staged) == (first.files, first.studies_staged)
 
     deep = max((path for path in source.rglob("*") if path.is_dir()), key=lambda path: len(path.parts))

@@ -182,11 +182,12 @@ def _stamp(folder: str) -> list:
 
 def _walk(
     roots: Sequence[str], exclude: Sequence[str], limit: int
-) -> tuple[list[index.SourceFile], list[Unit], list[list]] | None:
+) -> tuple[list[index.SourceFile] | None, list[Unit], list[list]]:
     """Every file under the folders ``roots`` (zips become units of their own) and the
-    stamp of every folder listed, or None once they hold more than ``limit`` files. Files
-    are stat'ed only once the whole tree is known to fit: a tree that is split is listed
-    again by its parts, which stat their own."""
+    stamp of every folder listed; files None once they hold more than ``limit`` files (the
+    stamps then are those of the folders listed until then, which decided it). Files are
+    stat'ed only once the whole tree is known to fit: a tree that is split is listed again
+    by its parts, which stat their own."""
     plain, zips, stamps, stack = [], [], [], list(reversed(roots))
     while stack:
         folder = stack.pop()
@@ -195,7 +196,7 @@ def _walk(
         stack.extend(reversed(folders))
         plain += [path for path in paths if not _is_zip_name(path)]
         if len(plain) > limit:
-            return None
+            return None, [], stamps
         zips += [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
     return sorted(map(_source_file, plain), key=lambda f: f.file_id), sorted(zips), stamps
 
@@ -240,7 +241,7 @@ def _bucket(
         hashes % (1 << level) == bucket
     )
     names = table["name"].filter(pa.array(keep)).to_pylist()
-    stamp = json.loads(table.schema.metadata[b"stamp"])
+    stamp = json.loads((table.schema.metadata or {}).get(b"stamp", b"null")) or [folder, 0, 0]
     return [os.path.join(folder, name) for name in names], hashes[keep], stamp
 
 
@@ -308,38 +309,37 @@ def expand_stamped(
     With ``listings`` (a folder of the work area), the folder is scanned once, by the unit
     that splits it, and its units read their names from the listing written there.
 
-    The stamps of a unit that lists folder files itself are ``{"roots": the folders it
-    walked from, "folders": the stamp of every folder its files were listed from}``
-    (:func:`unchanged_folders`); None for other units.
+    The stamps of a folder unit are ``{"roots": the folders it walked from, "folders": the
+    stamp of every folder whose entries decided its files or its split}``
+    (:func:`unchanged_folders`); None for zip, list and file units.
     """
     limit = limit or UNIT_FILES
     if unit.kind == "tree":
-        walked = _walk([unit.path], exclude, limit)
-        if walked is not None:
-            return walked[0], walked[1], {"roots": [unit.path], "folders": walked[2]}
-        stamp = _stamp(unit.path)
+        files, zips, stamps = _walk([unit.path], exclude, limit)
+        if files is not None:
+            return files, zips, {"roots": [unit.path], "folders": stamps}
         folders, paths = _entries(unit.path, exclude)
-        if listings is not None:
-            _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths, stamp))
+        if listings is not None:  # stamps[0], the folder's, was taken before this scan too
+            _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths, stamps[0]))
         zips = [Unit("zip", os.path.abspath(path)) for path in paths if _is_zip_name(path)]
         parts = [Unit("folders", unit.path, ALL)] if folders else []
         if len(zips) < len(paths):
             parts.append(Unit("files", unit.path, ALL))
-        return [], [*parts, *zips], None
+        return [], [*parts, *zips], {"roots": [unit.path], "folders": stamps}
     if unit.kind == "folders":
         folders = _bucket(unit.path, unit.chunk, True, exclude, listings)[0]
-        walked = _walk(folders, exclude, limit)
-        if walked is not None:
-            return walked[0], walked[1], {"roots": folders, "folders": walked[2]}
+        files, zips, stamps = _walk(folders, exclude, limit)
+        if files is not None:
+            return files, zips, {"roots": folders, "folders": stamps}
         if len(folders) == 1 or _level_bucket(unit.chunk)[0] >= MAX_LEVEL:
-            return [], [Unit("tree", folder) for folder in folders], None
-        return [], _halves(unit), None
+            return [], [Unit("tree", folder) for folder in folders], {"roots": folders, "folders": stamps}
+        return [], _halves(unit), {"roots": folders, "folders": stamps}
     if unit.kind == "files":
         paths, hashes, stamp = _bucket(unit.path, unit.chunk, False, exclude, listings)
         plain = [not _is_zip_name(path) for path in paths]
         leaves = _file_buckets(unit, hashes[plain], limit)
         if leaves != [unit]:
-            return [], leaves, None
+            return [], leaves, {"roots": [], "folders": [stamp]}
         files = [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep]
         return files, [], {"roots": [], "folders": [stamp]}
     if unit.kind == "zip":
