@@ -645,11 +645,19 @@ def study_tasks(
     return tasks
 
 
-def committed_keys(out_dir: Path) -> set[str]:
-    """Keys of the studies in the latest committed version at ``out_dir`` (none yet: empty)."""
+def committed_keys(out_dir: Path, keys: Sequence[str]) -> set[str]:
+    """Those of ``keys`` whose studies are in the latest committed version at ``out_dir``:
+    the key column of its manifest fragments only (a version holds every key any of its
+    fragments names), not its tables."""
     location = Location(out_dir)
     history = versions.list_versions(location)
-    return set() if not history else set(versions.read_tables(location, history[-1])[0]["key"].to_pylist())
+    if not history or not keys:
+        return set()
+    wanted, found = pa.array(sorted(set(keys)), pa.string()), set()
+    for name in history[-1].manifests:
+        column = versions.read_parquet(location, name, columns=["key"])["key"]
+        found.update(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
+    return found
 
 
 def pending_tasks(tasks: Sequence, keys: Sequence[str], out_dir: Path) -> tuple[list, list[StudyOutcome]]:
@@ -662,7 +670,7 @@ def pending_tasks(tasks: Sequence, keys: Sequence[str], out_dir: Path) -> tuple[
     adds or supersedes it. (An outcome recorded before inputs were digested counts as
     unchanged.)
     """
-    committed, writer = committed_keys(out_dir), DatasetWriter(out_dir)
+    committed, writer = committed_keys(out_dir, keys), DatasetWriter(out_dir)
     todo, done = [], []
     for task, key in zip(tasks, keys, strict=True):
         outcome = read_outcome(out_dir, key)

@@ -128,10 +128,10 @@ def get_version(location: Location, number: int | None = None) -> DatasetVersion
     return versions[number - 1]
 
 
-def read_parquet(location: Location, name: str) -> pa.Table:
+def read_parquet(location: Location, name: str, columns: list[str] | None = None) -> pa.Table:
     try:
         with location.open(name) as file:
-            return pq.read_table(file)
+            return pq.read_table(file, columns=columns)
     except FileNotFoundError:
         raise ShardFormatError(f"{location.uri(name)} is missing") from None
     except (pa.ArrowException, OSError) as error:
