@@ -316,8 +316,9 @@ def expand_stamped(
     limit = limit or UNIT_FILES
     if unit.kind == "tree":
         files, zips, stamps = _walk([unit.path], exclude, limit)
+        stamped = {"roots": [unit.path], "folders": stamps}
         if files is not None:
-            return files, zips, {"roots": [unit.path], "folders": stamps}
+            return files, zips, stamped
         folders, paths = _entries(unit.path, exclude)
         if listings is not None:  # stamps[0], the folder's, was taken before this scan too
             _write_table(_listing_path(listings, unit.path), _listing_table(folders, paths, stamps[0]))
@@ -325,23 +326,24 @@ def expand_stamped(
         parts = [Unit("folders", unit.path, ALL)] if folders else []
         if len(zips) < len(paths):
             parts.append(Unit("files", unit.path, ALL))
-        return [], [*parts, *zips], {"roots": [unit.path], "folders": stamps}
+        return [], [*parts, *zips], stamped
     if unit.kind == "folders":
         folders = _bucket(unit.path, unit.chunk, True, exclude, listings)[0]
         files, zips, stamps = _walk(folders, exclude, limit)
+        stamped = {"roots": folders, "folders": stamps}
         if files is not None:
-            return files, zips, {"roots": folders, "folders": stamps}
+            return files, zips, stamped
         if len(folders) == 1 or _level_bucket(unit.chunk)[0] >= MAX_LEVEL:
-            return [], [Unit("tree", folder) for folder in folders], {"roots": folders, "folders": stamps}
-        return [], _halves(unit), {"roots": folders, "folders": stamps}
+            return [], [Unit("tree", folder) for folder in folders], stamped
+        return [], _halves(unit), stamped
     if unit.kind == "files":
         paths, hashes, stamp = _bucket(unit.path, unit.chunk, False, exclude, listings)
+        stamped = {"roots": [], "folders": [stamp]}
         plain = [not _is_zip_name(path) for path in paths]
         leaves = _file_buckets(unit, hashes[plain], limit)
         if leaves != [unit]:
-            return [], leaves, {"roots": [], "folders": [stamp]}
-        files = [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep]
-        return files, [], {"roots": [], "folders": [stamp]}
+            return [], leaves, stamped
+        return [_source_file(path) for path, keep in zip(paths, plain, strict=True) if keep], [], stamped
     if unit.kind == "zip":
         members = list(index._iter_one_source(Path(unit.path), top_level=True))
         if unit.chunk < 0 and len(members) > limit:
@@ -661,9 +663,9 @@ def partition_reports(table: dict[str, reports.Report], work: Path, partitions: 
     go to ``reports/changed.parquet``, and ``changed.json`` names the digests of both
     tables: a plan made from the earlier table checks only the studies those keys find
     (:func:`changed_report_keys`), so a report table that grows every night does not make
-    every study's rows be read again."""
+    every study's rows be read again. The same table as last time is neither read back nor
+    written again."""
     folder = Path(work) / REPORTS_DIR
-    before = _report_rows(folder)
     by_partition: dict[int, list[dict]] = {}
     for key, report in sorted(table.items()):
         row = {"key": key, "text": report.text, "labels": json.dumps(report.labels, sort_keys=True)}
@@ -673,6 +675,10 @@ def partition_reports(table: dict[str, reports.Report], work: Path, partitions: 
     }
     record_path = folder / CHANGED_RECORD
     earlier = json.loads(record_path.read_bytes())["to"] if record_path.exists() else None
+    written = {str(p): d for p, d in sorted(digests.items())}
+    if earlier == written:  # the table written whole last time (the record comes last): keep it,
+        return digests  # and the record of the change that led to it
+    before = _report_rows(folder)
     record_path.unlink(missing_ok=True)  # written last: a write stopped half-way leaves none
     now = {row["key"]: (row["text"], row["labels"]) for rows in by_partition.values() for row in rows}
     changed = sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key))
@@ -684,8 +690,7 @@ def partition_reports(table: dict[str, reports.Report], work: Path, partitions: 
             folder / f"part-{partition:04d}.parquet", parquet_bytes(table_rows, REPORT_ROW_GROUP)
         )
     _write_table(folder / CHANGED_KEYS, pa.table({"key": pa.array(changed, pa.string())}))
-    record = {"from": earlier, "to": {str(p): d for p, d in sorted(digests.items())}}
-    write_bytes_atomic(record_path, json.dumps(record, sort_keys=True).encode())
+    write_bytes_atomic(record_path, json.dumps({"from": earlier, "to": written}, sort_keys=True).encode())
     return digests
 
 

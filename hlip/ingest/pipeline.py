@@ -985,11 +985,11 @@ def _group_names(rows: pa.Table) -> list[str]:
     return sorted(name for name in names if name)
 
 
-def _group_digest(rows: pa.Table, duplicates: dict[str, str], table_reports: dict) -> str:
+def _group_digest(rows: pa.Table, names: list[str], duplicates: dict[str, str], table_reports: dict) -> str:
     """What a group's plan and tasks are made from: its files (id, size, time), their
-    duplicate flags, and the report-table rows its UID or accession numbers find."""
+    duplicate flags, and the report-table rows its UID or accession numbers (``names``) find."""
     files = sorted(zip(*(rows[c].to_pylist() for c in ("file_id", "size", "mtime_ns")), strict=True))
-    found = [(name, table_reports[name]) for name in _group_names(rows) if name in table_reports]
+    found = [(name, table_reports[name]) for name in names if name in table_reports]
     flags = [duplicates.get(file_id) for file_id, _, _ in files]
     return hashlib.sha256(repr((files, flags, found)).encode()).hexdigest()
 
@@ -1074,7 +1074,8 @@ def plan_partition(
     changed = []
     for name, positions in _group_rows(rows).items():
         group_rows = rows.take(pa.array(positions, pa.int64()))
-        group = StudyGroup(_group_digest(group_rows, duplicates, table_reports), [], [])
+        names = _group_names(group_rows)
+        group = StudyGroup(_group_digest(group_rows, names, duplicates, table_reports), [], [])
         if name in previous["groups"] and previous["groups"][name].digest == group.digest:
             group = previous["groups"][name]
         else:
@@ -1082,7 +1083,7 @@ def plan_partition(
         groups[name] = replace(
             group,
             units=sorted(set(group_rows["unit"].to_pylist())),
-            names=_group_names(group_rows),
+            names=names,
             files=group_rows["file_id"].to_pylist(),
         )
     positions = pa.array(sorted(p for part in changed for p in part), pa.int64())
@@ -1241,14 +1242,17 @@ def account_partition(
     return summary
 
 
+def _account_groups(file_ids: pa.Table, groups: list[StudyGroup]) -> pa.Table:
+    """:func:`account` of ``file_ids`` with the rejects and study outcomes of ``groups``."""
+    rejects = [reject for group in groups for reject in group.rejects]
+    return account(file_ids, rejects, [outcome for group in groups for outcome in group.outcomes])
+
+
 def _account_all(
     work: Path, partition: int, units: Sequence[partitions.Unit], groups: list[StudyGroup]
 ) -> pa.Table:
     """The outcome of every file of the partition, its file ids read from the index."""
-    rejects = [reject for group in groups for reject in group.rejects]
-    outcomes = [outcome for group in groups for outcome in group.outcomes]
-    file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
-    return account(file_ids, rejects, outcomes)
+    return _account_groups(partitions.read_partition(work, partition, units, columns=["file_id"]), groups)
 
 
 def _account_touched(work: Path, partition: int, planned: dict) -> pa.Table | None:
@@ -1264,8 +1268,7 @@ def _account_touched(work: Path, partition: int, planned: dict) -> pa.Table | No
         return None
     groups = [planned["groups"][name] for name in reaccount["touched"] if name in planned["groups"]]
     file_ids = pa.table({"file_id": pa.array([f for group in groups for f in group.files], pa.string())})
-    rejects = [reject for group in groups for reject in group.rejects]
-    new = account(file_ids, rejects, [outcome for group in groups for outcome in group.outcomes])
+    new = _account_groups(file_ids, groups)
     old = pq.read_table(pa.BufferReader(data))
     replaced = pa.array(sorted({*reaccount["dropped"], *file_ids["file_id"].to_pylist()}), pa.string())
     kept = old.filter(pc.invert(pc.is_in(old["file_id"], value_set=replaced)))
