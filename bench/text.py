@@ -1,11 +1,15 @@
-"""Text-tower cost of padding: every batch padded to ``context_length`` against padding to the
-batch's longest report, on real report lengths.
+"""Text-tower cost of padding, and of encoding a sentence that several reports share more than
+once, on real reports.
 
 A training step runs the text tower over a batch of reports; with every batch padded to the
 context length the encoder also computes every padding position. Mean and CLS pooling ignore
 padding (attention-mask aware), so both paddings give the same features; this prints the
 forward+backward time of each over the same batches, their ratio, and the largest feature
 difference.
+
+Then the demo's text recipe (each report the mean of its sentences, measurements dropped):
+every sentence of the batch encoded (the baseline) against each distinct sentence encoded once
+and shared by the reports that hold it (what ``Tokenizer(sentence_mean=True)`` does).
 
     .venv/bin/python bench/text.py REPORTS.csv [--column report] [--sections findings]
 
@@ -26,7 +30,7 @@ import pyarrow.csv as pacsv
 import torch
 from transformers import BertConfig
 
-from hlip.model.text import TextTower, Tokenizer
+from hlip.model.text import TextTower, Tokenizer, drop_measurements, split_sentences
 from hlip.train.data import select_sections
 
 TOWERS = {
@@ -51,6 +55,16 @@ def padded_to_context(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch
         texts, padding="max_length", truncation=True, max_length=tokenizer.context_length, return_tensors="pt"
     )
     return {key: encoded[key].long() for key in ("input_ids", "attention_mask")}
+
+
+def every_sentence(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """The baseline of sentence-mean reports: one row per sentence, repeated wordings included."""
+    tokens = tokenizer(texts)
+    sentences = [s for text in texts for s in split_sentences(drop_measurements(text)) or [""]]
+    return {
+        **Tokenizer(None, tokenizer.context_length)._encode(sentences),
+        "text_index": tokens["text_index"],
+    }
 
 
 def step_seconds(tower: TextTower, batches: list[dict[str, torch.Tensor]], repeats: int) -> float:
@@ -106,6 +120,32 @@ def main() -> None:
             f"| {name}, {spec['context']} tokens | {statistics.median(lengths):.0f} / {max(lengths)} | "
             f"{slow * 1e3:.0f} ms | {fast * 1e3:.0f} ms | **{slow / fast:.2f}x** | {diff:.1e} |"
         )
+    batches = [[texts[i] for i in batch] for batch in picks]
+    sentence_batches(batches, args.repeats)
+
+
+def sentence_batches(batches: list[list[str]], repeats: int) -> None:
+    """The demo's sentence-mean reports: every sentence encoded against each distinct one once."""
+    tower = build_tower("demo (MiniLM, 2 of 6 layers trained)")
+    tokenizer = Tokenizer(None, TOWERS["demo (MiniLM, 2 of 6 layers trained)"]["context"], True, True)
+    every = [every_sentence(tokenizer, batch) for batch in batches]
+    distinct = [tokenizer(batch) for batch in batches]
+    tower.eval()
+    with torch.no_grad():
+        diff = max(float((tower(**a) - tower(**b)).abs().max()) for a, b in zip(every, distinct, strict=True))
+    tower.train()
+    step_seconds(tower, every[:1], 1)  # warm-up
+    slow, fast = step_seconds(tower, every, repeats), step_seconds(tower, distinct, repeats)
+    rows = sum(len(t["text_index"]) for t in every), sum(len(t["input_ids"]) for t in distinct)
+    print("\nDemo recipe (sentence mean, measurements dropped), forward+backward per batch:")
+    print(
+        "| sentences per batch (all / distinct) | every sentence | distinct sentences once | ratio | max feature diff |"
+    )
+    print("|---|---|---|---|---|")
+    print(
+        f"| {rows[0] / len(batches):.0f} / {rows[1] / len(batches):.0f} | {slow * 1e3:.0f} ms | "
+        f"{fast * 1e3:.0f} ms | **{slow / fast:.2f}x** | {diff:.1e} |"
+    )
 
 
 if __name__ == "__main__":

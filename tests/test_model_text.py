@@ -92,17 +92,21 @@ REPORTS = [
     "There is a small nodule in the right upper lobe. No pleural effusion.\nThe heart is normal.",
     "No acute intracranial abnormality.",
     "",
+    "No pleural effusion. The heart is normal. No pleural effusion.",
 ]
 
 
-def test_sentence_mean_tokenizer_gives_one_row_per_sentence():
+def test_sentence_mean_tokenizer_gives_one_row_per_distinct_sentence():
+    """Every sentence of every text keeps its text and points at the one row of its wording."""
     tokens = Tokenizer(None, context_length=24, sentence_mean=True)(REPORTS)
     per_text = [split_sentences(text) or [""] for text in REPORTS]
-    assert tokens["text_index"].tolist() == [0, 0, 0, 1, 2]
-    assert tokens["input_ids"].shape[0] == sum(map(len, per_text)) == 5
+    sentences = [s for text_sentences in per_text for s in text_sentences]
+    distinct = list(dict.fromkeys(sentences))
+    assert tokens["text_index"].tolist() == [0, 0, 0, 1, 2, 3, 3, 3]
+    assert tokens["input_ids"].shape[0] == len(distinct) == 5
+    assert [distinct[row] for row in tokens["sentence_rows"].tolist()] == sentences
     assert tokens["input_ids"].shape[1] == tokens["attention_mask"].sum(1).max() <= 24
-    rows = [s for sentences in per_text for s in sentences]
-    alone = Tokenizer(None, context_length=24)(rows)
+    alone = Tokenizer(None, context_length=24)(distinct)
     for row, (ids, mask) in enumerate(zip(tokens["input_ids"], tokens["attention_mask"], strict=True)):
         n = int(mask.sum())
         assert ids[:n].tolist() == alone["input_ids"][row, :n].tolist()
@@ -123,6 +127,22 @@ def test_sentence_mean_averages_unit_sentence_embeddings(pooling):
         ]
     assert pooled.shape == (len(REPORTS), 8)
     torch.testing.assert_close(pooled, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_sentence_encoded_once_gets_the_gradient_of_every_occurrence():
+    """Encoding each distinct sentence once trains the tower exactly as encoding every one."""
+    sentences = [s for text in REPORTS for s in split_sentences(text) or [""]]
+    every = Tokenizer(None, context_length=32)(sentences)
+    every["text_index"] = Tokenizer(None, context_length=32, sentence_mean=True)(REPORTS)["text_index"]
+    grads = []
+    for tokens in (every, Tokenizer(None, context_length=32, sentence_mean=True)(REPORTS)):
+        tower = tiny_tower("mean").eval()
+        features = tower(**tokens)
+        (features * torch.arange(features.numel()).view_as(features)).sum().backward()
+        grads.append({name: p.grad for name, p in tower.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)
 
 
 def test_sentence_mean_of_one_sentence_points_like_the_sentence():
