@@ -1,0 +1,40 @@
+"""bench/ingest_scale.py's plan stage on a small simulated index: the index it writes is the one
+the workers would write (every row in its study's partition), and the plan tasks it times run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from hlip.ingest import partitions
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ingest_scale.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_ingest_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulated_index_partitions_rows_as_the_workers_do_and_plans(tmp_path):
+    bench = load_bench()
+    parts = bench.simulated_index(tmp_path, 1000, 4)
+    work = tmp_path / "plan-work"
+    seen, studies = 0, set()
+    for partition, units in parts:
+        for unit in units:
+            rows = pq.read_table(
+                partitions._fragment(work, partitions.INDEX_DIR, partition, unit)
+            ).to_pylist()
+            assert all(partitions.row_partition(row, 4) == partition for row in rows)
+            assert [row["file_id"] for row in rows] == sorted(row["file_id"] for row in rows)
+            studies.update(row["StudyInstanceUID"] for row in rows)
+        seen += bench._plan_only(partition, units, work)
+    template = bench.index_sources([tmp_path / "plan-template"])
+    copies = -(-1000 // template.num_rows)
+    assert seen == copies * template.num_rows
+    assert len(studies) == copies * len(set(template["StudyInstanceUID"].to_pylist()))
