@@ -3,25 +3,14 @@ the workers would write (every row in its study's partition), and the plan tasks
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pyarrow.parquet as pq
+from bench_support import load_bench
 
 from hlip.ingest import partitions
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ingest_scale.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_ingest_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_simulated_index_partitions_rows_as_the_workers_do_and_plans(tmp_path):
-    bench = load_bench()
+    bench = load_bench("ingest_scale")
     parts = bench.simulated_index(tmp_path, 1000, 4)
     work = tmp_path / "plan-work"
     seen, studies = 0, set()
