@@ -7,9 +7,10 @@ padding (attention-mask aware), so both paddings give the same features; this pr
 forward+backward time of each over the same batches, their ratio, and the largest feature
 difference.
 
-Then the demo's text recipe (each report the mean of its sentences, measurements dropped):
-every sentence of the batch encoded (the baseline) against each distinct sentence encoded once
-and shared by the reports that hold it (what ``Tokenizer(sentence_mean=True)`` does).
+Then the demo's text recipe (each report the mean of its sentences, measurements dropped),
+embedded as evaluation embeds reports and prompts (no gradient, no dropout): every sentence of
+the batch encoded (the baseline) against each distinct sentence encoded once and shared by the
+reports that hold it (what ``TextTower`` does outside training).
 
     .venv/bin/python bench/text.py REPORTS.csv [--column report] [--sections findings]
 
@@ -67,13 +68,17 @@ def every_sentence(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Te
     }
 
 
-def step_seconds(tower: TextTower, batches: list[dict[str, torch.Tensor]], repeats: int) -> float:
-    """Median over ``repeats`` passes of the mean forward+backward time per batch."""
+def step_seconds(
+    tower: TextTower, batches: list[dict[str, torch.Tensor]], repeats: int, backward: bool = True
+) -> float:
+    """Median over ``repeats`` passes of the mean forward(+backward) time per batch."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for tokens in batches:
-            tower(**tokens).pow(2).sum().backward()
+            features = tower(**tokens)
+            if backward:
+                features.pow(2).sum().backward()
         times.append((time.perf_counter() - start) / len(batches))
     tower.zero_grad(set_to_none=True)
     return statistics.median(times)
@@ -125,19 +130,19 @@ def main() -> None:
 
 
 def sentence_batches(batches: list[list[str]], repeats: int) -> None:
-    """The demo's sentence-mean reports: every sentence encoded against each distinct one once."""
-    tower = build_tower("demo (MiniLM, 2 of 6 layers trained)")
+    """The demo's sentence-mean reports embedded for evaluation: every sentence encoded against
+    each distinct one once."""
+    tower = build_tower("demo (MiniLM, 2 of 6 layers trained)").eval()
     tokenizer = Tokenizer(None, TOWERS["demo (MiniLM, 2 of 6 layers trained)"]["context"], True, True)
     every = [every_sentence(tokenizer, batch) for batch in batches]
     distinct = [tokenizer(batch) for batch in batches]
-    tower.eval()
     with torch.no_grad():
         diff = max(float((tower(**a) - tower(**b)).abs().max()) for a, b in zip(every, distinct, strict=True))
-    tower.train()
-    step_seconds(tower, every[:1], 1)  # warm-up
-    slow, fast = step_seconds(tower, every, repeats), step_seconds(tower, distinct, repeats)
+        step_seconds(tower, every[:1], 1, backward=False)  # warm-up
+        slow = step_seconds(tower, every, repeats, backward=False)
+        fast = step_seconds(tower, distinct, repeats, backward=False)
     rows = sum(len(t["text_index"]) for t in every), sum(len(t["input_ids"]) for t in distinct)
-    print("\nDemo recipe (sentence mean, measurements dropped), forward+backward per batch:")
+    print("\nDemo recipe (sentence mean, measurements dropped), embedding per batch (evaluation):")
     print(
         "| sentences per batch (all / distinct) | every sentence | distinct sentences once | ratio | max feature diff |"
     )
