@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole hlip path on a laptop CPU, in 15-20 minutes on two cores:
+# The whole hlip path on a laptop CPU, in about 20 minutes on two cores:
 #   synthetic DICOM archives -> shards -> shard statistics -> training -> evaluation report.
 #
 # Usage: bash scripts/demo.sh [OUTDIR]      (make demo runs it with OUTDIR=demo-out)
