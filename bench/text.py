@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 import torch
 from transformers import BertConfig
 
-from hlip.model.text import TextTower, Tokenizer, drop_measurements, split_sentences
+from hlip.model.text import TextTower, Tokenizer
 from hlip.train.data import select_sections
 
 TOWERS = {
@@ -58,12 +58,13 @@ def padded_to_context(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch
     return {key: encoded[key].long() for key in ("input_ids", "attention_mask")}
 
 
-def every_sentence(tokenizer: Tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """The baseline of sentence-mean reports: one row per sentence, repeated wordings included."""
-    tokens = tokenizer(texts)
-    sentences = [s for text in texts for s in split_sentences(drop_measurements(text)) or [""]]
+def every_sentence(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The baseline of sentence-mean reports: one row per sentence of each report, repeated
+    wordings included (the rows the tower encodes in training)."""
+    rows = tokens["sentence_rows"]
     return {
-        **Tokenizer(None, tokenizer.context_length)._encode(sentences),
+        "input_ids": tokens["input_ids"][rows],
+        "attention_mask": tokens["attention_mask"][rows],
         "text_index": tokens["text_index"],
     }
 
@@ -134,8 +135,8 @@ def sentence_batches(batches: list[list[str]], repeats: int) -> None:
     each distinct one once."""
     tower = build_tower("demo (MiniLM, 2 of 6 layers trained)").eval()
     tokenizer = Tokenizer(None, TOWERS["demo (MiniLM, 2 of 6 layers trained)"]["context"], True, True)
-    every = [every_sentence(tokenizer, batch) for batch in batches]
     distinct = [tokenizer(batch) for batch in batches]
+    every = [every_sentence(tokens) for tokens in distinct]
     with torch.no_grad():
         diff = max(float((tower(**a) - tower(**b)).abs().max()) for a, b in zip(every, distinct, strict=True))
         step_seconds(tower, every[:1], 1, backward=False)  # warm-up
