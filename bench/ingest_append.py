@@ -24,6 +24,7 @@ Run: ``.venv/bin/python bench/ingest_append.py`` (``--base 8 32 128 --new 4 --re
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -58,6 +59,7 @@ def _best(repeat: int, prepare: Callable[[], None], run: Callable[[], object]) -
     times = []
     for _ in range(repeat):
         prepare()
+        os.sync()  # the copy's writeback would otherwise land inside the timed run
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)

@@ -184,10 +184,14 @@ def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, 
         return table
 
     monkeypatch.setattr(partitions, "read_partition", counting_read)
-    whole_accountings = []
-    account_all = pipeline._account_all
+    accounted = []  # the study keys whose outcome records the accounting reads
+    account_groups = pipeline._account_groups
     monkeypatch.setattr(
-        pipeline, "_account_all", lambda *a: whole_accountings.append(a[1]) or account_all(*a)
+        pipeline,
+        "_account_groups",
+        lambda ids, groups, *a: (
+            accounted.extend(k for g in groups for k in g.keys) or account_groups(ids, groups, *a)
+        ),
     )
     late = make_archive(tmp_path / "late", 1, seed=6, sizes=SMALL)  # a night's export, a source of its own
     sources = [source, late.root]
@@ -199,7 +203,8 @@ def test_a_replan_reads_only_the_rows_of_studies_that_may_have_changed(archive, 
     pipeline.run_ingest(sources, out, config, workers=0)
     late_files = sum(1 for path in late.root.rglob("*") if path.is_file())
     assert sum(read) == late_files
-    assert whole_accountings == []  # the files table is updated by the new studies' rows only
+    # the files table is updated by the new study's rows only
+    assert len(accounted) == len(late.studies) == 1
 
     read.clear()
     amended = archive.studies[2].study_uid

@@ -44,7 +44,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pydicom
 from rich.progress import Progress
 
@@ -943,13 +942,14 @@ def _plan_files(work: Path, partition: int) -> tuple[Path, Path, Path]:
 @dataclass
 class StudyGroup:
     """The plan of the files of one StudyInstanceUID (or of one unreadable file): the
-    digest of what it was planned from, its study keys and its rejects; once accounted
-    for, its studies' outcomes (a later accounting of an unchanged group reads no record)."""
+    digest of what it was planned from, its study keys and its rejects. Its studies'
+    outcomes are not kept here: once accounted for they are in the partition's
+    ``files.parquet`` part, which a later accounting keeps for the groups not planned
+    again, so the plan record holds no per-file outcome to read and rewrite."""
 
     digest: str
     keys: list[str]
     rejects: list[Reject]
-    outcomes: list[StudyOutcome] | None = None
     units: list[str] | None = None
     """The units (:attr:`~hlip.ingest.partitions.Unit.name`) holding the group's rows."""
     names: list[str] | None = None
@@ -1216,22 +1216,19 @@ def account_partition(
     """Give every file of one index partition its one outcome (a Dask task): the plan's
     rejects and the outcomes of the partition's studies, written to
     ``files.parquet/part-NNNN.parquet``; return the partition's counts. Only the studies
-    planned again have their outcome records read."""
+    planned again have their outcome records read, unless the previous accounting cannot
+    be reused."""
     pending_path, accounted_path, done_path = _plan_files(work, partition)
     # A task that ran to its end on a worker lost before its result came back runs again.
     planned = pickle.loads((pending_path if pending_path.exists() else accounted_path).read_bytes())
-    groups = list(planned["groups"].values())
-    fresh = [group for group in groups if group.outcomes is None]
-    for group in fresh:
-        group.outcomes = [read_outcome(out, key) for key in group.keys]
-    missing = [key for group in fresh for key, o in zip(group.keys, group.outcomes, strict=True) if o is None]
-    if missing:
-        raise RuntimeError(
-            f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
+    files, groups = _account_touched(work, partition, planned, out)
+    if files is None:
+        groups = list(planned["groups"].values())
+        files = _account_groups(
+            partitions.read_partition(work, partition, units, columns=["file_id"]), groups, out, partition
         )
-    files = _account_touched(work, partition, planned) or _account_all(work, partition, units, groups)
     encoded = _write_files(work, partition, files)
-    for key in (key for group in fresh for key in group.keys):
+    for key in (key for group in groups for key in group.keys):
         _task_path(work, key).unlink(missing_ok=True)
     summary = summarize(files, out)
     counts = {name: getattr(summary, name) for name in RUN_COUNTS}
@@ -1242,37 +1239,42 @@ def account_partition(
     return summary
 
 
-def _account_groups(file_ids: pa.Table, groups: list[StudyGroup]) -> pa.Table:
-    """:func:`account` of ``file_ids`` with the rejects and study outcomes of ``groups``."""
-    rejects = [reject for group in groups for reject in group.rejects]
-    return account(file_ids, rejects, [outcome for group in groups for outcome in group.outcomes])
-
-
-def _account_all(
-    work: Path, partition: int, units: Sequence[partitions.Unit], groups: list[StudyGroup]
+def _account_groups(
+    file_ids: pa.Table, groups: list[StudyGroup], out: str | Path, partition: int
 ) -> pa.Table:
-    """The outcome of every file of the partition, its file ids read from the index."""
-    return _account_groups(partitions.read_partition(work, partition, units, columns=["file_id"]), groups)
+    """:func:`account` of ``file_ids`` with the rejects of ``groups`` and the recorded
+    outcomes of their studies."""
+    outcomes = {key: read_outcome(out, key) for group in groups for key in group.keys}
+    missing = [key for key, outcome in outcomes.items() if outcome is None]
+    if missing:
+        raise RuntimeError(
+            f"partition {partition}: {len(missing)} studies have no outcome, e.g. {missing[0]}"
+        )
+    rejects = [reject for group in groups for reject in group.rejects]
+    return account(file_ids, rejects, outcomes.values())
 
 
-def _account_touched(work: Path, partition: int, planned: dict) -> pa.Table | None:
+def _account_touched(
+    work: Path, partition: int, planned: dict, out: str | Path
+) -> tuple[pa.Table | None, list[StudyGroup]]:
     """The previous ``files.parquet`` part with the rows of the groups planned again
-    replaced by their new outcomes; None when the plan read every group or the part is not
-    the one the previous accounting wrote (then every file is accounted for again)."""
+    replaced by their new outcomes, and those groups; ``(None, [])`` when the plan read
+    every group or the part is not the one the previous accounting wrote (then every file
+    is accounted for again)."""
     reaccount = planned.get("reaccount")
     path = work / FILES_FILE / f"part-{partition:04d}.parquet"
     if reaccount is None or not path.exists():
-        return None
+        return None, []
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != reaccount["files_digest"]:
-        return None
+        return None, []
     groups = [planned["groups"][name] for name in reaccount["touched"] if name in planned["groups"]]
     file_ids = pa.table({"file_id": pa.array([f for group in groups for f in group.files], pa.string())})
-    new = _account_groups(file_ids, groups)
-    old = pq.read_table(pa.BufferReader(data))
+    new = _account_groups(file_ids, groups, out, partition)
+    old = partitions.read_file(pa.BufferReader(data))
     replaced = pa.array(sorted({*reaccount["dropped"], *file_ids["file_id"].to_pylist()}), pa.string())
     kept = old.filter(pc.invert(pc.is_in(old["file_id"], value_set=replaced)))
-    return pa.concat_tables([kept, new]).sort_by("file_id").combine_chunks()
+    return pa.concat_tables([kept, new]).sort_by("file_id").combine_chunks(), groups
 
 
 def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
