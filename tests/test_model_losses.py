@@ -80,6 +80,62 @@ def test_losses_ignore_batch_order(n, seed):
     )
 
 
+def _soft_clip_reference(images, texts, scale, share, temperature) -> torch.Tensor:
+    """Cross-entropy against targets written out per pair: (1 - share) on the pair's own report,
+    share spread over the reports by the softmax of their similarity to it."""
+    n = images.shape[0]
+    total = 0.0
+    for i in range(n):
+        similar = torch.softmax(texts[i] @ texts.T / temperature, 0)
+        target = share * similar + (1 - share) * F.one_hot(torch.tensor(i), n)
+        row = scale * (images[i] @ texts.T)
+        col = scale * (texts[i] @ images.T)
+        total = (
+            total - (target * torch.log_softmax(row, 0)).sum() - (target * torch.log_softmax(col, 0)).sum()
+        )
+    return total / (2 * n)
+
+
+def test_soft_target_clip_loss_matches_written_out_targets():
+    images, texts = _features(6)
+    scale = torch.tensor(14.0)
+    loss = ClipLoss(soft_targets=0.4, soft_target_temperature=0.1)(images, texts, scale)
+    torch.testing.assert_close(loss, _soft_clip_reference(images, texts, scale, 0.4, 0.1))
+    torch.testing.assert_close(
+        ClipLoss(soft_targets=0.0)(images, texts, scale), _clip_reference(images, texts, scale)
+    )
+
+
+def test_soft_targets_leave_images_on_their_reports_near_duplicates_included():
+    """Images that sit on their reports, two studies with nearly the same report (the same
+    findings, worded a little differently): with targets from the report similarity (at the
+    logit scale's temperature) that is where the loss rests; one-hot targets keep pushing
+    each of the two images away from the other's report."""
+    _, texts = _features(6)
+    nearly = F.normalize(
+        texts[4] + 0.05 * torch.randn(texts.shape[1], generator=torch.Generator().manual_seed(1)), dim=0
+    )
+    texts = torch.cat([texts[:5], nearly[None]])  # study 5's report is nearly study 4's
+    temperature = 0.1
+    scale = torch.tensor(1 / temperature)
+
+    def image_gradient(loss_fn):
+        images = texts.clone().requires_grad_()
+        loss_fn(images, texts, scale).backward()
+        return images.grad
+
+    soft = image_gradient(ClipLoss(soft_targets=1.0, soft_target_temperature=temperature))
+    assert soft.abs().max() < 1e-6
+    assert image_gradient(ClipLoss())[4:].abs().max() > 1e-2
+
+
+def test_soft_targets_are_checked():
+    with pytest.raises(ValueError, match="soft_targets"):
+        ClipLoss(soft_targets=1.5)
+    with pytest.raises(ValueError, match="CLIP loss only"):
+        create_loss("siglip", soft_targets=0.5)
+
+
 def test_create_loss_rejects_unknown_names():
     assert isinstance(create_loss("siglip"), SigLipLoss)
     with pytest.raises(ValueError, match="unknown loss"):
@@ -91,6 +147,7 @@ def test_create_loss_rejects_unknown_names():
 CASES = {
     "clip_local": lambda rank, world: ClipLoss(rank, world, gather_with_grad=True, local_loss=True),
     "clip_global": lambda rank, world: ClipLoss(rank, world, gather_with_grad=True, local_loss=False),
+    "clip_soft": lambda rank, world: ClipLoss(rank, world, gather_with_grad=True, soft_targets=0.5),
     "siglip": lambda rank, world: SigLipLoss(rank, world, gather_with_grad=True),
 }
 

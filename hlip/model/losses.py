@@ -41,14 +41,31 @@ class ClipLoss(nn.Module):
     ``local_loss=True`` (HLIP's recipe): each rank scores its own pairs against the global
     batch, with targets ``arange(local_bs) + rank * local_bs``. ``local_loss=False``: every
     rank computes the full global-batch loss.
+
+    ``soft_targets`` (0 = one-hot, as CLIP) gives that share of each target to the batch's
+    reports by their similarity to the pair's own report (a softmax of the detached text
+    features' cosine similarities at ``soft_target_temperature``), in both directions. Many
+    studies of an archive share findings, and word for word the sentences that state them;
+    one-hot targets push a study's image away from every such report of the batch, which
+    works against learning the finding itself (the false negatives of contrastive learning
+    on clinical data). Identical reports get equal targets.
     """
 
     def __init__(
-        self, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True, local_loss: bool = True
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        gather_with_grad: bool = True,
+        local_loss: bool = True,
+        soft_targets: float = 0.0,
+        soft_target_temperature: float = 0.05,
     ):
         super().__init__()
+        if not 0.0 <= soft_targets <= 1.0:
+            raise ValueError(f"soft_targets must be in [0, 1], got {soft_targets}")
         self.rank, self.world_size = rank, world_size
         self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
+        self.soft_targets, self.soft_target_temperature = soft_targets, soft_target_temperature
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
@@ -68,7 +85,16 @@ class ClipLoss(nn.Module):
             per_text = per_image.T
             offset = 0
         labels = torch.arange(per_image.shape[0], device=per_image.device) + offset
+        if self.soft_targets:
+            own = text_features if self.local_loss else all_texts
+            labels = self._targets(own.detach(), all_texts.detach(), labels)
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+    def _targets(self, texts: torch.Tensor, all_texts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Target probabilities [rows, global batch]: one-hot mixed with the report similarity."""
+        similar = torch.softmax(texts @ all_texts.T / self.soft_target_temperature, dim=1)
+        one_hot = F.one_hot(labels, all_texts.shape[0]).to(similar.dtype)
+        return (1 - self.soft_targets) * one_hot + self.soft_targets * similar
 
 
 class SigLipLoss(nn.Module):
@@ -106,10 +132,14 @@ class SigLipLoss(nn.Module):
         return total / image_features.shape[0]
 
 
-def create_loss(kind: str, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True) -> nn.Module:
+def create_loss(
+    kind: str, rank: int = 0, world_size: int = 1, gather_with_grad: bool = True, soft_targets: float = 0.0
+) -> nn.Module:
     """``"clip"`` -> ClipLoss (local-loss mode), ``"siglip"`` -> SigLipLoss."""
     if kind == "clip":
-        return ClipLoss(rank, world_size, gather_with_grad=gather_with_grad)
+        return ClipLoss(rank, world_size, gather_with_grad=gather_with_grad, soft_targets=soft_targets)
+    if soft_targets:
+        raise ValueError("soft_targets applies to the CLIP loss only")
     if kind == "siglip":
         return SigLipLoss(rank, world_size, gather_with_grad=gather_with_grad)
     raise ValueError(f"unknown loss {kind!r}; expected 'clip' or 'siglip'")

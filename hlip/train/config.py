@@ -143,6 +143,9 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
+    soft_targets: float = 0.0
+    """CLIP loss only: share of each target given to the batch's reports by their similarity
+    to the study's own (0 = one-hot; hlip.model.losses.ClipLoss says why)."""
     max_logit_scale: float = math.log(100.0)
     """CLIP's temperature clamp: logit_scale stays in [0, ln 100]."""
     precision: str = "bf16"

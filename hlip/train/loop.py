@@ -93,7 +93,7 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
     trunk = model.visual.trunk
     trunk.attn_backend = config.attention
     compiled = compile_blocks(trunk.blocks, config.compile_backend) if config.compile else None
-    loss_fn = create_loss(model, info)
+    loss_fn = create_loss(model, info, config.soft_targets)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(config, total_steps))
 
@@ -258,11 +258,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 # --- distributed pieces ----------------------------------------------------------------------------
 
 
-def create_loss(model: nn.Module, info: DistInfo) -> nn.Module:
+def create_loss(model: nn.Module, info: DistInfo, soft_targets: float = 0.0) -> nn.Module:
     from hlip.model.losses import create_loss as make
 
     kind = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
-    return make(kind, info.rank, info.world_size)
+    return make(kind, info.rank, info.world_size, soft_targets=soft_targets)
 
 
 def wrap_ddp(model: nn.Module, config: TrainConfig, info: DistInfo) -> nn.Module:
