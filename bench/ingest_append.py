@@ -16,9 +16,9 @@ base's folders, whose times are unchanged, instead of listing and stat'ing their
 
 Every ingest runs in this process (``workers=0``: no cluster start-up in the numbers),
 timed by wall clock; the best of ``--repeat`` runs is kept (each run starts from copies
-of the same outputs, so it does the same work).
+of the same outputs, so it does the same work), and ``append`` and ``alone`` take turns.
 
-Run: ``.venv/bin/python bench/ingest_append.py`` (``--base 8 32 128 --new 4 --repeat 3``).
+Run: ``.venv/bin/python bench/ingest_append.py`` (``--base 8 32 128 --new 4 --repeat 5``).
 """
 
 from __future__ import annotations
@@ -55,15 +55,22 @@ def _reports(path: Path, *tables: Path) -> Path:
     return path
 
 
-def _best(repeat: int, prepare: Callable[[], None], run: Callable[[], object]) -> float:
-    times = []
+Job = tuple[Callable[[], None], Callable[[], object]]
+"""What to prepare (untimed), and what to time."""
+
+
+def _best(repeat: int, **jobs: Job) -> dict[str, float]:
+    """The best wall time of each job over ``repeat`` rounds, the jobs taking turns within a
+    round, so that a slow spell of the machine falls on both sides of a ratio."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeat):
-        prepare()
-        os.sync()  # the copy's writeback would otherwise land inside the timed run
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, (prepare, run) in jobs.items():
+            prepare()
+            os.sync()  # the copy's writeback would otherwise land inside the timed run
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -78,21 +85,26 @@ def measure(root: Path, base_studies: int, new_studies: int, repeat: int, trust:
     both = _reports(root / f"reports{base_studies}.csv", base.reports_csv, new.reports_csv)
     config = _config(both, trust)
     done, work = root / f"done{base_studies}", root / "work"
-    fresh = _best(repeat, lambda: _copy(None, work), lambda: run_ingest([base.root], work, config, workers=0))
+    fresh = _best(
+        repeat, fresh=(lambda: _copy(None, work), lambda: run_ingest([base.root], work, config, workers=0))
+    )
     shutil.copytree(work, done)
-    unchanged = _best(
-        repeat, lambda: _copy(done, work), lambda: run_ingest([base.root], work, config, workers=0)
-    )
-    append = _best(
+    timed = _best(
         repeat,
-        lambda: _copy(done, work),
-        lambda: run_ingest([base.root, new.root], work, config, workers=0),
+        unchanged=(lambda: _copy(done, work), lambda: run_ingest([base.root], work, config, workers=0)),
     )
-    alone = _best(repeat, lambda: _copy(None, work), lambda: run_ingest([new.root], work, config, workers=0))
+    timed |= _best(
+        repeat,
+        append=(
+            lambda: _copy(done, work),
+            lambda: run_ingest([base.root, new.root], work, config, workers=0),
+        ),
+        alone=(lambda: _copy(None, work), lambda: run_ingest([new.root], work, config, workers=0)),
+    )
     files = {
         name: sum(1 for _ in iter_source_files([str(a.root)])) for name, a in (("base", base), ("new", new))
     }
-    return {"fresh": fresh, "unchanged": unchanged, "append": append, "alone": alone, **files}
+    return {**fresh, **timed, **files}
 
 
 def main() -> None:
@@ -101,7 +113,7 @@ def main() -> None:
         "--base", type=int, nargs="+", default=[8, 32, 128], help="Base archive sizes (studies)."
     )
     parser.add_argument("--new", type=int, default=4, help="New studies appended.")
-    parser.add_argument("--repeat", type=int, default=3, help="Best of this many runs per measurement.")
+    parser.add_argument("--repeat", type=int, default=5, help="Best of this many runs per measurement.")
     parser.add_argument(
         "--trust-folder-times", action="store_true", help="Re-runs skip folders whose times are unchanged."
     )
