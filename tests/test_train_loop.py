@@ -91,7 +91,7 @@ class NanAtStep(nn.Module):
 @pytest.fixture
 def nan_at_step_2(monkeypatch):
     real = loop.create_loss
-    monkeypatch.setattr(loop, "create_loss", lambda model, info: NanAtStep(real(model, info), bad_call=2))
+    monkeypatch.setattr(loop, "create_loss", lambda *args: NanAtStep(real(*args), bad_call=2))
 
 
 def test_nan_loss_stops_with_step_and_study_keys(dataset, tmp_path, nan_at_step_2):
