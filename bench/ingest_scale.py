@@ -177,8 +177,9 @@ def bench_archives(scratch: Path, sizes: list[int], workers: int) -> None:
             rss = fresh["peak_rss_mb"]
             smallest, previous = smallest or rss, previous or rss
             rate = fresh["files"] / fresh["seconds"]
-            print(f"{fresh['files']:>8} {fresh['studies']:>8} {rss:>13.0f} MB {rss / previous:>9.2f}x "
-                  f"{rss / smallest:>9.2f}x {fresh['seconds']:>8.1f} {rate:>8.0f} {rate / workers:>10.0f}")  # fmt: skip
+            print(f"{fresh['files']:>8} {fresh['studies']:>8} {rss:>13.0f} MB "
+                  f"{rss / previous:>9.2f}x {rss / smallest:>9.2f}x {fresh['seconds']:>8.1f} "
+                  f"{rate:>8.0f} {rate / workers:>10.0f}")  # fmt: skip
             previous = rss
             if files == sizes[-1]:
                 again = run_client(root, out, reports, address)

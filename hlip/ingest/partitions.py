@@ -526,9 +526,9 @@ def _write_record(work: Path, summary: UnitSummary, stamps: dict | None) -> None
 
 
 def read_file(path: Path | pa.NativeFile, columns: Sequence[str] | None = None) -> pa.Table:
-    """One Parquet file of the work folder (or its bytes), read as the single file it is: ``pq.read_table``
-    on a path first discovers a dataset, which costs more than reading a small fragment
-    (about 2x per fragment), and a plan or accounting task reads dozens of them."""
+    """One Parquet file of the work folder (or its bytes), read as the single file it is:
+    ``pq.read_table`` on a path first discovers a dataset, which costs more than reading a
+    small fragment (about 2x per fragment), and a plan or accounting task reads dozens."""
     with pq.ParquetFile(path) as file:
         return file.read(columns=columns)
 

@@ -1221,12 +1221,15 @@ def account_partition(
     pending_path, accounted_path, done_path = _plan_files(work, partition)
     # A task that ran to its end on a worker lost before its result came back runs again.
     planned = pickle.loads((pending_path if pending_path.exists() else accounted_path).read_bytes())
-    files, groups = _account_touched(work, partition, planned, out)
-    if files is None:
+    previous = _previous_files(work, partition, planned)
+    if previous is None:  # every file of the partition, with every group's outcomes
         groups = list(planned["groups"].values())
-        files = _account_groups(
-            partitions.read_partition(work, partition, units, columns=["file_id"]), groups, out, partition
-        )
+        file_ids = partitions.read_partition(work, partition, units, columns=["file_id"])
+        files = _account_groups(file_ids, groups, out, partition)
+    else:  # the previous part, with the rows of the groups planned again replaced
+        reaccount = planned["reaccount"]
+        groups = [planned["groups"][name] for name in reaccount["touched"] if name in planned["groups"]]
+        files = _replace_groups(previous, groups, reaccount["dropped"], out, partition)
     encoded = _write_files(work, partition, files)
     for key in (key for group in groups for key in group.keys):
         _task_path(work, key).unlink(missing_ok=True)
@@ -1254,27 +1257,30 @@ def _account_groups(
     return account(file_ids, rejects, outcomes.values())
 
 
-def _account_touched(
-    work: Path, partition: int, planned: dict, out: str | Path
-) -> tuple[pa.Table | None, list[StudyGroup]]:
-    """The previous ``files.parquet`` part with the rows of the groups planned again
-    replaced by their new outcomes, and those groups; ``(None, [])`` when the plan read
-    every group or the part is not the one the previous accounting wrote (then every file
-    is accounted for again)."""
+def _previous_files(work: Path, partition: int, planned: dict) -> pa.Table | None:
+    """The partition's ``files.parquet`` part as the previous accounting wrote it, when the
+    plan read only some groups (``reaccount``); None when it read every group or the part is
+    not that one (then every file is accounted for again)."""
     reaccount = planned.get("reaccount")
     path = work / FILES_FILE / f"part-{partition:04d}.parquet"
     if reaccount is None or not path.exists():
-        return None, []
+        return None
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != reaccount["files_digest"]:
-        return None, []
-    groups = [planned["groups"][name] for name in reaccount["touched"] if name in planned["groups"]]
+        return None
+    return partitions.read_file(pa.BufferReader(data))
+
+
+def _replace_groups(
+    previous: pa.Table, groups: list[StudyGroup], dropped: list[str], out: str | Path, partition: int
+) -> pa.Table:
+    """``previous`` without the rows of ``dropped`` (the groups' files as they were) and of the
+    groups' files now, plus those files' new outcomes."""
     file_ids = pa.table({"file_id": pa.array([f for group in groups for f in group.files], pa.string())})
     new = _account_groups(file_ids, groups, out, partition)
-    old = partitions.read_file(pa.BufferReader(data))
-    replaced = pa.array(sorted({*reaccount["dropped"], *file_ids["file_id"].to_pylist()}), pa.string())
-    kept = old.filter(pc.invert(pc.is_in(old["file_id"], value_set=replaced)))
-    return pa.concat_tables([kept, new]).sort_by("file_id").combine_chunks(), groups
+    replaced = pa.array(sorted({*dropped, *file_ids["file_id"].to_pylist()}), pa.string())
+    kept = previous.filter(pc.invert(pc.is_in(previous["file_id"], value_set=replaced)))
+    return pa.concat_tables([kept, new]).sort_by("file_id").combine_chunks()
 
 
 def read_dicom_study(source: str | os.PathLike, config: IngestConfig | None = None) -> Study:
