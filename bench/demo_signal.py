@@ -46,10 +46,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
+from hlip.evaluate.grounding import similarity_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.prompts import PromptSet, load_prompts
 from hlip.evaluate.zeroshot import SentenceBank, prompt_sentences
-from hlip.model.text import TextTower, Tokenizer
 from hlip.shards.reader import ShardDataset
 from hlip.synth import FINDINGS
 from hlip.train.checkpoint import build_model
@@ -57,6 +57,8 @@ from hlip.train.config import load_config
 from hlip.train.data import StudyTransform, select_sections
 
 LABELS = list(FINDINGS)
+"""The findings scored: those of :data:`FINDINGS` that both the training and the held-out
+studies carry (narrowed in ``main``; a chest + brain archive has no CT-head labels)."""
 
 
 def load_studies(path: str) -> list:
@@ -216,14 +218,7 @@ def supervised_bound(train, heldout, config, steps: int, device: str) -> list[tu
 
 
 def report_text_bound(heldout, prompts: PromptSet) -> dict[str, float]:
-    tower, tokenizer = TextTower.from_pretrained(None, 8, pooling="mean").eval(), Tokenizer(None, 128)
-
-    def embed(texts):
-        with torch.no_grad():
-            tokens = tokenizer(texts)
-            hidden = tower.transformer(**tokens).last_hidden_state
-            return torch.nn.functional.normalize(tower.pool(hidden, tokens["attention_mask"]), dim=-1).numpy()
-
+    embed = similarity_encoder()
     with_report = [s for s in heldout if s.report.strip()]
     reports = embed([select_sections(s.report, ["findings"]) or s.report for s in with_report])
     return aucs(targets(with_report), reports @ prompt_directions(embed, prompts))
@@ -252,6 +247,10 @@ def main() -> None:
     prompts = load_prompts(args.prompts, template_set=args.template_set)
     config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
     train, heldout = load_studies(args.train), load_studies(args.heldout)
+    present = [
+        j for j in range(len(LABELS)) if all((~np.isnan(targets(s)[:, j])).any() for s in (train, heldout))
+    ]
+    LABELS[:] = [LABELS[j] for j in present]
     print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
     print("  " + " ".join(LABELS))
     intensity = intensity_bounds(train, heldout, StudyTransform(config, False))

@@ -190,21 +190,50 @@ def test_shards_without_labels_need_a_label_table(tmp_path, prompts, published, 
     assert metrics["zeroshot"]["multiclass"]["diagnosis"]["per_class"]["tumour"]["n"] == 0
 
 
-def test_hlip_train_checkpoint_loads_without_preset(tmp_path, shards, tiny_text):
+def _train_checkpoint(run: Path, tiny_text: Path, **config) -> Path:
+    """An hlip-train checkpoint (step 1, untrained weights) of a run with ``config``."""
     from hlip.train.checkpoint import build_model, checkpoint_payload, rng_state, save_checkpoint
     from hlip.train.config import TrainConfig
 
-    config = TrainConfig(model=PRESET, text_model=str(tiny_text), max_scans=2).resolve()
+    config = TrainConfig(model=PRESET, text_model=str(tiny_text), max_scans=2, **config).resolve()
     model, _ = build_model(config, pretrained_text=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     payload = checkpoint_payload(model=model, optimizer=optimizer, scheduler=scheduler, step=1, config=config,
                                  data_states=[{}], rng_states=[rng_state()])  # fmt: skip
-    path = save_checkpoint(payload, tmp_path / "run", keep=1)
+    return save_checkpoint(payload, run, keep=1)
+
+
+def test_hlip_train_checkpoint_loads_without_preset(tmp_path, shards, tiny_text):
+    path = _train_checkpoint(tmp_path / "run", tiny_text)
     result = _run("embed", shards, "--model", path, "--out", tmp_path / "e.parquet", "--set", SMALL)
     assert result.exit_code == 0, result.output
     table = Embeddings.load(tmp_path / "e.parquet")
     assert len(table) == 12 and table.meta["kind"] == "hlip-train"
+
+
+def test_prompts_are_grounded_in_the_runs_training_reports_unless_told_otherwise(
+    tmp_path, shards, prompts, tiny_text
+):
+    path = _train_checkpoint(tmp_path / "run", tiny_text, data=[str(shards)])
+    common = ("--prompts", prompts, "--tasks", "zeroshot", "--bootstrap", "20", "--set", SMALL)
+    grounded = _run("run", shards, "--model", path, "--out", tmp_path / "auto", *common)
+    assert grounded.exit_code == 0, grounded.output
+    info = json.loads((tmp_path / "auto" / "metrics.json").read_text())["zeroshot"]["grounding"]
+    # 12 reports: "Study i: a finding / no finding and <dx>."
+    assert info == {"data": [str(shards)], "reports": 12, "sentences": 12}
+    plain = _run("run", shards, "--model", path, "--out", tmp_path / "none", "--ground", "none", *common)
+    assert plain.exit_code == 0, plain.output
+    assert json.loads((tmp_path / "none" / "metrics.json").read_text())["zeroshot"]["grounding"] == "none"
+    assert (
+        "nearest sentences among 12 distinct sentences of 12 training reports"
+        in (tmp_path / "auto" / "report.md").read_text()
+    )
+    missing = _run(
+        "run", shards, "--model", path, "--out", tmp_path / "x", "--ground", tmp_path / "nowhere", *common
+    )
+    assert missing.exit_code != 0 and "cannot read shards" in missing.output
+    assert not (tmp_path / "x" / "embeddings.parquet").exists()
 
 
 def test_version_pins_the_studies_that_train_and_eval_read(tmp_path, published, tiny_text):

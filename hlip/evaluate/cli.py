@@ -101,6 +101,12 @@ def run(
         help="Labelled shards other than --data (training or validation studies): each label's "
         "threshold for sensitivity/specificity/balanced accuracy is chosen on their zero-shot scores.",
     ),
+    ground: str = typer.Option(
+        "auto",
+        "--ground",
+        help="Shards whose reports ground the zero-shot prompts in their own sentences (no labels "
+        "read); 'auto': the model's training shards when readable here; 'none': the prompts alone.",
+    ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."
     ),
@@ -131,6 +137,7 @@ def run(
         out=str(out),
         prompts=prompts,
         calibrate=calibrate,
+        ground=ground,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         labels=labels,
         label_key=label_key,

@@ -211,6 +211,8 @@ def _zeroshot_section(metrics: Mapping[str, Any], plots: Mapping[str, Path], out
             f"prompts: the similarity to the positive prompts); {_THRESHOLD_RULES[metrics.get('thresholds', 'none')]} "
             "95% bootstrap CIs in brackets.",
             "",
+            _grounding_line(metrics.get("grounding", "none")),
+            "",
         ]
         rows = [
             [name, f"{m['n']} ({m['n_positive']})", fmt(m.get("threshold"))]
@@ -245,6 +247,18 @@ _THRESHOLD_RULES = {
     "fixed": "a study is positive when p reaches the fixed threshold of the prompts file.",
     "none": "no thresholds (no calibration studies were given), so AUC only.",
 }
+
+
+def _grounding_line(grounding: Any) -> str:
+    if not isinstance(grounding, Mapping):
+        return "Prompts scored as written (not grounded in training reports)."
+    return (
+        f"Each prompt class also holds its nearest sentences among {grounding['sentences']} distinct "
+        f"sentences of {grounding['reports']} training reports ({', '.join(grounding['data'])}); no label "
+        "of those studies is read."
+    )
+
+
 _BINARY_COLUMNS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 
 

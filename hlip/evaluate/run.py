@@ -18,6 +18,7 @@ from typing import Any
 
 from hlip.evaluate import labels as labels_mod
 from hlip.evaluate.embed import Embeddings, EvalInputError, embed_dataset, load_model, text_encoder
+from hlip.evaluate.grounding import Corpus, build_corpus
 from hlip.evaluate.metrics import DEFAULT_BOOTSTRAP, MetricWarning
 from hlip.evaluate.probe import DEFAULT_FOLDS, run_probe
 from hlip.evaluate.prompts import PromptSet, load_prompts
@@ -43,6 +44,10 @@ class EvalOptions:
     calibrate: str | None = None
     """Shards of labelled studies other than ``data`` (training or validation) whose zero-shot
     scores fix each label's threshold (Youden's J) for sensitivity, specificity, balanced accuracy."""
+    ground: str = "auto"
+    """Shards whose reports ground the prompts (:mod:`hlip.evaluate.grounding`); ``auto``: the
+    model's own training shards, when it is an hlip-train run whose data can be read here;
+    ``none``: the prompts alone."""
     tasks: Sequence[str] = ("zeroshot", "retrieval")
     labels: str | None = None
     label_key: str = labels_mod.DEFAULT_KEY_COLUMN
@@ -127,6 +132,8 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     if options.calibrate and "zeroshot" in tasks:
         calibration = replace(options, data=options.calibrate)
         check_labels(prompts, study_labels(*manifest_labels(options.calibrate), calibration), calibration)
+    if options.ground not in ("auto", "none") and "zeroshot" in tasks:
+        manifest_labels(options.ground)  # readable shards, before the model runs
     loaded = load_model(
         options.checkpoint,
         preset=options.preset,
@@ -138,15 +145,16 @@ def run_evaluation(options: EvalOptions, progress: Callable[[int, int], None] | 
     out = Path(options.out)
     embeddings_path = embeddings.save(out / EMBEDDINGS_FILE)
     labels = study_labels(embeddings.keys, embeddings.labels, options)
+    corpus = _grounding_corpus(loaded, options.ground) if "zeroshot" in tasks else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
         thresholds = (
-            _calibrated_thresholds(loaded, prompts, options, progress)
+            _calibrated_thresholds(loaded, prompts, corpus, options, progress)
             if options.calibrate and "zeroshot" in tasks
             else None
         )
         metrics, zeroshot, ranks = _run_tasks(
-            tasks, embeddings, labels, prompts, text_encoder(loaded), thresholds, options
+            tasks, embeddings, labels, prompts, text_encoder(loaded), thresholds, corpus, options
         )
     metrics["warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, MetricWarning)})
     metrics = {"run": _run_info(options, prompts, embeddings, tasks), **metrics}
@@ -167,22 +175,48 @@ def _embed(loaded, data, options: EvalOptions, progress, version: int | None = N
     )
 
 
-def _calibrated_thresholds(loaded, prompts: PromptSet, options: EvalOptions, progress) -> dict[str, float]:
+def ground_paths(loaded, ground: str) -> list[str]:
+    """The shard datasets whose reports ground the prompts (see :attr:`EvalOptions.ground`)."""
+    if ground == "none":
+        return []
+    if ground != "auto":
+        return [ground]
+    data = list(getattr(loaded.config, "data", None) or [])
+    return data if data and all(Path(path).is_dir() for path in data) else []
+
+
+def _grounding_corpus(loaded, ground: str) -> Corpus | None:
+    paths = ground_paths(loaded, ground)
+    if not paths:
+        return None
+    return build_corpus(
+        paths,
+        text_encoder(loaded),
+        sections=loaded.config.text_sections,
+        without_measurements=loaded.tokenizer.drop_measurements,
+    )
+
+
+def _calibrated_thresholds(
+    loaded, prompts: PromptSet, corpus: Corpus | None, options: EvalOptions, progress
+) -> dict[str, float]:
     """Embed the calibration studies and choose each label's threshold on their scores."""
     studies = _embed(loaded, options.calibrate, options, progress)
     labels = study_labels(studies.keys, studies.labels, replace(options, data=options.calibrate))
     scale = studies.meta["logit_scale"]
-    return calibrate_thresholds(studies.image, labels, prompts, text_encoder(loaded), scale)
+    return calibrate_thresholds(studies.image, labels, prompts, text_encoder(loaded), scale, corpus)
 
 
-def _run_tasks(tasks, embeddings: Embeddings, labels, prompts, encode, thresholds, options: EvalOptions):
+def _run_tasks(
+    tasks, embeddings: Embeddings, labels, prompts, encode, thresholds, corpus, options: EvalOptions
+):
     metrics: dict[str, Any] = {}
     zeroshot = ranks = None
     if "zeroshot" in tasks:
         scale = embeddings.meta["logit_scale"]
         zeroshot = run_zeroshot(
             embeddings.image, labels, prompts, encode, scale,
-            thresholds=thresholds, n_boot=options.bootstrap, seed=options.seed,
+            thresholds=thresholds, corpus=corpus, n_boot=options.bootstrap, seed=options.seed,
         )  # fmt: skip
         metrics["zeroshot"] = zeroshot.metrics
         if zeroshot.metrics["thresholds"] == "none" and prompts.binary:

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hlip.evaluate import metrics
 from hlip.evaluate.labels import binary_targets, class_targets
 from hlip.evaluate.prompts import PLACEHOLDER, BinaryLabel, PromptSet
+
+if TYPE_CHECKING:
+    from hlip.evaluate.grounding import Corpus
 
 TextEncoder = Callable[[Sequence[str]], np.ndarray]
 """Maps sentences to L2-normalised embeddings ``[n, E]`` (the model's text tower)."""
@@ -38,24 +42,36 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 class SentenceBank:
-    """Embeds every distinct prompt sentence once and serves them by text."""
+    """Embeds every distinct prompt sentence once and serves them by text; with a ``corpus``
+    (:mod:`hlip.evaluate.grounding`), class embeddings are grounded in its sentences."""
 
-    def __init__(self, encode: TextEncoder, sentences: Sequence[str]) -> None:
+    def __init__(self, encode: TextEncoder, sentences: Sequence[str], corpus: Corpus | None = None) -> None:
         unique = list(dict.fromkeys(sentences))
         vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
         self._vectors = dict(zip(unique, vectors, strict=True))
+        self.corpus = corpus
+        if corpus is not None:
+            self._relevance = dict(zip(unique, corpus.relate(unique), strict=True))
 
     def __getitem__(self, sentence: str) -> np.ndarray:
         return self._vectors[sentence]
 
     def class_embeddings(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> np.ndarray:
-        """``[K, T, E]``: per class and template, the mean of the phrases' normalised embeddings."""
-        return np.stack(
+        """``[K, T, E]``: per class and template, the mean of the phrases' normalised embeddings
+        (and of the class's corpus sentences, when grounded)."""
+        classes = np.stack(
             [
                 np.stack([np.mean([self[fill(t, p)] for p in class_phrases], axis=0) for t in templates])
                 for class_phrases in phrases
             ]
         )
+        if self.corpus is None:
+            return classes
+        sentences = [[fill(t, p) for t in templates for p in class_phrases] for class_phrases in phrases]
+        relevance = l2_normalize(
+            [np.mean([self._relevance[s] for s in group], axis=0) for group in sentences]
+        )
+        return self.corpus.ground(classes, relevance)
 
 
 def fill(template: str, phrase: str) -> str:
@@ -121,6 +137,7 @@ def run_zeroshot(
     logit_scale: float,
     *,
     thresholds: Mapping[str, float] | None = None,
+    corpus: Corpus | None = None,
     n_boot: int = metrics.DEFAULT_BOOTSTRAP,
     seed: int = 0,
 ) -> ZeroShotResult:
@@ -131,12 +148,20 @@ def run_zeroshot(
     fixed ``threshold`` applies to the labels with negative prompts, if the file sets one.
     ``scores[name]`` is ``[N]`` for a binary label and ``[N, K]`` class probabilities for a
     multi-class task; ``targets`` holds the matching 0/1/NaN or class-index (-1 = none) arrays.
+    ``corpus`` grounds the prompts in training-report sentences (:mod:`hlip.evaluate.grounding`).
     """
     image = l2_normalize(image_embeddings)
-    bank = SentenceBank(encode, prompt_sentences(prompts))
+    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
     rule = "calibrated" if thresholds is not None else "fixed" if prompts.threshold is not None else "none"
+    grounding = corpus.info if corpus is not None else "none"
     result = ZeroShotResult(
-        metrics={"ensemble": prompts.ensemble, "thresholds": rule, "binary": {}, "multiclass": {}}
+        metrics={
+            "ensemble": prompts.ensemble,
+            "thresholds": rule,
+            "grounding": grounding,
+            "binary": {},
+            "multiclass": {},
+        }
     )
     cuts = {label.name: _threshold(label, prompts, thresholds) for label in prompts.binary}
     for label in prompts.binary:
@@ -165,11 +190,13 @@ def calibrate_thresholds(
     prompts: PromptSet,
     encode: TextEncoder,
     logit_scale: float,
+    corpus: Corpus | None = None,
 ) -> dict[str, float]:
     """Per binary label, the zero-shot score cut of best Youden's J on these (calibration)
-    studies; a label with one class there gets none (and a :class:`~hlip.evaluate.metrics.MetricWarning`)."""
+    studies (scored as :func:`run_zeroshot` scores, with the same ``corpus``); a label with one
+    class there gets none (and a :class:`~hlip.evaluate.metrics.MetricWarning`)."""
     image = l2_normalize(image_embeddings)
-    bank = SentenceBank(encode, prompt_sentences(prompts))
+    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
     cuts = {
         label.name: metrics.youden_threshold(
             binary_targets(labels, label.column),

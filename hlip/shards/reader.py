@@ -298,6 +298,13 @@ def open_arrays(data: bytes, key: str, names: Iterable[str]) -> dict[str, zarr.A
     return arrays
 
 
+def decode_report(key: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardFormatError(f"study {key!r}: report txt is not UTF-8") from None
+
+
 def decode_study(key: str, members: Mapping[str, bytes]) -> Study:
     """Build a Study from a sample's members; ShardFormatError names what is wrong."""
     missing = [ext for ext in fmt.MEMBERS if ext not in members]
@@ -314,15 +321,11 @@ def decode_study(key: str, members: Mapping[str, bytes]) -> Study:
                 f"JSON says int16{scan['shape']}"
             )
         scans.append(_scan_from_record(scan, array))
-    try:
-        report = members[fmt.TEXT_MEMBER].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ShardFormatError(f"study {key!r}: report txt is not UTF-8") from None
     return Study(
         key=key,
         modality=record["modality"],
         scans=scans,
-        report=report,
+        report=decode_report(key, members[fmt.TEXT_MEMBER]),
         labels=record.get("labels", {}),
         body_part=record.get("body_part", ""),
         meta=record.get("meta", {}),
@@ -436,16 +439,21 @@ class ShardDataset:
             raise KeyError(f"no study {key!r} in {self.path}")
         return self.manifest.slice(self._rows[key], 1).to_pylist()[0]
 
-    def read_members(self, key: str, verify: bool = True) -> dict[str, bytes]:
-        """The sample's raw members, read by offset (no shard scan)."""
+    def read_members(
+        self, key: str, verify: bool = True, members: Iterable[str] = fmt.MEMBERS
+    ) -> dict[str, bytes]:
+        """The sample's raw members (all, or those named in ``members``), read by offset (no
+        shard scan)."""
         row = self.row(key)
         try:
             shard = fmt.check_name(row["shard"], fmt.SHARD_NAME_PATTERN, "shard name")
         except ShardFormatError as error:
             raise ShardFormatError(f"study {key!r}: {error}") from None
-        members = {}
+        wanted, members = set(members), {}
         with self.open_shard(key, shard) as file:
             for ext, column in MEMBER_COLUMNS.items():
+                if ext not in wanted:
+                    continue
                 file.seek(row[f"{column}_offset"])
                 data = file.read(row[f"{column}_size"])
                 if len(data) != row[f"{column}_size"]:
@@ -463,6 +471,10 @@ class ShardDataset:
             return self.location.open(shard)
         except FileNotFoundError:
             raise ShardFormatError(f"study {key!r}: shard {shard} is missing") from None
+
+    def report(self, key: str, verify: bool = True) -> str:
+        """The study's report text alone (one byte-range read; no arrays are opened)."""
+        return decode_report(key, self.read_members(key, verify, members=(fmt.TEXT_MEMBER,))[fmt.TEXT_MEMBER])
 
     def open(self, key: str, verify: bool = True) -> Study:
         """The study ``key`` with lazy scan arrays; ``verify`` checks member sha256s."""

@@ -1,0 +1,91 @@
+"""Zero-shot macro AUC with prompts grounded in the training reports, over the grounding's
+settings, against the prompts as written, for one or more trained models.
+
+    python bench/grounding_sweep.py TRAIN_SHARDS VAL_SHARDS HELDOUT_SHARDS --model RUN [--model RUN ...]
+                                    [--prompts synth]
+
+For each model it builds the grounding corpus from TRAIN_SHARDS' reports once, embeds the
+validation and held-out studies once, and scores both with every combination of
+``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
+relevance a sentence needs), plus the prompts alone. Choose the settings on the validation
+studies (another draw than the held-out ones), then read the held-out column: the shipped
+settings of :mod:`hlip.evaluate.grounding` were chosen that way (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import warnings
+
+import numpy as np
+
+from hlip.evaluate import grounding
+from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
+from hlip.evaluate.metrics import MetricWarning
+from hlip.evaluate.prompts import load_prompts
+from hlip.evaluate.zeroshot import run_zeroshot
+
+NEIGHBOURS = (3, 5, 8, 12)
+KEEP = (0.0, 0.8, 0.9)
+
+
+def macro_auc(embeddings, prompts, encode, scale, corpus) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        result = run_zeroshot(
+            embeddings.image, embeddings.labels, prompts, encode, scale, corpus=corpus, n_boot=0
+        )
+    return result.metrics["macro"]["auc"]["value"]
+
+
+def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict[str, float]]:
+    """{setting: {split: macro AUC}} for one model."""
+    loaded = load_model(run)
+    encode = text_encoder(loaded)
+    corpus = grounding.build_corpus(
+        [train],
+        encode,
+        sections=loaded.config.text_sections,
+        without_measurements=loaded.tokenizer.drop_measurements,
+    )
+    embedded = {split: embed_dataset(loaded, path) for split, path in sets.items()}
+    scale = loaded.logit_scale
+    rows = {"prompts alone": {s: macro_auc(e, prompts, encode, scale, None) for s, e in embedded.items()}}
+    shipped = grounding.NEIGHBOURS, grounding.KEEP
+    try:
+        for grounding.NEIGHBOURS, grounding.KEEP in itertools.product(NEIGHBOURS, KEEP):
+            name = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
+            rows[name] = {s: macro_auc(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+    finally:
+        grounding.NEIGHBOURS, grounding.KEEP = shipped
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("train")
+    parser.add_argument("val")
+    parser.add_argument("heldout")
+    parser.add_argument("--model", action="append", required=True, help="trained run directory (repeatable)")
+    parser.add_argument("--prompts", default="synth")
+    args = parser.parse_args()
+    prompts = load_prompts(args.prompts)
+    results = [
+        sweep(run, args.train, {"val": args.val, "held-out": args.heldout}, prompts) for run in args.model
+    ]
+    print(f"macro AUC over {len(args.model)} model(s): mean (per model), shipped setting "
+          f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}")  # fmt: skip
+    print("| setting | validation | held-out |\n|---|---|---|")
+    for name in results[0]:
+        cells = []
+        for split in ("val", "held-out"):
+            values = [r[name][split] for r in results]
+            cells.append(f"{np.mean(values):.3f} ({' / '.join(f'{v:.3f}' for v in values)})")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()

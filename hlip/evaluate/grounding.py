@@ -1,0 +1,164 @@
+"""Prompts grounded in the training reports' own sentences.
+
+A user writes "Pulmonary nodule." / "No pulmonary nodules."; the reports a model was trained on
+say "There is a pulmonary nodule in the left lower lobe." and "No lung nodule or mass is seen.".
+After a short training the text tower places the plain phrase only roughly where those
+sentences are, and zero-shot scores images along the difference of the two prompts, so the
+prompts lose part of what the image side holds (docs/evaluation.md, "Prompts grounded in the
+training reports"). Grounding adds to each class of a prompt pair the training sentences that
+say the same thing, found without labels:
+
+* **what a sentence is about** comes from a sentence-similarity model (the MiniLM that ships
+  with hlip), which was trained for exactly that and does not move with the trained model;
+* **which class it speaks for** comes from the trained model's own text tower: a sentence
+  belongs to the class whose prompt it lies closest to. This is where negation is decided
+  ("No pleural effusion." against "Pleural effusion."), which a general similarity model
+  does poorly and the trained tower learnt from the reports.
+
+For each class the :data:`NEIGHBOURS` most relevant sentences of that class join its prompt,
+each with the weight of one phrase, if their relevance is at least :data:`MIN_RELEVANCE` and
+within :data:`KEEP` of the best one's (so a finding the reports never mention keeps its prompt
+alone). Labels without negative prompts are not grounded: with one class there is no side to
+choose. No label is read anywhere; the corpus is the reports' text only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hlip.evaluate.zeroshot import l2_normalize
+
+NEIGHBOURS = 8
+"""Corpus sentences added to a class at most."""
+KEEP = 0.9
+"""A sentence joins only if its relevance is at least this share of the best sentence's."""
+MIN_RELEVANCE = 0.5
+"""Cosine similarity (similarity model) below which a sentence is about something else."""
+MAX_STUDIES = 20_000
+"""Reports read per corpus at most (spread evenly over the dataset's studies)."""
+MAX_SENTENCES = 20_000
+"""Distinct sentences kept at most (the most frequent): both encoders embed each once."""
+SIMILARITY_BATCH = 256
+
+Encoder = Callable[[Sequence[str]], np.ndarray]
+"""Sentences -> unit-length embeddings ``[n, D]``."""
+
+
+@dataclass
+class Corpus:
+    """Distinct training-report sentences, embedded by the trained model's text tower
+    (``vectors``) and by the similarity model (``relevance``, with ``relate`` to embed prompts
+    the same way)."""
+
+    sentences: list[str]
+    vectors: np.ndarray
+    relevance: np.ndarray
+    relate: Encoder
+    info: dict = field(default_factory=dict)
+
+    def ground(self, classes: np.ndarray, class_relevance: np.ndarray) -> np.ndarray:
+        """``[K, T, E]`` class embeddings (per class and template, as
+        :meth:`hlip.evaluate.zeroshot.SentenceBank.class_embeddings` builds them) with each
+        class's corpus sentences added, each weighing as one unit-length phrase.
+
+        ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`."""
+        if len(classes) < 2:
+            return classes
+        side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
+        grounded = []
+        for k, per_template in enumerate(classes):
+            chosen = self.vectors[self.neighbours(side == k, self.relevance @ class_relevance[k])]
+            grounded.append(
+                np.stack(
+                    [np.vstack([l2_normalize(vector)[None], chosen]).mean(axis=0) for vector in per_template]
+                )
+            )
+        return np.stack(grounded)
+
+    @staticmethod
+    def neighbours(on_side: np.ndarray, relevance: np.ndarray) -> np.ndarray:
+        """Indices of the sentences joining one class: on its side, relevant enough, best first."""
+        candidates = np.flatnonzero(on_side & (relevance >= MIN_RELEVANCE))
+        if not len(candidates):
+            return candidates
+        best = relevance[candidates].max()
+        candidates = candidates[relevance[candidates] >= KEEP * best]
+        return candidates[np.argsort(-relevance[candidates], kind="stable")][:NEIGHBOURS]
+
+
+def report_sentences(
+    paths: Sequence[str | Path],
+    sections: Sequence[str],
+    without_measurements: bool,
+    max_studies: int = MAX_STUDIES,
+) -> tuple[Counter, int]:
+    """Sentence counts over (at most ``max_studies``) reports of the shard datasets ``paths``,
+    read as the model reads them: the training sections, without measurements if it drops
+    them. Returns the counts and the number of reports read."""
+    from hlip.model.text import drop_measurements, split_sentences
+    from hlip.shards.reader import ShardDataset
+    from hlip.train.data import select_sections
+
+    counts: Counter = Counter()
+    read = 0
+    per_dataset = max(1, max_studies // max(1, len(paths)))
+    for path in paths:
+        dataset = ShardDataset(path)
+        keys = dataset.keys()
+        for key in keys[:: max(1, -(-len(keys) // per_dataset))]:
+            text = select_sections(dataset.report(key), sections)
+            text = drop_measurements(text) if without_measurements else text
+            counts.update(split_sentences(text))
+            read += 1
+    return counts, read
+
+
+def similarity_encoder() -> Encoder:
+    """The MiniLM sentence-similarity model that ships with hlip (mean-pooled, unit length)."""
+    import torch
+
+    from hlip.model.text import TextTower, Tokenizer
+
+    tower, tokenizer = TextTower.from_pretrained(None, 8, pooling="mean").eval(), Tokenizer(None, 128)
+
+    def encode(sentences: Sequence[str]) -> np.ndarray:
+        chunks = [np.zeros((0, tower.transformer.config.hidden_size))]
+        with torch.inference_mode():
+            for start in range(0, len(sentences), SIMILARITY_BATCH):
+                tokens = tokenizer(list(sentences[start : start + SIMILARITY_BATCH]))
+                hidden = tower.transformer(**tokens).last_hidden_state
+                chunks.append(tower.pool(hidden, tokens["attention_mask"]).numpy())
+        return l2_normalize(np.concatenate(chunks))
+
+    return encode
+
+
+def build_corpus(
+    paths: Sequence[str | Path],
+    encode: Encoder,
+    *,
+    sections: Sequence[str],
+    without_measurements: bool,
+    relate: Encoder | None = None,
+    max_studies: int = MAX_STUDIES,
+    max_sentences: int = MAX_SENTENCES,
+) -> Corpus | None:
+    """The grounding corpus of the reports in ``paths`` (None if they hold no sentence);
+    ``encode`` is the trained model's text tower (:func:`hlip.evaluate.embed.text_encoder`)."""
+    counts, read = report_sentences(paths, sections, without_measurements, max_studies)
+    sentences = [sentence for sentence, _ in counts.most_common(max_sentences)]
+    if not sentences:
+        return None
+    relate = relate or similarity_encoder()
+    return Corpus(
+        sentences=sentences,
+        vectors=l2_normalize(encode(sentences)),
+        relevance=relate(sentences),
+        relate=relate,
+        info={"data": [str(p) for p in paths], "reports": read, "sentences": len(sentences)},
+    )

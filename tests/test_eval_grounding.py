@@ -1,0 +1,122 @@
+"""Prompts grounded in training-report sentences: which sentences join which class, and the
+corpus as read from shards."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from hlip.evaluate import grounding
+from hlip.evaluate.grounding import Corpus, report_sentences
+from hlip.evaluate.zeroshot import l2_normalize
+from hlip.shards.reader import ShardDataset
+from hlip.shards.synthetic import synthetic_study
+from hlip.shards.writer import write_dataset
+
+E, R = 6, 4
+
+
+def _corpus(vectors, relevance) -> Corpus:
+    vectors, relevance = np.asarray(vectors, float), np.asarray(relevance, float)
+    return Corpus(
+        sentences=[f"s{i}" for i in range(len(vectors))],
+        vectors=l2_normalize(vectors),
+        relevance=l2_normalize(relevance),
+        relate=lambda sentences: np.zeros((len(sentences), R)),
+    )
+
+
+NEG, POS = np.eye(E)[0], np.eye(E)[1]
+ABOUT = np.eye(R)[0]  # what both prompts of the pair are about
+
+
+def test_each_class_gains_the_relevant_sentences_on_its_side():
+    near_pos, near_neg = POS + 0.2 * NEG, NEG + 0.2 * POS
+    corpus = _corpus(
+        vectors=[near_pos, near_neg, near_pos],
+        relevance=[
+            ABOUT,  # s0: a positive sentence about the finding
+            ABOUT + 0.1 * np.eye(R)[1],  # s1: a negative one
+            np.eye(R)[2] + 0.3 * ABOUT,  # s2: positive side, but about something else
+        ],
+    )
+    classes = np.stack([NEG[None], POS[None]])  # [K=2, T=1, E]
+    grounded = corpus.ground(classes, np.stack([ABOUT, ABOUT]))
+    np.testing.assert_allclose(grounded[1, 0], (POS + corpus.vectors[0]) / 2)
+    np.testing.assert_allclose(grounded[0, 0], (NEG + corpus.vectors[1]) / 2)
+
+
+def test_a_finding_the_reports_never_mention_keeps_its_prompts():
+    corpus = _corpus(vectors=[POS, NEG], relevance=[np.eye(R)[2], np.eye(R)[3]])
+    classes = np.stack([2 * NEG[None], 3 * POS[None]])
+    np.testing.assert_allclose(
+        corpus.ground(classes, np.stack([ABOUT, ABOUT])), np.stack([NEG[None], POS[None]])
+    )
+
+
+def test_a_label_without_negative_prompts_is_not_grounded():
+    corpus = _corpus(vectors=[POS], relevance=[ABOUT])
+    classes = POS[None, None] * 2
+    assert corpus.ground(classes, ABOUT[None]) is classes
+
+
+def test_only_sentences_near_the_best_one_join_and_at_most_neighbours_of_them():
+    relevance = np.array([0.95, 0.9, 0.8, 0.55, 0.4] + [0.94] * 20)
+    on_side = np.array([True, True, True, True, True] + [True] * 20)
+    chosen = Corpus.neighbours(on_side, relevance)
+    assert len(chosen) == grounding.NEIGHBOURS and chosen[0] == 0
+    assert set(chosen) <= {0, 1} | set(range(5, 25))  # 0.8 < 0.9 * 0.95
+    assert len(Corpus.neighbours(on_side & (relevance < 0.5), relevance)) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vectors=arrays(np.float64, (12, E), elements=st.floats(-1, 1)),
+    relevance=arrays(np.float64, (12, R), elements=st.floats(-1, 1)),
+    prompts=arrays(np.float64, (2, E), elements=st.floats(-1, 1)),
+    templates=st.integers(1, 3),
+)
+def test_grounded_classes_are_the_prompt_plus_sentences_of_that_class(vectors, relevance, prompts, templates):
+    """Whatever the corpus: a class embedding is the mean of its unit prompt and of corpus
+    sentences that lie closer to it than to the other class, are relevant, and number at most
+    NEIGHBOURS; the same sentences for every template."""
+    if np.any(np.linalg.norm(vectors, axis=1) < 1e-3) or np.any(np.linalg.norm(prompts, axis=1) < 1e-3):
+        return
+    corpus = _corpus(vectors, relevance)
+    classes = np.repeat(prompts[:, None], templates, axis=1)
+    grounded = corpus.ground(classes, np.stack([ABOUT, ABOUT]))
+    cls = l2_normalize(prompts)
+    for k in range(2):
+        on_side = np.argmax(corpus.vectors @ cls.T, axis=1) == k
+        chosen = Corpus.neighbours(on_side, corpus.relevance @ ABOUT)
+        expected = np.vstack([cls[k][None], corpus.vectors[chosen]]).mean(axis=0)
+        np.testing.assert_allclose(grounded[k, 0], expected, atol=1e-9)
+        assert len(chosen) <= grounding.NEIGHBOURS and on_side[chosen].all()
+        assert (corpus.relevance[chosen] @ ABOUT >= grounding.MIN_RELEVANCE - 1e-12).all()
+        for t in range(templates):
+            np.testing.assert_allclose(grounded[k, t], grounded[k, 0])
+
+
+def test_the_corpus_is_read_as_the_model_reads_reports(tmp_path):
+    """Training sections only, measurements dropped when the model drops them; the reports
+    alone are read (no arrays opened)."""
+    studies = []
+    for i in range(4):
+        study = synthetic_study(f"s{i}", n_scans=1, shape=(4, 8, 8), seed=i)
+        study.report = (
+            "INDICATION:\nCough.\n\nFINDINGS:\nA 12 mm nodule in the right upper lobe. No effusion.\n"
+            if i % 2
+            else "FINDINGS:\nNo effusion. No nodule.\n\nIMPRESSION:\nNormal."
+        )
+        studies.append(study)
+    write_dataset(tmp_path / "shards", studies)
+    counts, read = report_sentences([tmp_path / "shards"], ["findings"], without_measurements=True)
+    assert read == 4
+    assert counts == {"No effusion.": 4, "No nodule.": 2, "A nodule in the right upper lobe.": 2}
+    counts, read = report_sentences([tmp_path / "shards"], [], without_measurements=False, max_studies=2)
+    assert read == 2  # every other study: s0 and s2, read whole
+    assert counts == {"FINDINGS:": 2, "No effusion.": 2, "No nodule.": 2, "IMPRESSION:": 2, "Normal.": 2}
+    dataset = ShardDataset(tmp_path / "shards")
+    assert all(dataset.report(key) == dataset.open(key).report for key in dataset)
