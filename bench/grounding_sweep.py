@@ -7,7 +7,10 @@ settings, against the prompts as written, for one or more trained models.
 For each model it builds the grounding corpus from TRAIN_SHARDS' reports once, embeds the
 validation and held-out studies once, and scores both with every combination of
 ``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
-relevance a sentence needs), plus the prompts alone. Choose the settings on the validation
+relevance a sentence needs), plus the prompts alone, and one diagnostic row: the shipped
+grounding with each binary label's direction (positive minus negative class embedding, along
+which its two-prompt softmax ranks studies) made orthogonal to the other labels' directions,
+which shows how much a finding's score rises with the other findings. Choose the settings on the validation
 studies (another draw than the held-out ones), then read the held-out column: the shipped
 settings of :mod:`hlip.evaluate.grounding` were chosen that way (docs/evaluation.md).
 """
@@ -22,9 +25,10 @@ import numpy as np
 
 from hlip.evaluate import grounding
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
-from hlip.evaluate.metrics import MetricWarning
+from hlip.evaluate.labels import binary_targets
+from hlip.evaluate.metrics import MetricWarning, roc_auc
 from hlip.evaluate.prompts import load_prompts
-from hlip.evaluate.zeroshot import run_zeroshot
+from hlip.evaluate.zeroshot import SentenceBank, l2_normalize, prompt_sentences, run_zeroshot
 
 NEIGHBOURS = (3, 5, 8, 12)
 KEEP = (0.0, 0.8, 0.9)
@@ -39,16 +43,31 @@ def macro_auc(embeddings, prompts, encode, scale, corpus) -> float:
     return result.metrics["macro"]["auc"]["value"]
 
 
+def orthogonal_macro_auc(embeddings, prompts, encode, corpus) -> float:
+    """Macro AUC along each label's grounded direction minus its projection on the others'."""
+    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
+    labels = [label for label in prompts.binary if label.has_negative]
+    directions = []
+    for label in labels:
+        negative, positive = l2_normalize(
+            bank.class_embeddings([label.negative, label.positive], label.templates).mean(1)
+        )
+        directions.append(positive - negative)
+    directions, image, aucs = np.array(directions), l2_normalize(embeddings.image), []
+    for k, label in enumerate(labels):
+        others = np.delete(directions, k, axis=0).T
+        own = directions[k] - others @ np.linalg.lstsq(others, directions[k], rcond=None)[0]
+        y = binary_targets(embeddings.labels, label.column)
+        known = ~np.isnan(y)
+        aucs.append(roc_auc(y[known], (image @ own)[known]))
+    return float(np.mean(aucs))
+
+
 def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict[str, float]]:
     """{setting: {split: macro AUC}} for one model."""
     loaded = load_model(run)
     encode = text_encoder(loaded)
-    corpus = grounding.build_corpus(
-        [train],
-        encode,
-        sections=loaded.config.text_sections,
-        without_measurements=loaded.tokenizer.drop_measurements,
-    )
+    corpus = grounding.model_corpus(loaded, [train])
     embedded = {split: embed_dataset(loaded, path) for split, path in sets.items()}
     scale = loaded.logit_scale
     rows = {"prompts alone": {s: macro_auc(e, prompts, encode, scale, None) for s, e in embedded.items()}}
@@ -59,6 +78,9 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
             rows[name] = {s: macro_auc(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
     finally:
         grounding.NEIGHBOURS, grounding.KEEP = shipped
+    rows["shipped, directions orthogonal to the other labels'"] = {
+        s: orthogonal_macro_auc(e, prompts, encode, corpus) for s, e in embedded.items()
+    }
     return rows
 
 

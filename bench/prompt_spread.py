@@ -1,7 +1,7 @@
 """How much zero-shot AUC hangs on the prompts' phrasing: several ways a user could write the
 same findings, scored on the same held-out studies with the same model(s).
 
-    python bench/prompt_spread.py HELDOUT_SHARDS --model RUN [--model RUN2 ...] [--json OUT]
+    python bench/prompt_spread.py HELDOUT_SHARDS --model RUN [--model RUN2 ...] [--ground TRAIN_SHARDS] [--json OUT]
 
 Phrasings (each a full prompt set over the synth findings; the positive and negative phrases
 of a label always differ only by the finding):
@@ -18,6 +18,9 @@ of a label always differ only by the finding):
 * ``plain, positive only``: the plain positive phrases without negatives, scored by their
   cosine similarity to the study (HLIP's protocol for RSNA and CQ500).
 
+With ``--ground``, every phrasing is grounded in the reports of those shards (the model's
+training shards: what ``hlip-eval run`` does by default, docs/evaluation.md §4).
+
 The sizes are fixed typical values (nodule 30 mm, mass 40 mm, hematoma 40 mm), not the held-out
 studies' sizes. Prints per model a table of AUC per finding and phrasing, and the spread (max -
 min) per finding over the phrasings.
@@ -31,6 +34,7 @@ import json
 import numpy as np
 
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
+from hlip.evaluate.grounding import model_corpus
 from hlip.evaluate.prompts import load_prompts, parse_prompts
 from hlip.evaluate.zeroshot import run_zeroshot
 from hlip.synth import FINDINGS
@@ -109,11 +113,12 @@ def phrasings() -> dict[str, dict]:
     return out
 
 
-def spread(model: str, heldout: str) -> dict[str, dict[str, float]]:
+def spread(model: str, heldout: str, ground: str | None) -> dict[str, dict[str, float]]:
     """AUC per phrasing and finding (and macro) for one model on the held-out shards."""
     loaded = load_model(model)
     embeddings = embed_dataset(loaded, heldout)
     encode = text_encoder(loaded)
+    corpus = model_corpus(loaded, [ground]) if ground else None
     table = {}
     for name, spec in phrasings().items():
         result = run_zeroshot(
@@ -122,6 +127,7 @@ def spread(model: str, heldout: str) -> dict[str, dict[str, float]]:
             parse_prompts(spec, source=name),
             encode,
             loaded.logit_scale,
+            corpus=corpus,
             n_boot=200,
         )
         row = {label: m["auc"]["value"] for label, m in result.metrics["binary"].items()}
@@ -149,11 +155,12 @@ def main() -> None:
     parser.add_argument(
         "--model", action="append", required=True, help="trained run or model folder (repeatable)"
     )
+    parser.add_argument("--ground", help="shards whose reports ground the prompts (the training shards)")
     parser.add_argument("--json", help="write all tables to this file")
     args = parser.parse_args()
     tables = {}
     for model in args.model:
-        tables[model] = spread(model, args.heldout)
+        tables[model] = spread(model, args.heldout, args.ground)
         print_table(model, tables[model])
     if args.json:
         with open(args.json, "w") as f:

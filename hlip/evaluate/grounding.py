@@ -162,3 +162,17 @@ def build_corpus(
         relate=relate,
         info={"data": [str(p) for p in paths], "reports": read, "sentences": len(sentences)},
     )
+
+
+def model_corpus(loaded, paths: Sequence[str | Path]) -> Corpus | None:
+    """The grounding corpus of ``paths`` for a loaded model
+    (:class:`hlip.evaluate.embed.LoadedModel`): its text tower, its report sections, its
+    reading of measurements."""
+    from hlip.evaluate.embed import text_encoder
+
+    return build_corpus(
+        paths,
+        text_encoder(loaded),
+        sections=loaded.config.text_sections,
+        without_measurements=loaded.tokenizer.drop_measurements,
+    )

@@ -18,7 +18,7 @@ from typing import Any
 
 from hlip.evaluate import labels as labels_mod
 from hlip.evaluate.embed import Embeddings, EvalInputError, embed_dataset, load_model, text_encoder
-from hlip.evaluate.grounding import Corpus, build_corpus
+from hlip.evaluate.grounding import Corpus, model_corpus
 from hlip.evaluate.metrics import DEFAULT_BOOTSTRAP, MetricWarning
 from hlip.evaluate.probe import DEFAULT_FOLDS, run_probe
 from hlip.evaluate.prompts import PromptSet, load_prompts
@@ -187,14 +187,7 @@ def ground_paths(loaded, ground: str) -> list[str]:
 
 def _grounding_corpus(loaded, ground: str) -> Corpus | None:
     paths = ground_paths(loaded, ground)
-    if not paths:
-        return None
-    return build_corpus(
-        paths,
-        text_encoder(loaded),
-        sections=loaded.config.text_sections,
-        without_measurements=loaded.tokenizer.drop_measurements,
-    )
+    return model_corpus(loaded, paths) if paths else None
 
 
 def _calibrated_thresholds(
