@@ -13,7 +13,8 @@ input grid (diameter in mm / in-plane spacing), and each bin's positives are sco
 negative studies of that finding: the AUC at which the model tells a lesion of that size from
 none. With ``--train``, the same bins are also scored by a logistic regression fit on the
 model's image embeddings of those training studies: what the image side holds at each size,
-whatever the prompts. Prints the table, writes ``DIR/lesion_size.json`` and ``DIR/lesion_size.png``.
+whatever the prompts; and the zero-shot prompts are grounded in those studies' reports, as
+``hlip-eval run`` grounds them in a run's training shards (docs/evaluation.md §4). Prints the table, writes ``DIR/lesion_size.json`` and ``DIR/lesion_size.png``.
 
 The archives and shards are kept in DIR, so a second model reuses them.
 """
@@ -32,6 +33,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
+from hlip.evaluate.grounding import model_corpus
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.metrics import roc_auc
 from hlip.evaluate.prompts import load_prompts
@@ -108,10 +110,13 @@ def study(model: str, built: list[tuple[Path, dict]], voxel_mm: dict[str, float]
     loaded = load_model(model)
     encode, prompts = text_encoder(loaded), load_prompts("synth").select(list(FOCAL))
     probes = fit_probes(loaded, train) if train else {}
+    corpus = model_corpus(loaded, [train]) if train else None
     rows: dict[str, dict[str, list]] = {}
     for shards, truth in built:
         emb = embed_dataset(loaded, shards)
-        result = run_zeroshot(emb.image, emb.labels, prompts, encode, loaded.logit_scale, n_boot=100)
+        result = run_zeroshot(
+            emb.image, emb.labels, prompts, encode, loaded.logit_scale, corpus=corpus, n_boot=100
+        )
         for label in FOCAL:
             scored = {"zero-shot": result.scores[label]}
             if label in probes:

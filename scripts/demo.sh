@@ -57,37 +57,30 @@ SECONDS=0
 
 stage() { printf '\n\033[1m== %s (%dm%02ds)\033[0m\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 
-synth() {  # synth NAME STUDIES SEED
-    if [[ -f "$OUT/archive-$1/reports.csv" ]]; then
-        echo "archive-$1 exists, skipped"
-    else
-        rm -rf "$OUT/archive-$1"
-        "$BIN/hlip-ingest" synth --out "$OUT/archive-$1" --studies "$2" --seed "$3" "${LESIONS[@]}"
-    fi
-}
-ingest() {  # ingest NAME WORKERS
-    if [[ -f "$OUT/shards-$1/manifest.parquet" ]]; then
-        echo "shards-$1 exists, skipped"
-    else
-        "$BIN/hlip-ingest" run "$OUT/archive-$1" --reports "$OUT/archive-$1/reports.csv" \
-            --out "$OUT/shards-$1" "${SPACING[@]}" --workers "$2" --secret "$DEMO_SECRET"
-    fi
-}
-
 stage "1/5 synthetic archives: $TRAIN_STUDIES training + $HELDOUT_STUDIES held-out + $VAL_STUDIES validation studies"
-# Writing an archive is one process: the training archive is written on one core while the
-# held-out and validation archives are written and ingested on the other.
-synth train "$TRAIN_STUDIES" 0 &
-train_pid=$!
-for split in heldout:"$HELDOUT_STUDIES":1 val:"$VAL_STUDIES":2; do
+# The two archives are independent single-process jobs: written side by side, one per core.
+synth_pids=()
+for split in train:"$TRAIN_STUDIES":0 heldout:"$HELDOUT_STUDIES":1 val:"$VAL_STUDIES":2; do
     IFS=: read -r name n seed <<<"$split"
-    synth "$name" "$n" "$seed"
-    ingest "$name" 1
+    if [[ -f "$OUT/archive-$name/reports.csv" ]]; then
+        echo "archive-$name exists, skipped"
+    else
+        rm -rf "$OUT/archive-$name"
+        "$BIN/hlip-ingest" synth --out "$OUT/archive-$name" --studies "$n" --seed "$seed" "${LESIONS[@]}" &
+        synth_pids+=($!)
+    fi
 done
-wait "$train_pid"
+for pid in "${synth_pids[@]}"; do wait "$pid"; done
 
-stage "2/5 ingest: DICOM + report table -> study shards (training archive)"
-ingest train 2
+stage "2/5 ingest: DICOM + report table -> study shards"
+for name in train heldout val; do
+    if [[ -f "$OUT/shards-$name/manifest.parquet" ]]; then
+        echo "shards-$name exists, skipped"
+    else
+        "$BIN/hlip-ingest" run "$OUT/archive-$name" --reports "$OUT/archive-$name/reports.csv" \
+            --out "$OUT/shards-$name" "${SPACING[@]}" --workers 2 --secret "$DEMO_SECRET"
+    fi
+done
 
 stage "3/5 shard statistics (training set)"
 "$BIN/hlip-shards" stats "$OUT/shards-train" --png "$OUT/shards-train-stats.png"
