@@ -221,7 +221,7 @@ def test_prompts_are_grounded_in_the_runs_training_reports_unless_told_otherwise
     assert grounded.exit_code == 0, grounded.output
     info = json.loads((tmp_path / "auto" / "metrics.json").read_text())["zeroshot"]["grounding"]
     # 12 reports: "Study i: a finding / no finding and <dx>."
-    assert info == {"data": [str(shards)], "reports": 12, "sentences": 12}
+    assert info == {"data": [str(shards)], "reports": 12, "unreadable_reports": 0, "sentences": 12}
     plain = _run("run", shards, "--model", path, "--out", tmp_path / "none", "--ground", "none", *common)
     assert plain.exit_code == 0, plain.output
     assert json.loads((tmp_path / "none" / "metrics.json").read_text())["zeroshot"]["grounding"] == "none"

@@ -112,11 +112,32 @@ def test_the_corpus_is_read_as_the_model_reads_reports(tmp_path):
         )
         studies.append(study)
     write_dataset(tmp_path / "shards", studies)
-    counts, read = report_sentences([tmp_path / "shards"], ["findings"], without_measurements=True)
-    assert read == 4
+    counts, read, unreadable = report_sentences(
+        [tmp_path / "shards"], ["findings"], without_measurements=True
+    )
+    assert (read, unreadable) == (4, 0)
     assert counts == {"No effusion.": 4, "No nodule.": 2, "A nodule in the right upper lobe.": 2}
-    counts, read = report_sentences([tmp_path / "shards"], [], without_measurements=False, max_studies=2)
+    counts, read, _ = report_sentences([tmp_path / "shards"], [], without_measurements=False, max_studies=2)
     assert read == 2  # every other study: s0 and s2, read whole
     assert counts == {"FINDINGS:": 2, "No effusion.": 2, "No nodule.": 2, "IMPRESSION:": 2, "Normal.": 2}
     dataset = ShardDataset(tmp_path / "shards")
     assert all(dataset.report(key) == dataset.open(key).report for key in dataset)
+
+
+def test_a_damaged_report_is_left_out_and_counted(tmp_path):
+    studies = []
+    for i in range(3):
+        study = synthetic_study(f"s{i}", n_scans=1, shape=(4, 8, 8), seed=i)
+        study.report = f"FINDINGS:\nNo effusion. Study {i}."
+        studies.append(study)
+    write_dataset(tmp_path / "shards", studies)
+    row = ShardDataset(tmp_path / "shards").row("s1")
+    shard = tmp_path / "shards" / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[row["txt_offset"]] ^= 0xFF  # the stored sha256 no longer matches
+    shard.write_bytes(bytes(data))
+    counts, read, unreadable = report_sentences(
+        [tmp_path / "shards"], ["findings"], without_measurements=False
+    )
+    assert (read, unreadable) == (2, 1)
+    assert counts == {"No effusion.": 2, "Study 0.": 1, "Study 2.": 1}

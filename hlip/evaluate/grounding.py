@@ -96,26 +96,32 @@ def report_sentences(
     sections: Sequence[str],
     without_measurements: bool,
     max_studies: int = MAX_STUDIES,
-) -> tuple[Counter, int]:
+) -> tuple[Counter, int, int]:
     """Sentence counts over (at most ``max_studies``) reports of the shard datasets ``paths``,
     read as the model reads them: the training sections, without measurements if it drops
-    them. Returns the counts and the number of reports read."""
+    them. Returns the counts, the number of reports read and the number that could not be
+    (a damaged sample is left out, as training leaves it out, and counted)."""
     from hlip.model.text import drop_measurements, split_sentences
+    from hlip.shards.format import ShardFormatError
     from hlip.shards.reader import ShardDataset
     from hlip.train.data import select_sections
 
     counts: Counter = Counter()
-    read = 0
+    read = unreadable = 0
     per_dataset = max(1, max_studies // max(1, len(paths)))
     for path in paths:
         dataset = ShardDataset(path)
         keys = dataset.keys()
         for key in keys[:: max(1, -(-len(keys) // per_dataset))]:
-            text = select_sections(dataset.report(key), sections)
+            try:
+                text = select_sections(dataset.report(key), sections)
+            except ShardFormatError:
+                unreadable += 1
+                continue
             text = drop_measurements(text) if without_measurements else text
             counts.update(split_sentences(text))
             read += 1
-    return counts, read
+    return counts, read, unreadable
 
 
 def similarity_encoder() -> Encoder:
@@ -150,7 +156,7 @@ def build_corpus(
 ) -> Corpus | None:
     """The grounding corpus of the reports in ``paths`` (None if they hold no sentence);
     ``encode`` is the trained model's text tower (:func:`hlip.evaluate.embed.text_encoder`)."""
-    counts, read = report_sentences(paths, sections, without_measurements, max_studies)
+    counts, read, unreadable = report_sentences(paths, sections, without_measurements, max_studies)
     sentences = [sentence for sentence, _ in counts.most_common(max_sentences)]
     if not sentences:
         return None
@@ -160,7 +166,12 @@ def build_corpus(
         vectors=l2_normalize(encode(sentences)),
         relevance=relate(sentences),
         relate=relate,
-        info={"data": [str(p) for p in paths], "reports": read, "sentences": len(sentences)},
+        info={
+            "data": [str(p) for p in paths],
+            "reports": read,
+            "unreadable_reports": unreadable,
+            "sentences": len(sentences),
+        },
     )
 
 

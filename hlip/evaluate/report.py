@@ -252,10 +252,12 @@ _THRESHOLD_RULES = {
 def _grounding_line(grounding: Any) -> str:
     if not isinstance(grounding, Mapping):
         return "Prompts scored as written (not grounded in training reports)."
+    unreadable = grounding.get("unreadable_reports", 0)
     return (
         f"Each prompt class also holds its nearest sentences among {grounding['sentences']} distinct "
-        f"sentences of {grounding['reports']} training reports ({', '.join(grounding['data'])}); no label "
-        "of those studies is read."
+        f"sentences of {grounding['reports']} training reports ({', '.join(grounding['data'])}"
+        + (f"; {unreadable} damaged reports left out" if unreadable else "")
+        + "); no label of those studies is read."
     )
 
 
