@@ -247,10 +247,8 @@ def main() -> None:
     prompts = load_prompts(args.prompts, template_set=args.template_set)
     config = load_config("demo-cpu", [f'data=["{args.train}"]', *args.set]).resolve()
     train, heldout = load_studies(args.train), load_studies(args.heldout)
-    present = [
-        j for j in range(len(LABELS)) if all((~np.isnan(targets(s)[:, j])).any() for s in (train, heldout))
-    ]
-    LABELS[:] = [LABELS[j] for j in present]
+    present = (~np.isnan(targets(train))).any(axis=0) & (~np.isnan(targets(heldout))).any(axis=0)
+    LABELS[:] = [label for label, kept in zip(LABELS, present, strict=True) if kept]
     print(f"{len(train)} training and {len(heldout)} held-out studies; AUC per finding:")
     print("  " + " ".join(LABELS))
     intensity = intensity_bounds(train, heldout, StudyTransform(config, False))

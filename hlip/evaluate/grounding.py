@@ -144,26 +144,22 @@ def similarity_encoder() -> Encoder:
     return encode
 
 
-def build_corpus(
-    paths: Sequence[str | Path],
-    encode: Encoder,
-    *,
-    sections: Sequence[str],
-    without_measurements: bool,
-    relate: Encoder | None = None,
-    max_studies: int = MAX_STUDIES,
-    max_sentences: int = MAX_SENTENCES,
-) -> Corpus | None:
-    """The grounding corpus of the reports in ``paths`` (None if they hold no sentence);
-    ``encode`` is the trained model's text tower (:func:`hlip.evaluate.embed.text_encoder`)."""
-    counts, read, unreadable = report_sentences(paths, sections, without_measurements, max_studies)
-    sentences = [sentence for sentence, _ in counts.most_common(max_sentences)]
+def model_corpus(loaded, paths: Sequence[str | Path]) -> Corpus | None:
+    """The grounding corpus of the reports in ``paths`` for a loaded model
+    (:class:`hlip.evaluate.embed.LoadedModel`), read with its report sections and its reading of
+    measurements and embedded by its text tower; None if the reports hold no sentence."""
+    from hlip.evaluate.embed import text_encoder
+
+    counts, read, unreadable = report_sentences(
+        paths, loaded.config.text_sections, loaded.tokenizer.drop_measurements
+    )
+    sentences = [sentence for sentence, _ in counts.most_common(MAX_SENTENCES)]
     if not sentences:
         return None
-    relate = relate or similarity_encoder()
+    relate = similarity_encoder()
     return Corpus(
         sentences=sentences,
-        vectors=l2_normalize(encode(sentences)),
+        vectors=l2_normalize(text_encoder(loaded)(sentences)),
         relevance=relate(sentences),
         relate=relate,
         info={
@@ -172,18 +168,4 @@ def build_corpus(
             "unreadable_reports": unreadable,
             "sentences": len(sentences),
         },
-    )
-
-
-def model_corpus(loaded, paths: Sequence[str | Path]) -> Corpus | None:
-    """The grounding corpus of ``paths`` for a loaded model
-    (:class:`hlip.evaluate.embed.LoadedModel`): its text tower, its report sections, its
-    reading of measurements."""
-    from hlip.evaluate.embed import text_encoder
-
-    return build_corpus(
-        paths,
-        text_encoder(loaded),
-        sections=loaded.config.text_sections,
-        without_measurements=loaded.tokenizer.drop_measurements,
     )

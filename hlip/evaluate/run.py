@@ -175,19 +175,14 @@ def _embed(loaded, data, options: EvalOptions, progress, version: int | None = N
     )
 
 
-def ground_paths(loaded, ground: str) -> list[str]:
-    """The shard datasets whose reports ground the prompts (see :attr:`EvalOptions.ground`)."""
-    if ground == "none":
-        return []
-    if ground != "auto":
-        return [ground]
-    data = list(getattr(loaded.config, "data", None) or [])
-    return data if data and all(Path(path).is_dir() for path in data) else []
-
-
 def _grounding_corpus(loaded, ground: str) -> Corpus | None:
-    paths = ground_paths(loaded, ground)
-    return model_corpus(loaded, paths) if paths else None
+    """The corpus of the shards ``ground`` names (see :attr:`EvalOptions.ground`), or None."""
+    if ground == "none":
+        return None
+    paths = list(loaded.config.data) if ground == "auto" else [ground]
+    if not paths or not all(Path(path).is_dir() for path in paths):
+        return None
+    return model_corpus(loaded, paths)
 
 
 def _calibrated_thresholds(

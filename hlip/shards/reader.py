@@ -440,20 +440,18 @@ class ShardDataset:
         return self.manifest.slice(self._rows[key], 1).to_pylist()[0]
 
     def read_members(
-        self, key: str, verify: bool = True, members: Iterable[str] = fmt.MEMBERS
+        self, key: str, verify: bool = True, names: Iterable[str] = fmt.MEMBERS
     ) -> dict[str, bytes]:
-        """The sample's raw members (all, or those named in ``members``), read by offset (no
+        """The sample's raw members (all, or those named in ``names``), read by offset (no
         shard scan)."""
         row = self.row(key)
         try:
             shard = fmt.check_name(row["shard"], fmt.SHARD_NAME_PATTERN, "shard name")
         except ShardFormatError as error:
             raise ShardFormatError(f"study {key!r}: {error}") from None
-        wanted, members = set(members), {}
+        wanted, members = set(names), {}
         with self.open_shard(key, shard) as file:
-            for ext, column in MEMBER_COLUMNS.items():
-                if ext not in wanted:
-                    continue
+            for ext, column in ((e, c) for e, c in MEMBER_COLUMNS.items() if e in wanted):
                 file.seek(row[f"{column}_offset"])
                 data = file.read(row[f"{column}_size"])
                 if len(data) != row[f"{column}_size"]:
@@ -474,7 +472,7 @@ class ShardDataset:
 
     def report(self, key: str, verify: bool = True) -> str:
         """The study's report text alone (one byte-range read; no arrays are opened)."""
-        return decode_report(key, self.read_members(key, verify, members=(fmt.TEXT_MEMBER,))[fmt.TEXT_MEMBER])
+        return decode_report(key, self.read_members(key, verify, names=(fmt.TEXT_MEMBER,))[fmt.TEXT_MEMBER])
 
     def open(self, key: str, verify: bool = True) -> Study:
         """The study ``key`` with lazy scan arrays; ``verify`` checks member sha256s."""
