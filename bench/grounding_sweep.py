@@ -10,7 +10,9 @@ validation and held-out studies once, and scores both with every combination of
 relevance a sentence needs), plus the prompts alone, and one diagnostic row: the shipped
 grounding with each binary label's direction (positive minus negative class embedding, along
 which its two-prompt softmax ranks studies) made orthogonal to the other labels' directions,
-which shows how much a finding's score rises with the other findings. Choose the settings on the validation
+which shows how much a finding's score rises with the other findings. It also prints, per
+model, what building the grounding corpus costs against embedding the held-out studies (the
+baseline: what every evaluation pays). Choose the settings on the validation
 studies (another draw than the held-out ones), then read the held-out column: the shipped
 settings of :mod:`hlip.evaluate.grounding` were chosen that way (docs/evaluation.md).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 import warnings
 
 import numpy as np
@@ -67,8 +70,17 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
     """{setting: {split: macro AUC}} for one model."""
     loaded = load_model(run)
     encode = text_encoder(loaded)
+    start = time.perf_counter()
     corpus = grounding.model_corpus(loaded, [train])
-    embedded = {split: embed_dataset(loaded, path) for split, path in sets.items()}
+    corpus_s = time.perf_counter() - start
+    embedded = {}
+    for split, path in sets.items():
+        start = time.perf_counter()
+        embedded[split] = embed_dataset(loaded, path)
+        embed_s = time.perf_counter() - start
+    print(f"{run}: grounding corpus {corpus_s:.1f} s ({corpus.info['sentences']} distinct sentences of "
+          f"{corpus.info['reports']} reports) against embedding the {len(embedded[split])} {split} studies "
+          f"{embed_s:.1f} s: {corpus_s / embed_s:.2f}x")  # fmt: skip
     scale = loaded.logit_scale
     rows = {"prompts alone": {s: macro_auc(e, prompts, encode, scale, None) for s, e in embedded.items()}}
     shipped = grounding.NEIGHBOURS, grounding.KEEP
