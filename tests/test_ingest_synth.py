@@ -338,6 +338,8 @@ def test_same_seed_same_bytes(tmp_path, monkeypatch):
     assert first == second
     monkeypatch.chdir(tmp_path)  # a relative output directory writes the same archive
     assert tree_digest(make_archive("relative", n_studies=4, seed=1, sizes=small).root) == first
+    parallel = make_archive(tmp_path / "workers", n_studies=4, seed=1, sizes=small, workers=2)
+    assert tree_digest(parallel.root) == first  # studies written by two processes: the same archive
     other = make_archive(tmp_path / "c", n_studies=1, seed=2, sizes=small).reports_csv.read_text()
     assert (tmp_path / "a" / "reports.csv").read_text().splitlines()[1] != other.splitlines()[1]
     with pytest.raises(FileExistsError):

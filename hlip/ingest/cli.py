@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 import typer
@@ -307,6 +308,7 @@ def synth(
         max=2.0,
         help="Scale of the planted lesions' sizes (0.25-2; reports state the sizes).",
     ),
+    workers: int | None = workers_option(None, "writing studies side by side", show_default="one per core"),
 ) -> None:
     """Write a synthetic uncurated DICOM archive with a report table (fake PHI included)."""
     from hlip.synth import STUDY_KINDS, Sizes, make_archive
@@ -316,7 +318,13 @@ def synth(
     if unknown or not modalities:
         raise typer.BadParameter(f"unknown study kinds {unknown}; choose from {', '.join(STUDY_KINDS)}")
     make_archive(
-        out, studies, seed, modalities=modalities, sizes=Sizes(lesion_scale=lesion_scale), ct_matrix=ct_matrix
+        out,
+        studies,
+        seed,
+        modalities=modalities,
+        sizes=Sizes(lesion_scale=lesion_scale),
+        ct_matrix=ct_matrix,
+        workers=(os.cpu_count() or 1) if workers is None else workers,
     )
     console.print(f"wrote a synthetic archive of {studies} studies to {out}")
 

@@ -9,6 +9,7 @@ import io
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,14 +213,13 @@ def _broken_files(writer: _Writer, first: SynthFile, rng: np.random.Generator) -
     writer.put("incoming/Thumbs.db", rng.bytes(512), SynthFile("incoming/Thumbs.db", "not_dicom"))
 
 
-def _assign_syntaxes(series_list: list[Series], counter: int, cycle: Sequence[UID]) -> int:
-    """Series take the syntaxes of ``cycle`` in turn (SR documents: an uncompressed one)."""
-    for series in series_list:
+def _assign_syntaxes(series_list: list[Series], start: int, cycle: Sequence[UID]) -> None:
+    """Series take the syntaxes of ``cycle`` in turn from ``start`` (SR documents: an
+    uncompressed one)."""
+    for counter, series in enumerate(series_list, start=start):
         series.transfer_syntax = cycle[counter % len(cycle)]
         if series.kind == "sr_report" and series.transfer_syntax.is_compressed:
             series.transfer_syntax = ExplicitVRLittleEndian
-        counter += 1
-    return counter
 
 
 def _syntax_cycle(transfer_syntaxes: Sequence[str] | None) -> list[UID]:
@@ -251,6 +251,50 @@ def _packaging(index: int, n_studies: int) -> str:
     return "loose"
 
 
+SERIES_STRIDE = 5
+"""Study ``i``'s first series takes the syntax at position ``SERIES_STRIDE * i`` of the cycle
+and its next series the following ones, so a study's syntaxes do not depend on how many series
+the studies before it had (studies are written in parallel); 5 is prime to the cycle's 8, so
+consecutive studies start at every position."""
+
+
+@dataclass
+class _Job:
+    """What a worker needs to write study ``index`` (module-level and picklable)."""
+
+    root: Path
+    seed: int
+    n_studies: int
+    kind: str
+    sizes: Sizes
+    cycle: list[UID]
+
+
+@dataclass
+class _Written:
+    summary: SynthStudy
+    row: dict[str, Any]
+    files: list[SynthFile]
+    phi: list[str]
+
+
+def _write_study(job: _Job, index: int) -> _Written:
+    """Plan, render, encode and write one study; deterministic in ``(seed, index)``."""
+    study = plan_study(index, job.seed, job.kind, job.sizes)
+    series_list = ct_series(study, job.sizes) if study.modality == "CT" else mr_series(study, job.sizes)
+    sections = report_sections(study)
+    text = report_text(sections, capitals=study.index % 4 < 2)
+    if study.report_in_sr:
+        series_list.append(sr_report(study, sections))
+        text = sr_text(series_list[-1].template)
+    _assign_syntaxes(series_list, SERIES_STRIDE * index, job.cycle)
+    with tempfile.TemporaryDirectory(prefix="hlip-synth-") as scratch:
+        writer = _Writer(job.root, Path(scratch))
+        writer.write_study(study, series_list, _packaging(index, job.n_studies))
+    row = _csv_row(study, "" if study.report_in_sr else text)
+    return _Written(_summary(study, series_list, text), row, writer.files, phi_variants(study))
+
+
 def make_archive(
     out_dir: str | Path,
     n_studies: int = 12,
@@ -260,9 +304,11 @@ def make_archive(
     sizes: Sizes | None = None,
     ct_matrix: int | None = None,
     transfer_syntaxes: Sequence[str] | None = None,
+    workers: int = 0,
 ) -> SynthArchive:
     """Write a synthetic uncurated archive of ``n_studies`` studies into ``out_dir`` (which
-    must be empty or absent) and ``out_dir/reports.csv``; the same arguments give the same bytes.
+    must be empty or absent) and ``out_dir/reports.csv``; the same arguments give the same
+    bytes, written in this process (``workers=0``) or by that many processes side by side.
 
     Studies take the kinds in ``modalities`` in turn (:data:`~hlip.synth.findings.STUDY_KINDS`:
     ``"CT"`` chest CT, ``"MR"`` brain MR, ``"CT-HEAD"`` head CT). Features rotate over studies, so any archive of
@@ -270,8 +316,8 @@ def make_archive(
     study carries its report in an SR, the last study is a zip export, the one before it a
     DICOMDIR file set; both SR classes (Basic Text, Enhanced) appear from 6 studies on.
     ``ct_matrix`` is a shortcut for ``Sizes(ct_matrix=...)``. Image series take the
-    ``transfer_syntaxes`` in turn (default: :data:`TRANSFER_SYNTAX_CYCLE`, where encodable);
-    ``[ExplicitVRLittleEndian]`` gives an uncompressed archive.
+    ``transfer_syntaxes`` in turn (default: :data:`TRANSFER_SYNTAX_CYCLE`, where encodable;
+    :data:`SERIES_STRIDE`); ``[ExplicitVRLittleEndian]`` gives an uncompressed archive.
     """
     root = Path(out_dir).absolute()  # files are written, and recorded, relative to it
     if root.exists() and any(root.iterdir()):
@@ -281,27 +327,23 @@ def make_archive(
     if ct_matrix is not None:
         sizes = Sizes(**{**asdict(sizes), "ct_matrix": ct_matrix})
     cycle = _syntax_cycle(transfer_syntaxes)
-    studies, rows, phi, counter = [], [], [], 0
-    with tempfile.TemporaryDirectory(prefix="hlip-synth-") as scratch:
-        writer = _Writer(root, Path(scratch))
-        for index in range(n_studies):
-            study = plan_study(index, seed, modalities[index % len(modalities)], sizes)
-            series_list = ct_series(study, sizes) if study.modality == "CT" else mr_series(study, sizes)
-            sections = report_sections(study)
-            text = report_text(sections, capitals=study.index % 4 < 2)
-            if study.report_in_sr:
-                series_list.append(sr_report(study, sections))
-                text = sr_text(series_list[-1].template)
-            counter = _assign_syntaxes(series_list, counter, cycle)
-            writer.write_study(study, series_list, _packaging(index, n_studies))
-            studies.append(_summary(study, series_list, text))
-            rows.append(_csv_row(study, "" if study.report_in_sr else text))
-            phi += [v for v in phi_variants(study) if v not in phi]
-        if writer.files:
-            first = next(f for f in writer.files if f.kind in SCAN_KINDS and not f.member)
-            _broken_files(writer, first, np.random.default_rng([seed, n_studies, 99]))
-    _write_reports_csv(root / "reports.csv", rows)
-    return SynthArchive(root, root / "reports.csv", studies, writer.files, phi)
+    jobs = [
+        _Job(root, seed, n_studies, modalities[i % len(modalities)], sizes, cycle) for i in range(n_studies)
+    ]
+    if workers > 0:
+        with ProcessPoolExecutor(min(workers, n_studies)) as pool:
+            written = list(pool.map(_write_study, jobs, range(n_studies), chunksize=4))
+    else:
+        written = [_write_study(job, index) for index, job in enumerate(jobs)]
+    files = [file for study in written for file in study.files]
+    if files:
+        writer = _Writer(root, root)
+        first = next(f for f in files if f.kind in SCAN_KINDS and not f.member)
+        _broken_files(writer, first, np.random.default_rng([seed, n_studies, 99]))
+        files += writer.files
+    _write_reports_csv(root / "reports.csv", [study.row for study in written])
+    phi = list(dict.fromkeys(value for study in written for value in study.phi))
+    return SynthArchive(root, root / "reports.csv", [study.summary for study in written], files, phi)
 
 
 def _csv_row(study: Study, text: str) -> dict[str, Any]:
