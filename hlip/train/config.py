@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hlip import resources
+from hlip.train.grouping import BATCH_GROUPINGS
 from hlip.train.windows import REGION_WINDOWS, REGION_WORDS
 
 TEXT_MODES = ("full", "shuffle", "sentence", "subset")
@@ -63,6 +64,10 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank (each reads its own part of the shards)."""
     prefetch_factor: int = 2
+    batch_grouping: str = "none"
+    """Micro-batches of one kind of study: "modality" (CT, MR, ...), "region" (modality and body
+    region: head CT apart from chest CT) or "none" (stream order). Within one kind, the
+    contrastive loss can tell studies apart only by what they show (hlip.train.grouping)."""
     filter_modality: list[str] = field(default_factory=list)
     """Keep only studies of these modalities (e.g. ``["CT"]``); empty = all."""
     filter_body_part: list[str] = field(default_factory=list)
@@ -211,6 +216,7 @@ class TrainConfig:
             "ct_window_mode": (self.ct_window_mode, CT_WINDOW_MODES),
             "precision": (self.precision, PRECISIONS),
             "nan_policy": (self.nan_policy, NAN_POLICIES),
+            "batch_grouping": (self.batch_grouping, BATCH_GROUPINGS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:

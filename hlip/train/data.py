@@ -38,6 +38,7 @@ from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
+from hlip.train.grouping import BatchGrouper, study_group
 from hlip.train.windows import body_region, region_windows
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,9 @@ class Batch:
     """Per reader: studies it skipped so far (undecodable or failing the transform)."""
     skip_reasons: dict[int, dict[str, int]] = field(default_factory=dict)
     """Per reader: those skips by reason (:func:`skip_reason`)."""
+    waiting: dict[int, list[list[Any]]] = field(default_factory=dict)
+    """Per reader: the studies read but not yet batched, ``[group, epoch, index]``
+    (:mod:`hlip.train.grouping`)."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.packed, self.tokens, self.keys))
@@ -375,7 +379,9 @@ class Collate:
     def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
         skipped: dict[int, int] = {}
         reasons: dict[int, dict[str, int]] = {}
+        waiting: dict[int, list[list[Any]]] = {}
         for sample in samples:
+            waiting.update(sample.get("waiting", {}))
             for reader, n in sample.get("skipped", {}).items():
                 if n >= skipped.get(reader, 0):
                     skipped[reader] = n
@@ -389,6 +395,7 @@ class Collate:
             positions=[sample["position"] for sample in samples if "position" in sample],
             skipped=skipped,
             skip_reasons=reasons,
+            waiting=waiting,
         )
 
 
@@ -505,17 +512,20 @@ class DataState:
 
     ``positions[r] = (epoch, consumed)`` for reader ``r`` (a logical DataLoader worker);
     ``batches`` counts the micro-batches this rank has taken, which fixes which reader the
-    DataLoader's round-robin serves next.
+    DataLoader's round-robin serves next; ``waiting[r]`` lists the studies reader ``r`` had
+    read but not yet batched (:mod:`hlip.train.grouping`), which a resume reads again.
     """
 
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     batches: int = 0
     skipped: dict[int, int] = field(default_factory=dict)
     skip_reasons: dict[int, dict[str, int]] = field(default_factory=dict)
+    waiting: dict[int, list[list[Any]]] = field(default_factory=dict)
 
     def advance(self, batch: Batch) -> None:
         for reader, epoch, consumed in batch.positions:
-            self.positions[reader] = (epoch, consumed)
+            self.positions[reader] = max(self.positions.get(reader, (0, 0)), (epoch, consumed))
+        self.waiting.update(batch.waiting)
         for reader, n in batch.skipped.items():
             if n >= self.skipped.get(reader, 0):
                 self.skipped[reader] = n
@@ -541,6 +551,7 @@ class DataState:
             "batches": self.batches,
             "skipped": {str(r): n for r, n in self.skipped.items()},
             "skip_reasons": {str(r): dict(reasons) for r, reasons in self.skip_reasons.items()},
+            "waiting": {str(r): entries for r, entries in self.waiting.items()},
         }
 
     @classmethod
@@ -550,6 +561,10 @@ class DataState:
             int(values.get("batches", 0)),
             {int(r): int(n) for r, n in values.get("skipped", {}).items()},
             {int(r): dict(reasons) for r, reasons in values.get("skip_reasons", {}).items()},
+            {
+                int(r): [[str(g), int(e), int(i)] for g, e, i in entries]
+                for r, entries in values.get("waiting", {}).items()
+            },
         )
 
 
@@ -629,21 +644,34 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, num_readers = self.reader()
         start_epoch, skip = self.state.positions.get(reader, (0, 0))
+        waiting = {(e, i): group for group, e, i in self.state.waiting.get(reader, [])}
         self.skipped = self.state.skipped.get(reader, 0)
         self.skip_reasons = Counter(self.state.skip_reasons.get(reader, {}))
+        grouper = BatchGrouper(self.config.micro_batch_size(self.world_size))
         empty_epochs = 0
-        for epoch in count(start_epoch):
+        for epoch in count(min([start_epoch, *(e for e, _ in waiting)])):
+            replayed = [i for e, i in waiting if e == epoch] if epoch < start_epoch else []
+            if epoch < start_epoch and not replayed:
+                continue
             consumed = 0
             for consumed, study in enumerate(self.studies(reader, num_readers, epoch), start=1):
-                if consumed <= skip:
+                if (epoch, consumed) <= (start_epoch, skip):  # read before the resumed checkpoint
+                    sample = (
+                        self.sample(study, epoch, reader, consumed) if (epoch, consumed) in waiting else None
+                    )
+                    if sample is not None:
+                        grouper.restore(waiting[epoch, consumed], sample)
+                    if epoch < start_epoch and consumed >= max(replayed):
+                        break
                     continue
-                sample = self.sample(study, epoch)
+                sample = self.sample(study, epoch, reader, consumed)
                 if sample is not None:
-                    sample["position"] = (reader, epoch, consumed)
-                    sample["skipped"] = {reader: self.skipped}
-                    sample["skip_reasons"] = {reader: dict(self.skip_reasons)}
-                    yield sample
-            skip = 0
+                    batch = grouper.add(study_group(study, self.config.batch_grouping), sample)
+                    for ready in batch:
+                        ready["waiting"] = {reader: grouper.waiting()}
+                    yield from batch
+            if epoch < start_epoch:
+                continue
             empty_epochs = empty_epochs + 1 if consumed == 0 else 0
             if empty_epochs >= MAX_EMPTY_EPOCHS:
                 log.warning(
@@ -651,14 +679,19 @@ class TrainStream(IterableDataset):
                 )
                 return
 
-    def sample(self, study: Study, epoch: int) -> dict[str, Any] | None:
-        """The transformed study, or None (counted and logged with its key) when it fails."""
+    def sample(self, study: Study, epoch: int, reader: int, consumed: int) -> dict[str, Any] | None:
+        """The transformed study with where it was read, or None (counted and logged with its
+        key) when it fails."""
         try:
-            return self.transform(study, epoch)
+            sample = self.transform(study, epoch)
         except Exception as error:
             log.warning("rank %d: skipped study %s: %s", self.rank, study.key, error)
             self._count_skip(study.key, error)
             return None
+        sample["position"] = (reader, epoch, consumed)
+        sample["skipped"] = {reader: self.skipped}
+        sample["skip_reasons"] = {reader: dict(self.skip_reasons)}
+        return sample
 
 
 def skip_reason(error: Exception, key: str = "") -> str:
