@@ -58,15 +58,17 @@ SECONDS=0
 stage() { printf '\n\033[1m== %s (%dm%02ds)\033[0m\n' "$1" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 stage "1/5 synthetic archives: $TRAIN_STUDIES training + $HELDOUT_STUDIES held-out + $VAL_STUDIES validation studies"
-# The two archives are independent single-process jobs: written side by side, one per core.
+# The three archives are written side by side: the training archive by two processes, the two
+# small ones by one each (they finish first and leave the cores to it).
 synth_pids=()
-for split in train:"$TRAIN_STUDIES":0 heldout:"$HELDOUT_STUDIES":1 val:"$VAL_STUDIES":2; do
-    IFS=: read -r name n seed <<<"$split"
+for split in train:"$TRAIN_STUDIES":0:2 heldout:"$HELDOUT_STUDIES":1:0 val:"$VAL_STUDIES":2:0; do
+    IFS=: read -r name n seed workers <<<"$split"
     if [[ -f "$OUT/archive-$name/reports.csv" ]]; then
         echo "archive-$name exists, skipped"
     else
         rm -rf "$OUT/archive-$name"
-        "$BIN/hlip-ingest" synth --out "$OUT/archive-$name" --studies "$n" --seed "$seed" "${LESIONS[@]}" &
+        "$BIN/hlip-ingest" synth --out "$OUT/archive-$name" --studies "$n" --seed "$seed" "${LESIONS[@]}" \
+            --workers "$workers" &
         synth_pids+=($!)
     fi
 done
