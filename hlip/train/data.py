@@ -11,7 +11,8 @@ function of ``(seed, epoch, rank, worker)`` (the shard stream's shuffles are see
 those), and every random choice of the transform is drawn from a generator seeded by
 ``(seed, epoch, study key)``. A reader's position is therefore two integers, the epoch and
 the number of studies consumed in it; resuming skips that many studies (their arrays are
-never decoded). :class:`TrainStream` chains epochs without end, so batches are always full,
+never decoded) and reads again the few it had read but not yet batched
+(:mod:`hlip.train.grouping`). :class:`TrainStream` chains epochs without end, so batches are always full,
 ranks never wait for each other at an epoch boundary, and every study is used exactly once
 per epoch (a batch may hold the end of one epoch and the start of the next).
 """
@@ -594,6 +595,8 @@ class TrainStream(IterableDataset):
     Each DataLoader worker is one reader with its own share of every epoch's shards; each
     sample carries ``position = (reader, epoch, consumed)`` and the reader's skip count, so
     the training loop knows exactly what it has used (prefetched samples do not count).
+    Samples leave in micro-batches of one kind (:class:`~hlip.train.grouping.BatchGrouper`;
+    one kind for all with ``batch_grouping = "none"``), each with the list of what still waits.
     """
 
     def __init__(
