@@ -62,11 +62,16 @@ def test_grouped_batches_hold_one_modality_and_each_study_once_per_epoch(mixed, 
     assert kinds["CT"] > kinds["MR"] > 0  # each kind in about its share of the data
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_with_waiting_studies_continues_the_same_batches(mixed, tmp_path, workers):
+@pytest.mark.parametrize("workers, share", [(0, 0.0), (2, 0.0), (0, 0.4)])
+def test_resume_with_waiting_studies_continues_the_same_batches(mixed, tmp_path, workers, share):
     dataset, _ = mixed
     config = tiny_config(
-        dataset, tmp_path / "run", "batch_grouping=modality", "batch_size=4", f"num_workers={workers}"
+        dataset,
+        tmp_path / "run",
+        "batch_grouping=modality",
+        "batch_size=4",
+        f"num_workers={workers}",
+        f"mixed_batch_share={share}",
     )
     reference = list(islice(loader(config, DataState()), 20))
     waited = 0
@@ -82,9 +87,26 @@ def test_resume_with_waiting_studies_continues_the_same_batches(mixed, tmp_path,
     assert waited  # some stops left studies waiting in their buckets, which the resume read again
 
 
+def test_a_mixed_share_of_studies_makes_mixed_batches(mixed, tmp_path):
+    dataset, modality = mixed
+    config = tiny_config(
+        dataset, tmp_path / "run", "batch_grouping=modality", "batch_size=4", "mixed_batch_share=0.4"
+    )
+    batches = list(islice(loader(config, DataState()), 16))
+    kinds = [len({modality[k] for k in b.keys}) for b in batches]
+    assert 1 in kinds and 2 in kinds  # batches of one kind and mixed ones
+    per_epoch = Counter(
+        (epoch, key) for b in batches for key, (_, epoch, _) in zip(b.keys, b.positions, strict=True)
+    )
+    assert max(per_epoch.values()) == 1
+    assert {key for epoch, key in per_epoch if epoch == 0} == set(modality)
+    with pytest.raises(ConfigError, match="mixed_batch_share"):
+        tiny_config(dataset, tmp_path / "run", "mixed_batch_share=1.5")
+
+
 def test_no_grouping_keeps_the_stream_order(mixed, tmp_path):
     dataset, _ = mixed
-    config = tiny_config(dataset, tmp_path / "run", "batch_size=4")
+    config = tiny_config(dataset, tmp_path / "run", "batch_grouping=none", "batch_size=4")
     keys = [k for b in islice(loader(config, DataState()), 6) for k in b.keys]
     positions = [p for b in islice(loader(config, DataState()), 6) for p in b.positions]
     assert positions == sorted(positions)  # read order, as without buckets

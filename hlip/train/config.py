@@ -68,6 +68,9 @@ class TrainConfig:
     """Micro-batches of one kind of study: "modality" (CT, MR, ...), "region" (modality and body
     region: head CT apart from chest CT) or "none" (stream order). Within one kind, the
     contrastive loss can tell studies apart only by what they show (hlip.train.grouping)."""
+    mixed_batch_share: float = 0.0
+    """With batch_grouping: the share of studies (drawn per study and epoch) batched in mixed
+    batches instead of with their kind, so other kinds still appear as negatives."""
     filter_modality: list[str] = field(default_factory=list)
     """Keep only studies of these modalities (e.g. ``["CT"]``); empty = all."""
     filter_body_part: list[str] = field(default_factory=list)
@@ -239,6 +242,8 @@ class TrainConfig:
             raise ConfigError(f"mr_percentiles={self.mr_percentiles}: expected 0 <= low < high <= 100")
         if not self.mr_ceiling >= 1:
             raise ConfigError(f"mr_ceiling={self.mr_ceiling}: expected >= 1")
+        if not 0.0 <= self.mixed_batch_share <= 1.0:
+            raise ConfigError(f"mixed_batch_share={self.mixed_batch_share}: expected a share in [0, 1]")
         if not 0.0 <= self.max_skipped_share <= 1.0:
             raise ConfigError(f"max_skipped_share={self.max_skipped_share}: expected a share in [0, 1]")
         if self.steps <= 0 and self.epochs <= 0:

@@ -39,7 +39,7 @@ from hlip.model.text import split_sentences
 from hlip.shards.format import Scan, Study
 from hlip.shards.reader import read_slices
 from hlip.train.config import TrainConfig
-from hlip.train.grouping import BatchGrouper, study_group
+from hlip.train.grouping import MIXED, BatchGrouper, study_group
 from hlip.train.windows import body_region, region_windows
 
 log = logging.getLogger(__name__)
@@ -669,7 +669,7 @@ class TrainStream(IterableDataset):
                     continue
                 sample = self.sample(study, epoch, reader, consumed)
                 if sample is not None:
-                    batch = grouper.add(study_group(study, self.config.batch_grouping), sample)
+                    batch = grouper.add(self.group(study, epoch), sample)
                     for ready in batch:
                         ready["waiting"] = {reader: grouper.waiting()}
                     yield from batch
@@ -681,6 +681,14 @@ class TrainStream(IterableDataset):
                     "rank %d reader %d: no studies in %d epochs; stopping", self.rank, reader, empty_epochs
                 )
                 return
+
+    def group(self, study: Study, epoch: int) -> str:
+        """The bucket of ``study`` in ``epoch``: its kind, or mixed for ``mixed_batch_share``
+        of the studies (a draw of its own, apart from the transform's)."""
+        share = self.config.mixed_batch_share
+        if share and study_rng(self.config.seed, epoch, f"mixed:{study.key}").random() < share:
+            return MIXED
+        return study_group(study, self.config.batch_grouping)
 
     def sample(self, study: Study, epoch: int, reader: int, consumed: int) -> dict[str, Any] | None:
         """The transformed study with where it was read, or None (counted and logged with its
