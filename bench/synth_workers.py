@@ -44,7 +44,9 @@ def main() -> None:
         one, one_digest = timed(Path(scratch) / "one", args.studies, sizes, 0)
         many, many_digest = timed(Path(scratch) / "many", args.studies, sizes, args.workers)
     print(f"{args.studies} studies, one process (baseline): {one:.1f} s ({one / args.studies:.2f} s/study)")
-    print(f"{args.studies} studies, {args.workers} worker processes: {many:.1f} s ({many / args.studies:.2f} s/study)")
+    print(
+        f"{args.studies} studies, {args.workers} worker processes: {many:.1f} s ({many / args.studies:.2f} s/study)"
+    )
     print(f"ratio {many / one:.2f}x; same bytes: {one_digest == many_digest}")
 
 
