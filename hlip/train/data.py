@@ -670,8 +670,8 @@ class TrainStream(IterableDataset):
                 sample = self.sample(study, epoch, reader, consumed)
                 if sample is not None:
                     batch = grouper.add(self.group(study, epoch), sample)
-                    for ready in batch:
-                        ready["waiting"] = {reader: grouper.waiting()}
+                    if batch:
+                        batch[-1]["waiting"] = {reader: grouper.waiting()}  # what the batch leaves behind
                     yield from batch
             if epoch < start_epoch:
                 continue
