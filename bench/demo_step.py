@@ -1,7 +1,13 @@
-"""Time of one `demo-cpu` training step (forward, backward, optimizer) with HLIP's patch
-dropout against the recipe as shipped (the baseline), on the same batches of real shards.
+"""Time of one `demo-cpu` training step (forward, backward, optimizer) under other settings
+(the candidate) against demo-cpu with the baseline's settings, on the same batches of real shards.
 
-    .venv/bin/python bench/demo_step.py TRAIN_SHARDS [--rate 0.5] [--steps 6]
+    .venv/bin/python bench/demo_step.py TRAIN_SHARDS [--base precision=fp32] [--set precision=bf16] [--steps 6]
+
+By default the candidate is bf16 autocast and the baseline fp32: on a CPU with bf16 matrix
+instructions (AMX, AVX512-BF16) the step runs in bf16, elsewhere both run fp32 (the line
+"bf16 native on this CPU" says which). HLIP's patch dropout against every patch:
+``--set patch_drop_rate=0.5`` with the default baseline ``--base precision=fp32`` and
+``--set precision=fp32``.
 
 Both models start from the same weights and take the same batches, in turns (a slow spell of
 the machine falls on both); the median step of each is printed, and their ratio.
@@ -45,13 +51,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("train")
-    parser.add_argument("--rate", type=float, default=0.5)
+    parser.add_argument("--base", action="append", help="baseline setting key=value (default precision=fp32)")
+    parser.add_argument("--set", action="append", help="candidate setting key=value (default precision=bf16)")
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    runs = {
-        "demo-cpu (all patches)": stepper(args.train, []),
-        f"patch_drop_rate={args.rate}": stepper(args.train, [f"patch_drop_rate={args.rate}"]),
-    }
+    base, candidate = args.base or ["precision=fp32"], args.set or ["precision=bf16"]
+    runs = {" ".join(base): stepper(args.train, base), " ".join(candidate): stepper(args.train, candidate)}
     _, config, tokenizer, patch_size = next(iter(runs.values()))
     loader = iter(build_train_loader(config, tokenizer, patch_size, 0, 1, DataState(), False))
     batches = [next(loader) for _ in range(args.steps + 1)]
@@ -62,10 +67,11 @@ def main() -> None:
             if i:  # the first step of each warms up
                 times[name].append(seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    print(f"bf16 native on this CPU: {checkpoint.native_bf16('cpu')}")
     for name, seconds in medians.items():
-        print(f"{name:28s} {seconds:.2f} s/step (median of {args.steps}, {torch.get_num_threads()} threads)")
-    base, other = medians.values()
-    print(f"patch dropout / baseline: {other / base:.2f}x")
+        print(f"{name:36s} {seconds:.2f} s/step (median of {args.steps}, {torch.get_num_threads()} threads)")
+    base_time, candidate_time = medians.values()
+    print(f"candidate / baseline: {candidate_time / base_time:.2f}x")
 
 
 if __name__ == "__main__":

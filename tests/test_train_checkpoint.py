@@ -13,6 +13,7 @@ from hlip.model.clip import load_openclip_checkpoint
 from hlip.model.text import split_sentences
 from hlip.shards.reader import ShardDataset
 from hlip.train import checkpoint as ckpt
+from hlip.train.config import TrainConfig
 from hlip.train.data import Collate, StudyTransform
 from hlip.train.loop import train
 
@@ -67,6 +68,33 @@ def test_load_checkpoint_rebuilds_the_trained_model(run):
     with torch.no_grad():
         out = model(packed, tokens)
     assert out["image_features"].shape == (3, model.embed_dim) and len(keys) == 3
+
+
+@pytest.mark.parametrize(
+    ("device", "amx", "avx512_bf16", "expected"),
+    [
+        ("cuda", False, False, "bf16"),
+        ("cpu", True, False, "bf16"),
+        ("cpu", False, True, "bf16"),
+        ("cpu", False, False, "fp32"),
+        ("mps", True, True, "fp32"),
+    ],
+)
+def test_bf16_autocast_only_where_the_device_computes_bf16(monkeypatch, device, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert ckpt.model_kwargs(TrainConfig(precision="bf16"), device)["precision"] == expected
+    assert ckpt.model_kwargs(TrainConfig(precision="fp32"), device)["precision"] == "fp32"
+
+
+def test_a_bf16_run_on_cpu_trains_and_reloads_as_it_ran(tmp_path):
+    dataset = write_fake_dataset(tmp_path / "ds", 8)
+    result = train(tiny_config(dataset, tmp_path / "run", "steps=2", "precision=bf16"))
+    assert result.step == 2 and np.isfinite(result.loss)
+    model, _, _ = ckpt.load_checkpoint(result.checkpoint)
+    native = ckpt.native_bf16("cpu")
+    assert model.model_config["precision"] == ("bf16" if native else "fp32")
+    assert model.autocast_dtype == (torch.bfloat16 if native else None)
 
 
 def test_export_openclip_layout_loads_into_a_fresh_model(run, tmp_path):

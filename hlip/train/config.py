@@ -157,7 +157,8 @@ class TrainConfig:
     max_logit_scale: float = math.log(100.0)
     """CLIP's temperature clamp: logit_scale stays in [0, ln 100]."""
     precision: str = "bf16"
-    """"bf16" autocasts the forward pass on GPU (CPU always runs fp32); "fp32" never does."""
+    """"bf16" autocasts the forward pass on GPU and on CPUs with bf16 matrix instructions (AMX,
+    AVX512-BF16; other CPUs run fp32); "fp32" never does."""
     nan_policy: str = "raise"
     """On a non-finite loss or gradient: "raise" stops with the step and study keys, "skip" drops the step."""
     max_skipped_share: float = 0.1
