@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from filelock import FileLock
@@ -14,11 +15,13 @@ from train_support import corrupt_chunks, read_jsonl
 
 from hlip.evaluate.embed import embed_dataset, load_model
 from hlip.evaluate.retrieval import run_retrieval
+from hlip.evaluate.run import EvalOptions, run_evaluation
 from hlip.shards.reader import ShardDataset
 from hlip.synth import FINDINGS
 from hlip.train.checkpoint import load_checkpoint
 from hlip.train.config import load_config
-from hlip.train.loop import train, zero_shot_metrics
+from hlip.train.distributed import DistInfo
+from hlip.train.loop import eval_grounding, train, zero_shot_metrics
 
 # Coarse grids keep the test fast: a whole chest (about 380 x 380 x 160 mm) or head fits the
 # 16x48x48 crop below (the demo uses 5x4x4 mm and the preset's 32x96x96 crop).
@@ -129,6 +132,20 @@ def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synt
     print(f"held-out zero-shot AUC after {STEPS} steps: macro {metrics['macro/auc/value']:.3f}, {aucs}")
     assert sorted(aucs) == sorted(f for f, finding in FINDINGS.items() if finding.kind in ("CT", "MR"))
     assert max(aucs.values()) >= 0.9 and metrics["macro/auc/value"] > 0.55, aucs
+
+    # Grounded in the training reports, training's zero-shot gives what hlip-eval gives.
+    evaluation.eval_every = 1
+    grounding = eval_grounding(evaluation, tokenizer, DistInfo())
+    grounded = zero_shot_metrics(model, tokenizer, evaluation, "cpu", grounding)
+    assert (
+        "grounding/sentences" not in metrics
+        and grounded["grounding/sentences"] == len(grounding.sentences) > 0
+    )
+    options = EvalOptions(str(result.checkpoint), str(heldout), str(tmp_path / "eval"), prompts="synth")
+    expected = run_evaluation(replace(options, tasks=["zeroshot"], bootstrap=0)).metrics["zeroshot"]
+    assert expected["grounding"]["data"] == [str(train_dir)]
+    for label, value in expected["binary"].items():
+        assert grounded[f"binary/{label}/auc/value"] == pytest.approx(value["auc"]["value"], abs=1e-3), label
 
 
 def test_a_corrupted_member_is_skipped_and_training_goes_on(synth_shards, tmp_path):

@@ -144,28 +144,53 @@ def similarity_encoder() -> Encoder:
     return encode
 
 
+@dataclass
+class ReportSentences:
+    """The distinct sentences of a set of training reports, embedded by the similarity model:
+    the part of a :class:`Corpus` that does not change as a model trains, read once and
+    embedded by each new state of the text tower with :meth:`corpus`."""
+
+    sentences: list[str]
+    relevance: np.ndarray
+    relate: Encoder
+    info: dict
+
+    def corpus(self, encode: Encoder) -> Corpus:
+        """The corpus with the sentences embedded by ``encode`` (a model's text tower)."""
+        return Corpus(
+            self.sentences, l2_normalize(encode(self.sentences)), self.relevance, self.relate, self.info
+        )
+
+
+def read_report_sentences(
+    paths: Sequence[str | Path], sections: Sequence[str], without_measurements: bool
+) -> ReportSentences | None:
+    """The report sentences of the shard datasets ``paths``, read with the model's report
+    ``sections`` and its reading of measurements; None if the reports hold no sentence."""
+    counts, read, unreadable = report_sentences(paths, sections, without_measurements)
+    sentences = [sentence for sentence, _ in counts.most_common(MAX_SENTENCES)]
+    if not sentences:
+        return None
+    relate = similarity_encoder()
+    info = {"data": [str(p) for p in paths], "reports": read, "unreadable_reports": unreadable}
+    return ReportSentences(sentences, relate(sentences), relate, {**info, "sentences": len(sentences)})
+
+
+def grounding_paths(ground: str, training_data: Sequence[str]) -> list[str] | None:
+    """The shard datasets whose reports ground the prompts: ``ground`` names them ("auto": the
+    model's training data, "none": no grounding); None when there are none, or when one is not
+    a directory here (a run trained elsewhere, or on remote shards, is scored ungrounded)."""
+    if ground == "none":
+        return None
+    paths = [str(path) for path in training_data] if ground == "auto" else [ground]
+    return paths if paths and all(Path(path).is_dir() for path in paths) else None
+
+
 def model_corpus(loaded, paths: Sequence[str | Path]) -> Corpus | None:
     """The grounding corpus of the reports in ``paths`` for a loaded model
     (:class:`hlip.evaluate.embed.LoadedModel`), read with its report sections and its reading of
     measurements and embedded by its text tower; None if the reports hold no sentence."""
     from hlip.evaluate.embed import text_encoder
 
-    counts, read, unreadable = report_sentences(
-        paths, loaded.config.text_sections, loaded.tokenizer.drop_measurements
-    )
-    sentences = [sentence for sentence, _ in counts.most_common(MAX_SENTENCES)]
-    if not sentences:
-        return None
-    relate = similarity_encoder()
-    return Corpus(
-        sentences=sentences,
-        vectors=l2_normalize(text_encoder(loaded)(sentences)),
-        relevance=relate(sentences),
-        relate=relate,
-        info={
-            "data": [str(p) for p in paths],
-            "reports": read,
-            "unreadable_reports": unreadable,
-            "sentences": len(sentences),
-        },
-    )
+    sentences = read_report_sentences(paths, loaded.config.text_sections, loaded.tokenizer.drop_measurements)
+    return sentences.corpus(text_encoder(loaded)) if sentences is not None else None

@@ -18,7 +18,7 @@ from typing import Any
 
 from hlip.evaluate import labels as labels_mod
 from hlip.evaluate.embed import Embeddings, EvalInputError, embed_dataset, load_model, text_encoder
-from hlip.evaluate.grounding import Corpus, model_corpus
+from hlip.evaluate.grounding import Corpus, grounding_paths, model_corpus
 from hlip.evaluate.metrics import DEFAULT_BOOTSTRAP, MetricWarning
 from hlip.evaluate.probe import DEFAULT_FOLDS, run_probe
 from hlip.evaluate.prompts import PromptSet, load_prompts
@@ -177,12 +177,8 @@ def _embed(loaded, data, options: EvalOptions, progress, version: int | None = N
 
 def _grounding_corpus(loaded, ground: str) -> Corpus | None:
     """The corpus of the shards ``ground`` names (see :attr:`EvalOptions.ground`), or None."""
-    if ground == "none":
-        return None
-    paths = list(loaded.config.data) if ground == "auto" else [ground]
-    if not paths or not all(Path(path).is_dir() for path in paths):
-        return None
-    return model_corpus(loaded, paths)
+    paths = grounding_paths(ground, loaded.config.data)
+    return model_corpus(loaded, paths) if paths else None
 
 
 def _calibrated_thresholds(

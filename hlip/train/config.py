@@ -196,6 +196,9 @@ class TrainConfig:
     """Run zero-shot evaluation on ``val_data`` every this many steps (0 = never)."""
     prompts: str = ""
     """Prompt file for the zero-shot evaluation (see docs/evaluation.md)."""
+    eval_ground: str = "auto"
+    """Shards whose reports ground the zero-shot prompts, as ``hlip-eval --ground``: "auto" =
+    the training data, "none" = the prompts alone, or a shard directory."""
     find_unused_parameters: bool = False
 
     # ------------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         log.debug("resolved config:\n%s", json.dumps(config.to_dict(), indent=2, sort_keys=True))
     feed = DeviceFeed(iter(loader), info)
     run_log = RunLog(config, info, start_step=step, total_steps=total_steps)
+    grounding = eval_grounding(config, tokenizer, info)  # before seeding: loading it draws random weights
     if rng is not None:
         ckpt.set_rng_state(rng)
     else:
@@ -189,7 +190,7 @@ def _train(config: TrainConfig, resume: str, info: DistInfo) -> TrainResult:
         if step % config.checkpoint_every == 0 or step == total_steps:
             saved = save(model, optimizer, scheduler, step, config, data_state, info)
         if config.eval_every and (step % config.eval_every == 0 or step == total_steps):
-            run_log.evaluation(step, evaluate(model, tokenizer, config, info))
+            run_log.evaluation(step, evaluate(model, tokenizer, config, info, grounding))
 
     last = run_dir / "checkpoints" / ckpt.LAST
     if info.is_main and saved is not None:
@@ -455,13 +456,33 @@ def save(model, optimizer, scheduler, step, config, data_state, info) -> dict[st
 # --- evaluation hook --------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, tokenizer: Any, config: TrainConfig, info: DistInfo) -> dict[str, float]:
-    """Zero-shot metrics on ``val_data`` with ``prompts`` (rank 0; the others wait)."""
+def evaluates(config: TrainConfig, info: DistInfo) -> bool:
+    """Whether this rank runs the zero-shot evaluation (rank 0, with data, prompts and a cadence)."""
+    return bool(info.is_main and config.eval_every and config.val_data and config.prompts)
+
+
+def eval_grounding(config: TrainConfig, tokenizer: Any, info: DistInfo):
+    """The training reports' sentences that ground the evaluation's prompts, read once per run
+    as ``hlip-eval`` reads them (:mod:`hlip.evaluate.grounding`), so the metrics logged in
+    training are the ones ``hlip-eval`` gives the checkpoint; None without grounding."""
+    if not evaluates(config, info):
+        return None
+    from hlip.evaluate.grounding import grounding_paths, read_report_sentences
+
+    paths = grounding_paths(config.eval_ground, config.data)
+    return read_report_sentences(paths, config.text_sections, tokenizer.drop_measurements) if paths else None
+
+
+def evaluate(
+    model: nn.Module, tokenizer: Any, config: TrainConfig, info: DistInfo, grounding=None
+) -> dict[str, float]:
+    """Zero-shot metrics on ``val_data`` with ``prompts`` (rank 0; the others wait), grounded in
+    ``grounding`` (:func:`eval_grounding`) when given."""
     metrics: dict[str, float] = {}
-    if info.is_main and config.val_data and config.prompts:
+    if evaluates(config, info):
         model.eval()
         try:
-            metrics = zero_shot_metrics(model, tokenizer, config, info.device)
+            metrics = zero_shot_metrics(model, tokenizer, config, info.device, grounding)
         finally:
             model.train()
     barrier(info)
@@ -494,7 +515,11 @@ def embed_studies(model: nn.Module, tokenizer: Any, config: TrainConfig, sources
     return torch.cat(embeddings).numpy(), labels
 
 
-def zero_shot_metrics(model: nn.Module, tokenizer: Any, config: TrainConfig, device) -> dict[str, float]:
+def zero_shot_metrics(
+    model: nn.Module, tokenizer: Any, config: TrainConfig, device, grounding=None
+) -> dict[str, float]:
+    """Zero-shot metrics of the model on ``val_data``, flattened; the prompts grounded in
+    ``grounding`` (:class:`hlip.evaluate.grounding.ReportSentences`) when given."""
     from hlip.evaluate.prompts import load_prompts
     from hlip.evaluate.zeroshot import run_zeroshot
 
@@ -510,6 +535,7 @@ def zero_shot_metrics(model: nn.Module, tokenizer: Any, config: TrainConfig, dev
         load_prompts(config.prompts),
         encode,
         float(model.logit_scale.detach().exp()),
+        corpus=grounding.corpus(encode) if grounding is not None else None,
         n_boot=0,
     )
     return flatten_metrics(result.metrics)
