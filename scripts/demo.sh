@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole hlip path on a laptop CPU, in about 20 minutes on two cores:
+# The whole hlip path on a laptop CPU, in about 15 minutes on two cores:
 #   synthetic DICOM archives -> shards -> shard statistics -> training -> evaluation report.
 #
 # Usage: bash scripts/demo.sh [OUTDIR]      (make demo runs it with OUTDIR=demo-out)
@@ -12,10 +12,10 @@
 # with plain clinical prompts ("Pulmonary nodule." / "No pulmonary nodules."), against the
 # findings planted in the phantoms.
 #
-# 480 training studies: the 400 training steps see each about 13 times. With 160 (40 times each)
-# the trained image embeddings separated the planted findings at macro AUC 0.81 (a logistic
-# regression on them); with 480 at 0.88, with 960 at 0.89 for 2.5 more minutes of synthesis and
-# ingest (docs/evaluation.md, "What limits the demo's AUC"). 64 held-out studies: about 14
+# 480 training studies: the 600 training steps see each 20 times. At 400 steps, with 160 studies
+# (40 times each) the trained image embeddings separated the planted findings at macro AUC 0.81
+# (a logistic regression on them); with 480 at 0.88, with 960 at 0.89 for 2.5 more minutes of
+# synthesis and ingest (docs/evaluation.md, "What limits the demo's AUC"). 64 held-out studies: about 14
 # positives per finding, so an AUC's 95% CI is about +-0.1 rather than +-0.2.
 #
 # Stages whose output already exists are skipped, so an interrupted demo resumes; delete

@@ -76,6 +76,7 @@ def tiny_overrides(data: Path | list, out: Path, *overrides: str) -> list[str]:
         "num_workers=0",
         "batch_size=4",
         "shuffle_buffer=8",
+        "precision=fp32",  # the same arithmetic on every CPU, with or without bf16 instructions
         "batch_grouping=none",  # the stream's own order (tests/test_train_grouping.py groups)
         "warmup_steps=2",
         "progress=false",
