@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 from filelock import FileLock
@@ -141,8 +140,15 @@ def test_demo_training_lowers_the_loss_and_finds_planted_findings_zero_shot(synt
         "grounding/sentences" not in metrics
         and grounded["grounding/sentences"] == len(grounding.sentences) > 0
     )
-    options = EvalOptions(str(result.checkpoint), str(heldout), str(tmp_path / "eval"), prompts="synth")
-    expected = run_evaluation(replace(options, tasks=["zeroshot"], bootstrap=0)).metrics["zeroshot"]
+    options = EvalOptions(
+        str(result.checkpoint),
+        str(heldout),
+        str(tmp_path / "eval"),
+        prompts="synth",
+        tasks=["zeroshot"],
+        bootstrap=0,
+    )
+    expected = run_evaluation(options).metrics["zeroshot"]
     assert expected["grounding"]["data"] == [str(train_dir)]
     for label, value in expected["binary"].items():
         assert grounded[f"binary/{label}/auc/value"] == pytest.approx(value["auc"]["value"], abs=1e-3), label

@@ -172,8 +172,13 @@ def read_report_sentences(
     if not sentences:
         return None
     relate = similarity_encoder()
-    info = {"data": [str(p) for p in paths], "reports": read, "unreadable_reports": unreadable}
-    return ReportSentences(sentences, relate(sentences), relate, {**info, "sentences": len(sentences)})
+    info = {
+        "data": [str(p) for p in paths],
+        "reports": read,
+        "unreadable_reports": unreadable,
+        "sentences": len(sentences),
+    }
+    return ReportSentences(sentences, relate(sentences), relate, info)
 
 
 def grounding_paths(ground: str, training_data: Sequence[str]) -> list[str] | None:

@@ -55,7 +55,7 @@ def model_kwargs(config: TrainConfig, device_type: str = "cpu") -> dict[str, Any
 
 def native_bf16(device_type: str) -> bool:
     """Whether bf16 autocast pays off on this device: on a GPU, and on a CPU with bf16 matrix
-    instructions (AMX or AVX512-BF16), where the demo's step takes 0.7x the time of fp32
+    instructions (AMX or AVX512-BF16), where the demo's step takes 0.66x the time of fp32
     (bench/demo_step.py). Elsewhere a CPU emulates bf16 and runs slower than in fp32."""
     if device_type == "cuda":
         return True
