@@ -49,7 +49,7 @@ from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.grounding import similarity_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.prompts import PromptSet, load_prompts
-from hlip.evaluate.zeroshot import SentenceBank, prompt_sentences
+from hlip.evaluate.zeroshot import SentenceBank
 from hlip.shards.reader import ShardDataset
 from hlip.synth import FINDINGS
 from hlip.train.checkpoint import build_model
@@ -163,7 +163,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 def prompt_directions(embed, prompts: PromptSet) -> np.ndarray:
     """[E, findings]: per finding, the class embedding of its positive phrases minus that of its
     negative ones, in the label's templates (the direction zero-shot scores along)."""
-    bank, labels = SentenceBank(embed, prompt_sentences(prompts)), {b.name: b for b in prompts.binary}
+    bank, labels = SentenceBank.for_prompts(embed, prompts), {b.name: b for b in prompts.binary}
     directions = []
     for name in LABELS:
         label = labels[name]

@@ -7,7 +7,9 @@ settings, against the prompts as written, for one or more trained models.
 For each model it builds the grounding corpus from TRAIN_SHARDS' reports once, embeds the
 validation and held-out studies once, and scores both with every combination of
 ``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
-relevance a sentence needs), plus the prompts alone, and one diagnostic row: the shipped
+relevance a sentence needs), plus the prompts alone, the shipped setting with ``EXCLUSIVE``
+(a sentence then grounds only the label it is most relevant to, not every label it is
+relevant enough to), and one diagnostic row: the shipped
 grounding with each binary label's direction (positive minus negative class embedding, along
 which its two-prompt softmax ranks studies) made orthogonal to the other labels' directions,
 which shows how much a finding's score rises with the other findings. It also prints, per
@@ -31,24 +33,28 @@ from hlip.evaluate.embed import embed_dataset, load_model, text_encoder
 from hlip.evaluate.labels import binary_targets
 from hlip.evaluate.metrics import MetricWarning, roc_auc
 from hlip.evaluate.prompts import load_prompts
-from hlip.evaluate.zeroshot import SentenceBank, l2_normalize, prompt_sentences, run_zeroshot
+from hlip.evaluate.zeroshot import SentenceBank, l2_normalize, run_zeroshot
 
 NEIGHBOURS = (3, 5, 8, 12)
 KEEP = (0.0, 0.8, 0.9)
+EXCLUSIVE_ROW = "shipped, each sentence grounding only the label it is most relevant to"
 
 
-def macro_auc(embeddings, prompts, encode, scale, corpus) -> float:
+def aucs(embeddings, prompts, encode, scale, corpus) -> dict[str, float]:
+    """Zero-shot AUC per binary label and their macro ("macro")."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         result = run_zeroshot(
             embeddings.image, embeddings.labels, prompts, encode, scale, corpus=corpus, n_boot=0
         )
-    return result.metrics["macro"]["auc"]["value"]
+    per_label = {name: m["auc"]["value"] for name, m in result.metrics["binary"].items()}
+    return {"macro": result.metrics["macro"]["auc"]["value"], **per_label}
 
 
-def orthogonal_macro_auc(embeddings, prompts, encode, corpus) -> float:
-    """Macro AUC along each label's grounded direction minus its projection on the others'."""
-    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
+def orthogonal_aucs(embeddings, prompts, encode, corpus) -> dict[str, float]:
+    """AUC per label (and "macro") along each label's grounded direction minus its projection
+    on the others'."""
+    bank = SentenceBank.for_prompts(encode, prompts, corpus)
     labels = [label for label in prompts.binary if label.has_negative]
     directions = []
     for label in labels:
@@ -56,18 +62,18 @@ def orthogonal_macro_auc(embeddings, prompts, encode, corpus) -> float:
             bank.class_embeddings([label.negative, label.positive], label.templates).mean(1)
         )
         directions.append(positive - negative)
-    directions, image, aucs = np.array(directions), l2_normalize(embeddings.image), []
+    directions, image, per_label = np.array(directions), l2_normalize(embeddings.image), {}
     for k, label in enumerate(labels):
         others = np.delete(directions, k, axis=0).T
         own = directions[k] - others @ np.linalg.lstsq(others, directions[k], rcond=None)[0]
         y = binary_targets(embeddings.labels, label.column)
         known = ~np.isnan(y)
-        aucs.append(roc_auc(y[known], (image @ own)[known]))
-    return float(np.mean(aucs))
+        per_label[label.name] = float(roc_auc(y[known], (image @ own)[known]))
+    return {"macro": float(np.mean(list(per_label.values()))), **per_label}
 
 
-def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict[str, float]]:
-    """{setting: {split: macro AUC}} for one model."""
+def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict[str, dict[str, float]]]:
+    """{setting: {split: {label or "macro": AUC}}} for one model."""
     loaded = load_model(run)
     encode = text_encoder(loaded)
     start = time.perf_counter()
@@ -82,18 +88,26 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
           f"{corpus.info['reports']} reports) against embedding the {len(embedded[split])} {split} studies "
           f"{embed_s:.1f} s: {corpus_s / embed_s:.2f}x")  # fmt: skip
     scale = loaded.logit_scale
-    rows = {"prompts alone": {s: macro_auc(e, prompts, encode, scale, None) for s, e in embedded.items()}}
-    shipped = grounding.NEIGHBOURS, grounding.KEEP
+    rows = {"prompts alone": {s: aucs(e, prompts, encode, scale, None) for s, e in embedded.items()}}
+    shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE
     try:
         for grounding.NEIGHBOURS, grounding.KEEP in itertools.product(NEIGHBOURS, KEEP):
             name = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
-            rows[name] = {s: macro_auc(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+            rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+        grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE = shipped[0], shipped[1], True
+        rows[EXCLUSIVE_ROW] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
     finally:
-        grounding.NEIGHBOURS, grounding.KEEP = shipped
+        grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE = shipped
     rows["shipped, directions orthogonal to the other labels'"] = {
-        s: orthogonal_macro_auc(e, prompts, encode, corpus) for s, e in embedded.items()
+        s: orthogonal_aucs(e, prompts, encode, corpus) for s, e in embedded.items()
     }
     return rows
+
+
+def cell(results: list[dict], name: str, split: str, label: str = "macro") -> str:
+    """Mean over the models (and each model's value) of one setting, split and label."""
+    values = [r[name][split][label] for r in results]
+    return f"{np.mean(values):.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
 
 
 def main() -> None:
@@ -114,11 +128,13 @@ def main() -> None:
           f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}")  # fmt: skip
     print("| setting | validation | held-out |\n|---|---|---|")
     for name in results[0]:
-        cells = []
+        print(f"| {name} | {cell(results, name, 'val')} | {cell(results, name, 'held-out')} |")
+    shipped = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
+    print("\nper finding, shipped against each sentence grounding only its most relevant label:")
+    print("| finding | split | shipped | exclusive |\n|---|---|---|---|")
+    for label in (label.name for label in prompts.binary if label.has_negative):
         for split in ("val", "held-out"):
-            values = [r[name][split] for r in results]
-            cells.append(f"{np.mean(values):.3f} ({' / '.join(f'{v:.3f}' for v in values)})")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
+            print(f"| {label} | {split} | {cell(results, shipped, split, label)} | {cell(results, EXCLUSIVE_ROW, split, label)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

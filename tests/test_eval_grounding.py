@@ -10,7 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from hlip.evaluate import grounding
 from hlip.evaluate.grounding import Corpus, report_sentences
-from hlip.evaluate.zeroshot import l2_normalize
+from hlip.evaluate.prompts import parse_prompts
+from hlip.evaluate.zeroshot import SentenceBank, l2_normalize
 from hlip.shards.reader import ShardDataset
 from hlip.shards.synthetic import synthetic_study
 from hlip.shards.writer import write_dataset
@@ -60,6 +61,54 @@ def test_a_label_without_negative_prompts_is_not_grounded():
     corpus = _corpus(vectors=[POS], relevance=[ABOUT])
     classes = POS[None, None] * 2
     assert corpus.ground(classes, ABOUT[None]) is classes
+
+
+def test_exclusive_grounding_leaves_a_sentence_to_the_label_it_is_most_relevant_to(monkeypatch):
+    """A corpus sentence "No intracranial mass." denies an intracranial finding, as "No
+    hemorrhage." does, and the tower places it on the hemorrhage pair's negative side. By
+    default it grounds both negative classes; with ``EXCLUSIVE`` only "No mass.", the label it
+    is more relevant to, while "No hematoma." still grounds "No hemorrhage."."""
+    prompts = parse_prompts(
+        {
+            "templates": ["{}."],
+            "labels": {
+                "hemorrhage": {"positive": "Hemorrhage", "negative": "No hemorrhage"},
+                "mass": {"positive": "Mass", "negative": "No mass"},
+            },
+        }
+    )
+    # relevance axes: hemorrhage, mass, negation, other
+    relate = {
+        "Hemorrhage.": [1, 0, 0, 0],
+        "No hemorrhage.": [1, 0, 1, 0],
+        "Mass.": [0, 1, 0, 0],
+        "No mass.": [0, 1, 1, 0],
+    }
+    tower = {"No hemorrhage.": 0, "Hemorrhage.": 1, "No mass.": 2, "Mass.": 3}
+    corpus = Corpus(
+        sentences=["No intracranial mass.", "No hematoma."],
+        vectors=l2_normalize([np.eye(E)[2] + 0.3 * np.eye(E)[0], np.eye(E)[0] + 0.1 * np.eye(E)[5]]),
+        relevance=l2_normalize([[0.9, 1, 1, 0], [1, 0, 0.5, 0.6]]),
+        relate=lambda sentences: l2_normalize([relate[s] for s in sentences]),
+    )
+
+    def encode(sentences):
+        return np.stack([np.eye(E)[tower[s]] for s in sentences])
+
+    def classes(bank, label):
+        return bank.class_embeddings([label.negative, label.positive], label.templates)[:, 0]
+
+    hemorrhage, mass = prompts.binary
+    both = (np.eye(E)[0] + corpus.vectors.sum(axis=0)) / 3
+    np.testing.assert_allclose(classes(SentenceBank(encode, list(relate), corpus), hemorrhage)[0], both)
+    np.testing.assert_allclose(
+        classes(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage)[0], both
+    )
+    monkeypatch.setattr(grounding, "EXCLUSIVE", True)
+    rivals = SentenceBank.for_prompts(encode, prompts, corpus)
+    np.testing.assert_allclose(classes(rivals, hemorrhage)[0], (np.eye(E)[0] + corpus.vectors[1]) / 2)
+    np.testing.assert_allclose(classes(rivals, mass)[0], (np.eye(E)[2] + corpus.vectors[0]) / 2)
+    np.testing.assert_allclose(classes(rivals, hemorrhage)[1], np.eye(E)[1])
 
 
 def test_only_sentences_near_the_best_one_join_and_at_most_neighbours_of_them():

@@ -18,7 +18,6 @@ from hlip.evaluate.zeroshot import (
     calibrate_thresholds,
     class_probabilities,
     l2_normalize,
-    prompt_sentences,
     run_zeroshot,
 )
 
@@ -55,7 +54,7 @@ PROMPTS = parse_prompts(
 
 def _planted(tower: FakeTextTower, n: int = 60, seed: int = 1):
     """Studies whose image embedding sits near the class embedding of their true labels."""
-    bank = SentenceBank(tower, prompt_sentences(PROMPTS))
+    bank = SentenceBank.for_prompts(tower, PROMPTS)
     rng = np.random.default_rng(seed)
     labels, images = [], []
     for _ in range(n):

@@ -37,6 +37,11 @@ NEIGHBOURS = 8
 """Corpus sentences added to a class at most."""
 KEEP = 0.9
 """A sentence joins only if its relevance is at least this share of the best sentence's."""
+EXCLUSIVE = False
+"""True: a sentence grounds only the label of the prompt set it is most relevant to (the
+similarity model finds "No intracranial mass." as close to "No intracranial hemorrhage." as to
+"No intracranial mass." prompts). Measured with ``bench/grounding_sweep.py``, not the default:
+the hematomas of one draw gained and those of another lost (docs/evaluation.md)."""
 MIN_RELEVANCE = 0.5
 """Cosine similarity (similarity model) below which a sentence is about something else."""
 MAX_STUDIES = 20_000
@@ -61,24 +66,36 @@ class Corpus:
     relate: Encoder
     info: dict = field(default_factory=dict)
 
-    def ground(self, classes: np.ndarray, class_relevance: np.ndarray) -> np.ndarray:
+    def ground(
+        self, classes: np.ndarray, class_relevance: np.ndarray, rivals: np.ndarray | None = None
+    ) -> np.ndarray:
         """``[K, T, E]`` class embeddings (per class and template, as
         :meth:`hlip.evaluate.zeroshot.SentenceBank.class_embeddings` builds them) with each
         class's corpus sentences added, each weighing as one unit-length phrase.
 
-        ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`."""
+        ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
+        ``rivals`` ``[S]``: each sentence's relevance to the closest label of the prompt set
+        (:meth:`about`, at most over all labels); a sentence closer to another label's prompts
+        than to these does not join."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
+        exclusive = EXCLUSIVE and rivals is not None
+        ours = self.about(class_relevance) >= rivals - 1e-9 if exclusive else side >= 0
         grounded = []
         for k, per_template in enumerate(classes):
-            chosen = self.vectors[self.neighbours(side == k, self.relevance @ class_relevance[k])]
+            chosen = self.vectors[self.neighbours((side == k) & ours, self.relevance @ class_relevance[k])]
             grounded.append(
                 np.stack(
                     [np.vstack([l2_normalize(vector)[None], chosen]).mean(axis=0) for vector in per_template]
                 )
             )
         return np.stack(grounded)
+
+    def about(self, class_relevance: np.ndarray) -> np.ndarray:
+        """``[S]``: each sentence's relevance to one label, that of its most relevant class
+        (``class_relevance`` ``[K, R]``)."""
+        return (self.relevance @ class_relevance.T).max(axis=1)
 
     @staticmethod
     def neighbours(on_side: np.ndarray, relevance: np.ndarray) -> np.ndarray:

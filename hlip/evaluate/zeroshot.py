@@ -45,13 +45,33 @@ class SentenceBank:
     """Embeds every distinct prompt sentence once and serves them by text; with a ``corpus``
     (:mod:`hlip.evaluate.grounding`), class embeddings are grounded in its sentences."""
 
-    def __init__(self, encode: TextEncoder, sentences: Sequence[str], corpus: Corpus | None = None) -> None:
+    def __init__(
+        self,
+        encode: TextEncoder,
+        sentences: Sequence[str],
+        corpus: Corpus | None = None,
+        labels: Sequence[Sequence[Sequence[str]]] = (),
+    ) -> None:
+        """``labels``: per label (or multi-class task) of the prompt set, per class, its
+        sentences (:func:`prompt_classes`); a grounded class takes no corpus sentence that is
+        more relevant to another of them."""
         unique = list(dict.fromkeys(sentences))
         vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
         self._vectors = dict(zip(unique, vectors, strict=True))
         self.corpus = corpus
+        self._rivals = None
         if corpus is not None:
             self._relevance = dict(zip(unique, corpus.relate(unique), strict=True))
+            if labels:
+                self._rivals = np.max([corpus.about(self._class_relevance(c)) for c in labels], axis=0)
+
+    @classmethod
+    def for_prompts(
+        cls, encode: TextEncoder, prompts: PromptSet, corpus: Corpus | None = None
+    ) -> SentenceBank:
+        """The bank of every sentence of ``prompts``, its labels rivals in grounding."""
+        labels = prompt_classes(prompts)
+        return cls(encode, [s for classes in labels for group in classes for s in group], corpus, labels)
 
     def __getitem__(self, sentence: str) -> np.ndarray:
         return self._vectors[sentence]
@@ -68,10 +88,11 @@ class SentenceBank:
         if self.corpus is None:
             return classes
         sentences = [[fill(t, p) for t in templates for p in class_phrases] for class_phrases in phrases]
-        relevance = l2_normalize(
-            [np.mean([self._relevance[s] for s in group], axis=0) for group in sentences]
-        )
-        return self.corpus.ground(classes, relevance)
+        return self.corpus.ground(classes, self._class_relevance(sentences), self._rivals)
+
+    def _class_relevance(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        """``[K, R]``: per class, its sentences' mean similarity-model embedding, unit length."""
+        return l2_normalize([np.mean([self._relevance[s] for s in group], axis=0) for group in sentences])
 
 
 def fill(template: str, phrase: str) -> str:
@@ -79,11 +100,17 @@ def fill(template: str, phrase: str) -> str:
     return template.replace(PLACEHOLDER, phrase, 1)
 
 
-def prompt_sentences(prompts: PromptSet) -> list[str]:
-    """Every sentence a prompt set needs, so they can be embedded in one batch."""
-    groups = [(b.positive + b.negative, b.templates) for b in prompts.binary]
-    groups += [(sum(m.phrases, ()), m.templates) for m in prompts.multiclass]
-    return [fill(t, p) for phrases, templates in groups for t in templates for p in phrases]
+def prompt_classes(prompts: PromptSet) -> list[list[list[str]]]:
+    """Per binary label and multi-class task of a prompt set, per class, its sentences (every
+    template with every phrase)."""
+    groups = [
+        ((b.negative, b.positive) if b.has_negative else (b.positive,), b.templates) for b in prompts.binary
+    ]
+    groups += [(m.phrases, m.templates) for m in prompts.multiclass]
+    return [
+        [[fill(t, p) for t in templates for p in phrases] for phrases in classes]
+        for classes, templates in groups
+    ]
 
 
 def class_probabilities(
@@ -151,7 +178,7 @@ def run_zeroshot(
     ``corpus`` grounds the prompts in training-report sentences (:mod:`hlip.evaluate.grounding`).
     """
     image = l2_normalize(image_embeddings)
-    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
+    bank = SentenceBank.for_prompts(encode, prompts, corpus)
     rule = "calibrated" if thresholds is not None else "fixed" if prompts.threshold is not None else "none"
     grounding = corpus.info if corpus is not None else "none"
     result = ZeroShotResult(
@@ -196,7 +223,7 @@ def calibrate_thresholds(
     studies (scored as :func:`run_zeroshot` scores, with the same ``corpus``); a label with one
     class there gets none (and a :class:`~hlip.evaluate.metrics.MetricWarning`)."""
     image = l2_normalize(image_embeddings)
-    bank = SentenceBank(encode, prompt_sentences(prompts), corpus)
+    bank = SentenceBank.for_prompts(encode, prompts, corpus)
     cuts = {
         label.name: metrics.youden_threshold(
             binary_targets(labels, label.column),
