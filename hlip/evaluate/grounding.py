@@ -38,10 +38,11 @@ NEIGHBOURS = 8
 KEEP = 0.9
 """A sentence joins only if its relevance is at least this share of the best sentence's."""
 EXCLUSIVE = False
-"""True: a sentence grounds only the label of the prompt set it is most relevant to (the
-similarity model finds "No intracranial mass." as close to "No intracranial hemorrhage." as to
-"No intracranial mass." prompts). Measured with ``bench/grounding_sweep.py``, not the default:
-the hematomas of one draw gained and those of another lost (docs/evaluation.md)."""
+"""True: a sentence grounds only the label of the prompt set it is most relevant to (for the
+similarity model "No intracranial mass." is relevant to a "no hemorrhage" class at 0.77 and to
+a "no mass" class at 0.89, so by default it grounds both). Measured with
+``bench/grounding_sweep.py``, not the default: the hematomas of one draw gained and those of
+another lost (docs/evaluation.md)."""
 MIN_RELEVANCE = 0.5
 """Cosine similarity (similarity model) below which a sentence is about something else."""
 MAX_STUDIES = 20_000
