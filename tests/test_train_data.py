@@ -204,6 +204,36 @@ def test_mr_ceiling_keeps_a_small_bright_lesion_brighter_than_the_tissue_around_
     assert float(kept[lesion].min()) > float(clipped[lesion].max()) == float(clipped.max())
 
 
+def test_a_lower_upper_percentile_keeps_a_bright_lesion_from_dimming_the_crop(config):
+    """HLIP maps the crop's 99.5th percentile to 1: a bright lesion of 0.43% of the crop lifts
+    that percentile and dims every other voxel, so the whole crop tells that a lesion is there
+    (a shortcut a model learns before the lesion itself). The 90th percentile lies in normal
+    tissue and barely moves; a ceiling of 3 keeps the lesion brighter than the tissue."""
+    rng = np.random.default_rng(11)
+    values = np.where(np.arange(32)[None, None, :] < 16, rng.normal(500, 50, (8, 32, 32)), 5.0)
+    lesioned = values.copy()
+    lesioned[2:5, 4:7, 4:7] = 1100  # 35 of the 8192 voxels, all in the tissue half
+    lesioned[5:7, 10:12, 2:4] = 1100
+    study = Study(key="k", modality="MR", scans=[], report="Text.")
+    tissue = torch.from_numpy((lesioned == values) & (values > 100))
+
+    def mapped(volume, percentiles, ceiling):
+        scan = dataclasses.replace(ct_scan(volume), intensity_unit="", modality="MR")
+        grid = dataclasses.replace(
+            config, img_size=[8, 32, 32], mr_percentiles=percentiles, mr_ceiling=ceiling
+        )
+        return (
+            tensors(StudyTransform(grid, train=False)(dataclasses.replace(study, scans=[scan])))[0] * STD
+            + MEAN
+        )
+
+    for percentiles, ceiling, moved in (([0.5, 99.5], 2.0, (0.03, 1.0)), ([0.5, 90.0], 3.0, (0.0, 0.01))):
+        before, after = mapped(values, percentiles, ceiling), mapped(lesioned, percentiles, ceiling)
+        dimmed = float(1 - (after[tissue] / before[tissue]).median())
+        assert moved[0] <= dimmed <= moved[1], (percentiles, dimmed)
+        assert float(after[2:5, 4:7, 4:7].min()) > float(after[tissue].max())
+
+
 def test_crops_read_only_the_slabs_they_need(dataset, config):
     """A crop of 8 slices decodes at most two 8-slice slabs of a scan, not the whole scan."""
     study = ShardDataset(dataset).open(ShardDataset(dataset).keys()[0])
