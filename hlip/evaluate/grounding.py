@@ -76,8 +76,8 @@ class Corpus:
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
         ``rivals`` ``[S]``: each sentence's relevance to the closest label of the prompt set
-        (:meth:`about`, at most over all labels); a sentence closer to another label's prompts
-        than to these does not join."""
+        (:meth:`about`, at most over all labels); with :data:`EXCLUSIVE`, a sentence closer to
+        another label's prompts than to these does not join."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)

@@ -53,8 +53,8 @@ class SentenceBank:
         labels: Sequence[Sequence[Sequence[str]]] = (),
     ) -> None:
         """``labels``: per label (or multi-class task) of the prompt set, per class, its
-        sentences (:func:`prompt_classes`); a grounded class takes no corpus sentence that is
-        more relevant to another of them."""
+        sentences (:func:`prompt_classes`); with :data:`hlip.evaluate.grounding.EXCLUSIVE` a
+        grounded class takes no corpus sentence that is more relevant to another of them."""
         unique = list(dict.fromkeys(sentences))
         vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
         self._vectors = dict(zip(unique, vectors, strict=True))
@@ -69,7 +69,8 @@ class SentenceBank:
     def for_prompts(
         cls, encode: TextEncoder, prompts: PromptSet, corpus: Corpus | None = None
     ) -> SentenceBank:
-        """The bank of every sentence of ``prompts``, its labels rivals in grounding."""
+        """The bank of every sentence of ``prompts``, each of its labels the others' rival for
+        corpus sentences in grounding."""
         labels = prompt_classes(prompts)
         return cls(encode, [s for classes in labels for group in classes for s in group], corpus, labels)
 
