@@ -75,14 +75,12 @@ class Corpus:
         class's corpus sentences added, each weighing as one unit-length phrase.
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
-        ``rivals`` ``[S]``: each sentence's relevance to the closest label of the prompt set
-        (:meth:`about`, at most over all labels); with :data:`EXCLUSIVE`, a sentence closer to
-        another label's prompts than to these does not join."""
+        ``rivals`` ``[S]`` (:meth:`rivals`): a sentence closer to another label's prompts than
+        to these does not join."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
-        exclusive = EXCLUSIVE and rivals is not None
-        ours = self.about(class_relevance) >= rivals - 1e-9 if exclusive else side >= 0
+        ours = side >= 0 if rivals is None else self.about(class_relevance) >= rivals - 1e-9
         grounded = []
         for k, per_template in enumerate(classes):
             chosen = self.vectors[self.neighbours((side == k) & ours, self.relevance @ class_relevance[k])]
@@ -92,6 +90,14 @@ class Corpus:
                 )
             )
         return np.stack(grounded)
+
+    def rivals(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
+        """``[S]``: each sentence's relevance to the label of the prompt set it is most relevant
+        to (``labels``: each label's ``[K, R]`` class relevance), to leave it to that label in
+        :meth:`ground`; None unless :data:`EXCLUSIVE`, or without labels."""
+        if not EXCLUSIVE or not len(labels):
+            return None
+        return np.max([self.about(class_relevance) for class_relevance in labels], axis=0)
 
     def about(self, class_relevance: np.ndarray) -> np.ndarray:
         """``[S]``: each sentence's relevance to one label, that of its most relevant class

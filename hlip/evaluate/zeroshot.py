@@ -62,8 +62,7 @@ class SentenceBank:
         self._rivals = None
         if corpus is not None:
             self._relevance = dict(zip(unique, corpus.relate(unique), strict=True))
-            if labels:
-                self._rivals = np.max([corpus.about(self._class_relevance(c)) for c in labels], axis=0)
+            self._rivals = corpus.rivals([self._class_relevance(classes) for classes in labels])
 
     @classmethod
     def for_prompts(
