@@ -9,10 +9,10 @@ validation and held-out studies once, and scores both with every combination of
 ``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
 relevance a sentence needs), plus the prompts alone, the shipped setting with ``EXCLUSIVE``
 (a sentence then grounds only the label it is most relevant to, not every label it is
-relevant enough to), and one diagnostic row: the shipped
-grounding with each binary label's direction (positive minus negative class embedding, along
-which its two-prompt softmax ranks studies) made orthogonal to the other labels' directions,
-which shows how much a finding's score rises with the other findings. It also prints, per
+relevant enough to), and one diagnostic row: the shipped grounding with each binary label's
+direction (positive minus negative class embedding, along which its two-prompt softmax ranks
+studies) made orthogonal to the other labels' directions, which shows how much a finding's
+score rises with the other findings. It also prints, per
 model, what building the grounding corpus costs against embedding the held-out studies (the
 baseline: what every evaluation pays). Choose the settings on the validation
 studies (another draw than the held-out ones), then read the held-out column: the shipped
