@@ -65,9 +65,10 @@ def test_a_label_without_negative_prompts_is_not_grounded():
 
 def test_exclusive_grounding_leaves_a_sentence_to_the_label_it_is_most_relevant_to(monkeypatch):
     """A corpus sentence "No intracranial mass." denies an intracranial finding, as "No
-    hemorrhage." does, and the tower places it on the hemorrhage pair's negative side. By
-    default it grounds both negative classes; with ``EXCLUSIVE`` only "No mass.", the label it
-    is more relevant to, while "No hematoma." still grounds "No hemorrhage."."""
+    hemorrhage." does, and the tower places it on the hemorrhage pair's negative side. It grounds
+    only "No mass.", the label it is more relevant to, while "No hematoma." still grounds "No
+    hemorrhage."; with ``EXCLUSIVE`` off, or in a bank that knows no other label, it grounds
+    both negative classes."""
     prompts = parse_prompts(
         {
             "templates": ["{}."],
@@ -101,14 +102,14 @@ def test_exclusive_grounding_leaves_a_sentence_to_the_label_it_is_most_relevant_
     hemorrhage, mass = prompts.binary
     both = (np.eye(E)[0] + corpus.vectors.sum(axis=0)) / 3
     np.testing.assert_allclose(classes(SentenceBank(encode, list(relate), corpus), hemorrhage)[0], both)
-    np.testing.assert_allclose(
-        classes(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage)[0], both
-    )
-    monkeypatch.setattr(grounding, "EXCLUSIVE", True)
     rivals = SentenceBank.for_prompts(encode, prompts, corpus)
     np.testing.assert_allclose(classes(rivals, hemorrhage)[0], (np.eye(E)[0] + corpus.vectors[1]) / 2)
     np.testing.assert_allclose(classes(rivals, mass)[0], (np.eye(E)[2] + corpus.vectors[0]) / 2)
     np.testing.assert_allclose(classes(rivals, hemorrhage)[1], np.eye(E)[1])
+    monkeypatch.setattr(grounding, "EXCLUSIVE", False)
+    np.testing.assert_allclose(
+        classes(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage)[0], both
+    )
 
 
 def test_only_sentences_near_the_best_one_join_and_at_most_neighbours_of_them():
