@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_model_reference import randomize
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hlip.model import VISION_PRESETS, HierarchicalViT, create_vision, from_reference, trunk_state_dict
-from hlip.model.patch_embed import PatchEmbed3D
 from hlip.model.vision import block_levels
 
 PUBLISHED = (
@@ -176,47 +173,3 @@ def test_gpu_check_flop_count_matches_torch_flop_counter():
     with torch.no_grad(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model.forward_packed(packed)
     assert gpu_check.trunk_flops(model, packed) == counter.get_total_flops()
-
-
-def test_local_features_start_as_the_plain_patch_embedding_and_then_learn():
-    """``local_features`` adds nothing at initialisation (its projection is zero), so a run with
-    it starts from the plain linear embedding; gradients reach its filters once it has moved."""
-    plain = create_vision("vit_nano_multiscan_h3")
-    local = create_vision("vit_nano_multiscan_h3", local_features=4)
-    missing = local.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert all(key.startswith("patch_embed.local.") for key in missing) and missing
-    x = torch.randn(2, 2, 1, 8, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(local.eval()(x), plain.eval()(x), atol=0, rtol=0)
-    torch.nn.init.normal_(local.patch_embed.local.proj.weight, std=0.1)
-    out = local.train()(x)
-    (out @ torch.randn(out.shape[1])).sum().backward()  # a LayerNorm output's plain sum is constant
-    assert local.patch_embed.local.conv.weight.grad.abs().sum() > 0
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    start=st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 4)),
-    shift=st.tuples(st.sampled_from([0, 2]), st.sampled_from([0, 2, 4]), st.sampled_from([0, 2, 4])),
-    brightness=st.floats(0.5, 3.0),
-)
-def test_local_features_of_a_patch_do_not_depend_on_where_a_lesion_sits_in_it(start, shift, brightness):
-    """The local view pools over the patch, so a bright 2x3x3 spot on a dark patch gives the same
-    vector wherever it sits (moved by the filters' stride, clear of the edges); the linear
-    embedding's does change."""
-    torch.manual_seed(0)
-    embed = PatchEmbed3D((8, 16, 16), (8, 16, 16), 8, local_features=3)
-    torch.nn.init.normal_(embed.local.proj.weight)
-
-    def patch(corner):
-        volume = torch.zeros(8, 16, 16)
-        d, h, w = corner
-        volume[d : d + 2, h : h + 3, w : w + 3] = brightness
-        return volume.reshape(1, -1)
-
-    moved = tuple(a + b for a, b in zip(start, shift, strict=True))
-    with torch.no_grad():
-        here, there = embed.local(patch(start)), embed.local(patch(moved))
-        torch.testing.assert_close(here, there, atol=1e-5, rtol=1e-5)
-        if any(shift):
-            assert not torch.allclose(embed(patch(start)) - here, embed(patch(moved)) - there)

@@ -82,7 +82,6 @@ class HierarchicalViT(nn.Module):
         scan_pos_sampling: str = "ordered",
         attn_backend: str = "auto",
         pool: str = "token",
-        local_features: int = 0,
     ):
         super().__init__()
         if scan_pos_sampling not in SCAN_POS_SAMPLING:
@@ -94,7 +93,7 @@ class HierarchicalViT(nn.Module):
         if not 0.0 <= patch_drop_rate < 1.0:
             raise ValueError("patch_drop_rate must be in [0, 1)")
         self.block_levels = block_levels(depth, slice_attn_indexes, scan_attn_indexes, study_attn_indexes)
-        self.patch_embed = PatchEmbed3D(img_size, patch_size, embed_dim, local_features=local_features)
+        self.patch_embed = PatchEmbed3D(img_size, patch_size, embed_dim)
         self.embed_dim = self.num_features = embed_dim
         self.img_size, self.patch_size = self.patch_embed.img_size, self.patch_embed.patch_size
         self.grid_size = self.patch_embed.grid_size

@@ -273,11 +273,6 @@ def openclip_refusal(config: TrainConfig) -> str | None:
             f"model pools its study embedding with {pool!r}; the open_clip HLIP encoder pools the cls "
             "token only and would compute other embeddings from these weights"
         )
-    if vision.get("local_features"):
-        return (
-            "model adds local features to its patch embedding (local_features); the open_clip HLIP "
-            "encoder embeds patches linearly only and would compute other embeddings from these weights"
-        )
     return None
 
 
