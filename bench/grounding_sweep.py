@@ -7,9 +7,9 @@ settings, against the prompts as written, for one or more trained models.
 For each model it builds the grounding corpus from TRAIN_SHARDS' reports once, embeds the
 validation and held-out studies once, and scores both with every combination of
 ``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
-relevance a sentence needs), plus the prompts alone, the shipped setting with the other rule
-of ``EXCLUSIVE`` (shipped: a sentence grounds only the label it is most relevant to; the
-other: every label it is relevant enough to), and one diagnostic row: the shipped grounding with each binary label's
+relevance a sentence needs), plus the prompts alone, the shipped setting with other values of
+``SHARED`` (0: a sentence grounds every label it is relevant enough to; 1: only the label it is
+most relevant to; shipped: also labels within that share of it), and one diagnostic row: the shipped grounding with each binary label's
 direction (positive minus negative class embedding, along which its two-prompt softmax ranks
 studies) made orthogonal to the other labels' directions, which shows how much a finding's
 score rises with the other findings. It also prints, per
@@ -37,11 +37,11 @@ from hlip.evaluate.zeroshot import SentenceBank, l2_normalize, run_zeroshot
 
 NEIGHBOURS = (3, 5, 8, 12)
 KEEP = (0.0, 0.8, 0.9)
-RULES = {
-    True: "each sentence grounding only the label it is most relevant to",
-    False: "each sentence grounding every label it is relevant enough to",
+EVERY_LABEL = "each sentence grounding every label it is relevant enough to"
+SHARED_ROWS = {
+    0.0: f"shipped, {EVERY_LABEL}",
+    1.0: "shipped, each sentence grounding only the label it is most relevant to",
 }
-OTHER_RULE_ROW = f"shipped, {RULES[not grounding.EXCLUSIVE]}"
 
 
 def aucs(embeddings, prompts, encode, scale, corpus) -> dict[str, float]:
@@ -93,15 +93,16 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
           f"{embed_s:.1f} s: {corpus_s / embed_s:.2f}x")  # fmt: skip
     scale = loaded.logit_scale
     rows = {"prompts alone": {s: aucs(e, prompts, encode, scale, None) for s, e in embedded.items()}}
-    shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE
+    shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED
     try:
         for grounding.NEIGHBOURS, grounding.KEEP in itertools.product(NEIGHBOURS, KEEP):
             name = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
             rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
-        grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE = shipped[0], shipped[1], not shipped[2]
-        rows[OTHER_RULE_ROW] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+        grounding.NEIGHBOURS, grounding.KEEP = shipped[:2]
+        for grounding.SHARED, name in SHARED_ROWS.items():
+            rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
     finally:
-        grounding.NEIGHBOURS, grounding.KEEP, grounding.EXCLUSIVE = shipped
+        grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED = shipped
     rows["shipped, directions orthogonal to the other labels'"] = {
         s: orthogonal_aucs(e, prompts, encode, corpus) for s, e in embedded.items()
     }
@@ -134,11 +135,11 @@ def main() -> None:
     for name in results[0]:
         print(f"| {name} | {cell(results, name, 'val')} | {cell(results, name, 'held-out')} |")
     shipped = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
-    print(f"\nper finding, shipped ({RULES[grounding.EXCLUSIVE]}) against {RULES[not grounding.EXCLUSIVE]}:")
-    print("| finding | split | shipped | other rule |\n|---|---|---|---|")
+    print(f"\nper finding, shipped (SHARED = {grounding.SHARED}) against {EVERY_LABEL}:")
+    print("| finding | split | shipped | every label |\n|---|---|---|---|")
     for label in (label.name for label in prompts.binary if label.has_negative):
         for split in ("val", "held-out"):
-            print(f"| {label} | {split} | {cell(results, shipped, split, label)} | {cell(results, OTHER_RULE_ROW, split, label)} |")  # fmt: skip
+            print(f"| {label} | {split} | {cell(results, shipped, split, label)} | {cell(results, SHARED_ROWS[0.0], split, label)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,17 +63,22 @@ def test_a_label_without_negative_prompts_is_not_grounded():
     assert corpus.ground(classes, ABOUT[None]) is classes
 
 
-def test_exclusive_grounding_leaves_a_sentence_to_the_label_it_is_most_relevant_to(monkeypatch):
+def test_a_sentence_grounds_the_labels_it_is_about_and_not_a_label_it_is_clearly_less_about(monkeypatch):
     """A corpus sentence "No intracranial mass." denies an intracranial finding, as "No
-    hemorrhage." does, and the tower places it on the hemorrhage pair's negative side. It grounds
-    only "No mass.", the label it is more relevant to, while "No hematoma." still grounds "No
-    hemorrhage."; with ``EXCLUSIVE`` off, or in a bank that knows no other label, it grounds
-    both negative classes."""
+    hemorrhage." does, and the tower places it on the hemorrhage pair's negative side, but it is
+    clearly more about the mass (a share of 0.875 < ``SHARED``): it grounds "No mass." only. "No
+    hematoma." is about the MR and the CT hemorrhage labels alike (near synonyms) and grounds
+    both. With ``SHARED`` 1 it grounds only the one it is most relevant to; with 0, or in a
+    bank that knows no other label, every negative class it is relevant enough to."""
     prompts = parse_prompts(
         {
             "templates": ["{}."],
             "labels": {
                 "hemorrhage": {"positive": "Hemorrhage", "negative": "No hemorrhage"},
+                "ct_hemorrhage": {
+                    "positive": "Intracranial hemorrhage",
+                    "negative": "No intracranial hemorrhage",
+                },
                 "mass": {"positive": "Mass", "negative": "No mass"},
             },
         }
@@ -82,34 +87,43 @@ def test_exclusive_grounding_leaves_a_sentence_to_the_label_it_is_most_relevant_
     relate = {
         "Hemorrhage.": [1, 0, 0, 0],
         "No hemorrhage.": [1, 0, 1, 0],
+        "Intracranial hemorrhage.": [1, 0, 0, 0.1],
+        "No intracranial hemorrhage.": [1, 0, 1, 0.1],
         "Mass.": [0, 1, 0, 0],
         "No mass.": [0, 1, 1, 0],
     }
     tower = {"No hemorrhage.": 0, "Hemorrhage.": 1, "No mass.": 2, "Mass.": 3}
+    tower |= {"No intracranial hemorrhage.": 0, "Intracranial hemorrhage.": 1}
     corpus = Corpus(
         sentences=["No intracranial mass.", "No hematoma."],
         vectors=l2_normalize([np.eye(E)[2] + 0.3 * np.eye(E)[0], np.eye(E)[0] + 0.1 * np.eye(E)[5]]),
-        relevance=l2_normalize([[0.9, 1, 1, 0], [1, 0, 0.5, 0.6]]),
+        relevance=l2_normalize([[0.75, 1, 1, 0], [1, 0, 0.5, 0.6]]),
         relate=lambda sentences: l2_normalize([relate[s] for s in sentences]),
     )
 
     def encode(sentences):
         return np.stack([np.eye(E)[tower[s]] for s in sentences])
 
-    def classes(bank, label):
-        return bank.class_embeddings([label.negative, label.positive], label.templates)[:, 0]
+    def negative(bank, label):
+        return bank.class_embeddings([label.negative, label.positive], label.templates)[0, 0]
 
-    hemorrhage, mass = prompts.binary
+    hemorrhage, ct_hemorrhage, mass = prompts.binary
     both = (np.eye(E)[0] + corpus.vectors.sum(axis=0)) / 3
-    np.testing.assert_allclose(classes(SentenceBank(encode, list(relate), corpus), hemorrhage)[0], both)
-    rivals = SentenceBank.for_prompts(encode, prompts, corpus)
-    np.testing.assert_allclose(classes(rivals, hemorrhage)[0], (np.eye(E)[0] + corpus.vectors[1]) / 2)
-    np.testing.assert_allclose(classes(rivals, mass)[0], (np.eye(E)[2] + corpus.vectors[0]) / 2)
-    np.testing.assert_allclose(classes(rivals, hemorrhage)[1], np.eye(E)[1])
-    monkeypatch.setattr(grounding, "EXCLUSIVE", False)
+    hematoma = (np.eye(E)[0] + corpus.vectors[1]) / 2
+    np.testing.assert_allclose(negative(SentenceBank(encode, list(relate), corpus), hemorrhage), both)
+    bank = SentenceBank.for_prompts(encode, prompts, corpus)
+    np.testing.assert_allclose(negative(bank, hemorrhage), hematoma)
+    np.testing.assert_allclose(negative(bank, ct_hemorrhage), hematoma)
+    np.testing.assert_allclose(negative(bank, mass), (np.eye(E)[2] + corpus.vectors[0]) / 2)
     np.testing.assert_allclose(
-        classes(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage)[0], both
+        bank.class_embeddings([hemorrhage.positive], hemorrhage.templates)[0, 0], np.eye(E)[1]
     )
+    monkeypatch.setattr(grounding, "SHARED", 1.0)
+    bank = SentenceBank.for_prompts(encode, prompts, corpus)
+    np.testing.assert_allclose(negative(bank, hemorrhage), np.eye(E)[0])
+    np.testing.assert_allclose(negative(bank, ct_hemorrhage), hematoma)
+    monkeypatch.setattr(grounding, "SHARED", 0.0)
+    np.testing.assert_allclose(negative(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage), both)
 
 
 def test_only_sentences_near_the_best_one_join_and_at_most_neighbours_of_them():

@@ -37,12 +37,15 @@ NEIGHBOURS = 8
 """Corpus sentences added to a class at most."""
 KEEP = 0.9
 """A sentence joins only if its relevance is at least this share of the best sentence's."""
-EXCLUSIVE = True
-"""A sentence grounds only the label of the prompt set it is most relevant to. For the
-similarity model "No intracranial mass." is relevant to a "no hemorrhage" class at 0.77 and to
-a "no mass" class at 0.89; grounding both (False) makes a brain mass lower every study's
-hemorrhage score. Measured with ``bench/grounding_sweep.py`` (docs/evaluation.md): over five
-models, 256 validation studies, hematomas -0.001 to +0.022 and no finding lower."""
+SHARED = 0.95
+"""A sentence grounds a label of the prompt set only if its relevance to that label is at least
+this share of its relevance to the label it is most relevant to (0: every label it is relevant
+enough to; 1: that label alone). For the similarity model "No intracranial mass." is relevant
+to a "no hemorrhage" class at 0.77 and to a "no mass" class at 0.89 (a share of 0.87);
+grounding both makes a brain mass lower every study's hemorrhage score. Labels that are near
+synonyms (a CT and an MR "hemorrhage", or "arterial" and "coronary artery wall calcification")
+stay within the share and keep their common sentences. Measured with
+``bench/grounding_sweep.py`` (docs/evaluation.md, "Each report sentence grounds one label")."""
 MIN_RELEVANCE = 0.5
 """Cosine similarity (similarity model) below which a sentence is about something else."""
 MAX_STUDIES = 20_000
@@ -75,8 +78,8 @@ class Corpus:
         class's corpus sentences added, each weighing as one unit-length phrase.
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
-        ``rivals`` ``[S]`` (:meth:`rivals`): a sentence closer to another label's prompts than
-        to these does not join."""
+        ``rivals`` ``[S]`` (:meth:`rivals`): a sentence less relevant to these prompts than that
+        does not join."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
@@ -92,12 +95,12 @@ class Corpus:
         return np.stack(grounded)
 
     def rivals(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
-        """``[S]``: each sentence's relevance to the label of the prompt set it is most relevant
-        to (``labels``: each label's ``[K, R]`` class relevance), to leave it to that label in
-        :meth:`ground`; None unless :data:`EXCLUSIVE`, or without labels."""
-        if not EXCLUSIVE or not len(labels):
+        """``[S]``: the relevance a sentence needs to ground one of ``labels`` in :meth:`ground`,
+        :data:`SHARED` times its relevance to the label it is most relevant to (``labels``: each
+        label's ``[K, R]`` class relevance); None when :data:`SHARED` is 0, or without labels."""
+        if not SHARED or not len(labels):
             return None
-        return np.max([self.about(class_relevance) for class_relevance in labels], axis=0)
+        return SHARED * np.max([self.about(class_relevance) for class_relevance in labels], axis=0)
 
     def about(self, class_relevance: np.ndarray) -> np.ndarray:
         """``[S]``: each sentence's relevance to one label, that of its most relevant class

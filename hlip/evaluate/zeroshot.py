@@ -53,8 +53,8 @@ class SentenceBank:
         labels: Sequence[Sequence[Sequence[str]]] = (),
     ) -> None:
         """``labels``: per label (or multi-class task) of the prompt set, per class, its
-        sentences (:func:`prompt_classes`); with :data:`hlip.evaluate.grounding.EXCLUSIVE` a
-        grounded class takes no corpus sentence that is more relevant to another of them."""
+        sentences (:func:`prompt_classes`): a grounded class takes no corpus sentence that is
+        clearly more relevant to another of them (:data:`hlip.evaluate.grounding.SHARED`)."""
         unique = list(dict.fromkeys(sentences))
         vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
         self._vectors = dict(zip(unique, vectors, strict=True))
