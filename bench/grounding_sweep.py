@@ -44,6 +44,11 @@ SHARED_ROWS = {
 }
 
 
+def setting(neighbours: int, keep: float) -> str:
+    """The row name of one NEIGHBOURS / KEEP setting."""
+    return f"{neighbours} sentences, keep {keep}"
+
+
 def aucs(embeddings, prompts, encode, scale, corpus) -> dict[str, float]:
     """Zero-shot AUC per binary label and their macro ("macro")."""
     with warnings.catch_warnings():
@@ -96,8 +101,9 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
     shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED
     try:
         for grounding.NEIGHBOURS, grounding.KEEP in itertools.product(NEIGHBOURS, KEEP):
-            name = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
-            rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+            rows[setting(grounding.NEIGHBOURS, grounding.KEEP)] = {
+                s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()
+            }
         grounding.NEIGHBOURS, grounding.KEEP = shipped[:2]
         for grounding.SHARED, name in SHARED_ROWS.items():
             rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
@@ -129,12 +135,11 @@ def main() -> None:
     results = [
         sweep(run, args.train, {"val": args.val, "held-out": args.heldout}, prompts) for run in args.model
     ]
-    print(f"macro AUC over {len(args.model)} model(s): mean (per model), shipped setting "
-          f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}")  # fmt: skip
+    shipped = setting(grounding.NEIGHBOURS, grounding.KEEP)
+    print(f"macro AUC over {len(args.model)} model(s): mean (per model), shipped setting {shipped}")
     print("| setting | validation | held-out |\n|---|---|---|")
     for name in results[0]:
         print(f"| {name} | {cell(results, name, 'val')} | {cell(results, name, 'held-out')} |")
-    shipped = f"{grounding.NEIGHBOURS} sentences, keep {grounding.KEEP}"
     print(f"\nper finding, shipped (SHARED = {grounding.SHARED}) against {EVERY_LABEL}:")
     print("| finding | split | shipped | every label |\n|---|---|---|---|")
     for label in (label.name for label in prompts.binary if label.has_negative):

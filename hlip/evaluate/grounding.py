@@ -71,22 +71,23 @@ class Corpus:
     info: dict = field(default_factory=dict)
 
     def ground(
-        self, classes: np.ndarray, class_relevance: np.ndarray, rivals: np.ndarray | None = None
+        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
     ) -> np.ndarray:
         """``[K, T, E]`` class embeddings (per class and template, as
         :meth:`hlip.evaluate.zeroshot.SentenceBank.class_embeddings` builds them) with each
         class's corpus sentences added, each weighing as one unit-length phrase.
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
-        ``rivals`` ``[S]`` (:meth:`rivals`): a sentence less relevant to these prompts than that
-        does not join."""
+        ``required`` ``[S]`` (:meth:`required_relevance`): a sentence less relevant to these
+        prompts than that does not join."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
-        ours = side >= 0 if rivals is None else self.about(class_relevance) >= rivals - 1e-9
+        if required is not None:
+            side[self.about(class_relevance) < required - 1e-9] = -1  # about another label
         grounded = []
         for k, per_template in enumerate(classes):
-            chosen = self.vectors[self.neighbours((side == k) & ours, self.relevance @ class_relevance[k])]
+            chosen = self.vectors[self.neighbours(side == k, self.relevance @ class_relevance[k])]
             grounded.append(
                 np.stack(
                     [np.vstack([l2_normalize(vector)[None], chosen]).mean(axis=0) for vector in per_template]
@@ -94,7 +95,7 @@ class Corpus:
             )
         return np.stack(grounded)
 
-    def rivals(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
+    def required_relevance(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
         """``[S]``: the relevance a sentence needs to ground one of ``labels`` in :meth:`ground`,
         :data:`SHARED` times its relevance to the label it is most relevant to (``labels``: each
         label's ``[K, R]`` class relevance); None when :data:`SHARED` is 0, or without labels."""

@@ -59,17 +59,17 @@ class SentenceBank:
         vectors = l2_normalize(encode(unique)) if unique else np.zeros((0, 0))
         self._vectors = dict(zip(unique, vectors, strict=True))
         self.corpus = corpus
-        self._rivals = None
+        self._required = None
         if corpus is not None:
             self._relevance = dict(zip(unique, corpus.relate(unique), strict=True))
-            self._rivals = corpus.rivals([self._class_relevance(classes) for classes in labels])
+            self._required = corpus.required_relevance([self._class_relevance(c) for c in labels])
 
     @classmethod
     def for_prompts(
         cls, encode: TextEncoder, prompts: PromptSet, corpus: Corpus | None = None
     ) -> SentenceBank:
-        """The bank of every sentence of ``prompts``, each of its labels the others' rival for
-        corpus sentences in grounding."""
+        """The bank of every sentence of ``prompts``; in grounding, a corpus sentence clearly
+        more relevant to another of its labels does not join a label's class."""
         labels = prompt_classes(prompts)
         return cls(encode, [s for classes in labels for group in classes for s in group], corpus, labels)
 
@@ -88,7 +88,7 @@ class SentenceBank:
         if self.corpus is None:
             return classes
         sentences = [[fill(t, p) for t in templates for p in class_phrases] for class_phrases in phrases]
-        return self.corpus.ground(classes, self._class_relevance(sentences), self._rivals)
+        return self.corpus.ground(classes, self._class_relevance(sentences), self._required)
 
     def _class_relevance(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
         """``[K, R]``: per class, its sentences' mean similarity-model embedding, unit length."""
