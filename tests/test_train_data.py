@@ -30,10 +30,8 @@ from hlip.train.data import (
     count_studies,
     crop_axes,
     percentile_map,
-    read_crop,
     render,
     report_sections,
-    scaled_crop,
     select_sections,
 )
 
@@ -80,45 +78,6 @@ def test_crop_window_stays_inside_and_fills_the_grid(shape, size, seed, pad):
         assert abs(axis.before - axis.after) <= 1
         if rng is None and n >= s:
             assert axis.start == (n - s) // 2
-
-
-def array_scan(values: np.ndarray) -> Scan:
-    return Scan(name="s", array=values, spacing=(1.0, 1.0, 1.0), affine=np.eye(4), modality="MR")
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    shape=st.lists(st.integers(2, 40), min_size=3, max_size=3),
-    size=st.lists(st.integers(1, 32), min_size=3, max_size=3),
-    factor=st.floats(0.5, 2.0),
-    seed=st.one_of(st.none(), st.integers(0, 2**16)),
-    pad=st.booleans(),
-)
-def test_a_scaled_crop_is_a_crop_of_the_resized_scan(shape, size, factor, seed, pad):
-    """The window is the one :func:`crop_axes` puts on the resized scan, the region fills it,
-    and at factor 1 the crop is the plain one, voxel for voxel."""
-    volume = np.random.default_rng(0).integers(-1000, 1000, shape).astype(np.int16)
-    rng = lambda: None if seed is None else np.random.default_rng(seed)  # noqa: E731
-    region, axes = scaled_crop(array_scan(volume), size, factor, rng(), pad)
-    assert axes == crop_axes([max(1, round(n * factor)) for n in shape], size, rng(), pad)
-    assert region.dtype == np.int16 and list(region.shape) == [a.stop - a.start for a in axes]
-    assert volume.min() <= region.min() and region.max() <= volume.max()
-    region, axes = scaled_crop(array_scan(volume), size, 1.0, rng(), pad)
-    assert axes == crop_axes(shape, size, rng(), pad)
-    assert np.array_equal(region, read_crop(array_scan(volume), axes))
-
-
-@settings(max_examples=60, deadline=None)
-@given(side=st.integers(6, 14), factor=st.floats(0.6, 1.6))
-def test_a_scaled_crop_shows_a_lesion_at_the_scaled_size(side, factor):
-    """A cube of ``side`` voxels in the middle of the scan spans about ``side * factor``."""
-    volume = np.zeros((40, 40, 40), np.int16)
-    start = 20 - side // 2
-    volume[tuple(slice(start, start + side) for _ in range(3))] = 1000
-    region, _ = scaled_crop(array_scan(volume), [40, 40, 40], factor, None)
-    for axis in range(3):
-        extent = (region > 500).any(axis=tuple(a for a in range(3) if a != axis)).sum()
-        assert abs(extent - side * factor) <= 1.5
 
 
 @settings(max_examples=50, deadline=None)
@@ -303,20 +262,6 @@ def test_training_samples_are_a_function_of_seed_epoch_and_key(config):
         torch.equal(a, b)
         for a, b in zip(tensors(evaluation(study)), tensors(evaluation(study, 5)), strict=True)
     )
-
-
-def test_training_resizes_scans_within_the_scale_range_and_evaluation_never(config):
-    volume = np.full((16, 16, 16), -1000)
-    volume[4:12, 4:12, 4:12] = 1000  # an 8-voxel cube in the middle
-    study = Study(key="k", modality="CT", scans=[ct_scan(volume)], report="Text.")
-    config = dataclasses.replace(config, img_size=[16, 16, 16], ct_windows=[[-1000.0, 1000.0]])
-    cube_side = lambda sample: round(float((tensors(sample)[0] > 0).sum()) ** (1 / 3))  # noqa: E731
-    halved = dataclasses.replace(config, scale_range=[0.5, 0.5])
-    assert cube_side(StudyTransform(halved, train=True)(study)) == 4
-    assert cube_side(StudyTransform(halved, train=False)(study)) == 8
-    ranged = StudyTransform(dataclasses.replace(config, scale_range=[0.75, 1.25]), train=True)
-    sides = {cube_side(ranged(study, epoch=e)) for e in range(12)}
-    assert len(sides) > 1 and sides <= set(range(6, 11))
 
 
 def test_scan_sampling_random_subset_in_training_first_ones_in_evaluation(config):

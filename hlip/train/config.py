@@ -87,10 +87,6 @@ class TrainConfig:
     """Training crops at random offsets (else centred, as evaluation always is)."""
     pad_to_size: bool = True
     """Pad scans smaller than ``img_size`` (else they stay smaller: packing accepts any size)."""
-    scale_range: list[float] = field(default_factory=list)
-    """Training resizes each scan by a factor drawn log-uniformly from ``[low, high]`` before
-    cropping (e.g. [0.67, 1.5]), so a finding is learned at other sizes than one archive's
-    lesions have; empty = none. Evaluation never resizes."""
     max_scans: int = 8
     """Most scans fed per study (a random subset in training, the first ones in evaluation)."""
     ct_windows: list[list[float]] = field(default_factory=lambda: [[-1150.0, 350.0]])

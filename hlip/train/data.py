@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from collections import Counter
@@ -112,24 +111,6 @@ def crop_axes(
             missing = s - n if pad else 0
             axes.append(AxisCrop(0, n, missing // 2, missing - missing // 2))
     return axes
-
-
-def scaled_crop(
-    scan: Scan, size: Sequence[int], factor: float, rng: np.random.Generator | None, pad: bool = True
-) -> tuple[np.ndarray, list[AxisCrop]]:
-    """A crop of the scan resized by ``factor`` (below 1: smaller), as :func:`crop_axes` and
-    :func:`read_crop` give one of the scan itself: only the source voxels the window covers
-    are read, then resampled (trilinear) to the window's size and rounded back to int16."""
-    scaled = [max(1, round(n * factor)) for n in scan.shape]
-    axes = crop_axes(scaled, size, rng, pad)
-    source = []
-    for a, n in zip(axes, scan.shape, strict=True):
-        start = min(n - 1, math.floor(a.start / factor))
-        source.append(AxisCrop(start, min(n, max(start + 1, math.ceil(a.stop / factor)))))
-    region = torch.from_numpy(read_crop(scan, source).astype(np.float32))
-    target = [a.stop - a.start for a in axes]
-    resized = torch.nn.functional.interpolate(region[None, None], size=target, mode="trilinear")
-    return resized[0, 0].round().numpy().astype(scan.array.dtype), axes
 
 
 def read_crop(scan: Scan, axes: Sequence[AxisCrop]) -> np.ndarray:
@@ -307,13 +288,8 @@ class StudyTransform:
         self, scan: Scan, rng: np.random.Generator | None, body_part: str = ""
     ) -> list[Crop | torch.Tensor]:
         crop_rng = rng if self.config.random_crop else None
-        size, pad = self.config.img_size, self.config.pad_to_size
-        if rng is not None and self.config.scale_range:
-            low, high = np.log(self.config.scale_range)
-            region, axes = scaled_crop(scan, size, float(np.exp(rng.uniform(low, high))), crop_rng, pad)
-        else:
-            axes = crop_axes(scan.shape, size, crop_rng, pad=pad)
-            region = read_crop(scan, axes)
+        axes = crop_axes(scan.shape, self.config.img_size, crop_rng, pad=self.config.pad_to_size)
+        region = read_crop(scan, axes)
         mean, std = self.config.intensity_mean, self.config.intensity_std
         if not is_hounsfield(scan):
             maps = [percentile_map(region, *self.config.mr_percentiles, self.config.mr_ceiling)]
