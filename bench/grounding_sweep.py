@@ -9,7 +9,9 @@ validation and held-out studies once, and scores both with every combination of
 ``NEIGHBOURS`` (sentences a class gains at most) and ``KEEP`` (share of the best sentence's
 relevance a sentence needs), plus the prompts alone, the shipped setting with other values of
 ``SHARED`` (0: a sentence grounds every label it is relevant enough to; 1: only the label it is
-most relevant to; shipped: also labels within that share of it), and one diagnostic row: the shipped grounding with each binary label's
+most relevant to; shipped: also labels within that share of it), the shipped setting without
+report prototypes (each class its prompt plus grounded sentences; ``MIN_REPORTS`` out of
+reach), and one diagnostic row: the shipped grounding with each binary label's
 direction (positive minus negative class embedding, along which its two-prompt softmax ranks
 studies) made orthogonal to the other labels' directions, which shows how much a finding's
 score rises with the other findings. It also prints, per
@@ -38,6 +40,7 @@ from hlip.evaluate.zeroshot import SentenceBank, l2_normalize, run_zeroshot
 NEIGHBOURS = (3, 5, 8, 12)
 KEEP = (0.0, 0.8, 0.9)
 EVERY_LABEL = "each sentence grounding every label it is relevant enough to"
+SENTENCES_ONLY = "shipped, without report prototypes (prompt and grounded sentences)"
 SHARED_ROWS = {
     0.0: f"shipped, {EVERY_LABEL}",
     1.0: "shipped, each sentence grounding only the label it is most relevant to",
@@ -98,7 +101,7 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
           f"{embed_s:.1f} s: {corpus_s / embed_s:.2f}x")  # fmt: skip
     scale = loaded.logit_scale
     rows = {"prompts alone": {s: aucs(e, prompts, encode, scale, None) for s, e in embedded.items()}}
-    shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED
+    shipped = grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED, grounding.MIN_REPORTS
     try:
         for grounding.NEIGHBOURS, grounding.KEEP in itertools.product(NEIGHBOURS, KEEP):
             rows[setting(grounding.NEIGHBOURS, grounding.KEEP)] = {
@@ -107,8 +110,10 @@ def sweep(run: str, train: str, sets: dict[str, str], prompts) -> dict[str, dict
         grounding.NEIGHBOURS, grounding.KEEP = shipped[:2]
         for grounding.SHARED, name in SHARED_ROWS.items():
             rows[name] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
+        grounding.SHARED, grounding.MIN_REPORTS = shipped[2], len(corpus.reports) + 1
+        rows[SENTENCES_ONLY] = {s: aucs(e, prompts, encode, scale, corpus) for s, e in embedded.items()}
     finally:
-        grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED = shipped
+        grounding.NEIGHBOURS, grounding.KEEP, grounding.SHARED, grounding.MIN_REPORTS = shipped
     rows["shipped, directions orthogonal to the other labels'"] = {
         s: orthogonal_aucs(e, prompts, encode, corpus) for s, e in embedded.items()
     }
@@ -140,11 +145,13 @@ def main() -> None:
     print("| setting | validation | held-out |\n|---|---|---|")
     for name in results[0]:
         print(f"| {name} | {cell(results, name, 'val')} | {cell(results, name, 'held-out')} |")
-    print(f"\nper finding, shipped (SHARED = {grounding.SHARED}) against {EVERY_LABEL}:")
-    print("| finding | split | shipped | every label |\n|---|---|---|---|")
+    print(
+        f"\nper finding, shipped (SHARED = {grounding.SHARED}) against {EVERY_LABEL}, and without report prototypes:"
+    )
+    print("| finding | split | shipped | every label | without prototypes |\n|---|---|---|---|---|")
     for label in (label.name for label in prompts.binary if label.has_negative):
         for split in ("val", "held-out"):
-            print(f"| {label} | {split} | {cell(results, shipped, split, label)} | {cell(results, SHARED_ROWS[0.0], split, label)} |")  # fmt: skip
+            print(f"| {label} | {split} | {cell(results, shipped, split, label)} | {cell(results, SHARED_ROWS[0.0], split, label)} | {cell(results, SENTENCES_ONLY, split, label)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hlip.evaluate import grounding
-from hlip.evaluate.grounding import Corpus, report_sentences
+from hlip.evaluate.grounding import Corpus, read_reports, sentence_index
 from hlip.evaluate.prompts import parse_prompts
 from hlip.evaluate.zeroshot import SentenceBank, l2_normalize
 from hlip.shards.reader import ShardDataset
@@ -126,6 +126,42 @@ def test_a_sentence_grounds_the_labels_it_is_about_and_not_a_label_it_is_clearly
     np.testing.assert_allclose(negative(SentenceBank.for_prompts(encode, prompts, corpus), hemorrhage), both)
 
 
+def _reporting_corpus(positives: int, negatives: int) -> tuple[Corpus, list[int], list[int]]:
+    """Sentences: s0 positive, s1 negative, s2 about something else, s3 positive but less
+    relevant than s1. Reports: ``positives`` of [s0, s2], ``negatives`` of [s1, s2], one of [s2],
+    one of [s3, s1]. Returns the corpus and the indices of the reports that state each class."""
+    corpus = _corpus(
+        vectors=[POS + 0.2 * NEG, NEG + 0.2 * POS, POS, POS + 0.1 * NEG],
+        relevance=[ABOUT, ABOUT + 0.1 * np.eye(R)[1], np.eye(R)[2], 0.8 * ABOUT + 0.6 * np.eye(R)[2]],
+    )
+    corpus.reports = [np.array([0, 2])] * positives + [np.array([1, 2])] * negatives
+    corpus.reports += [np.array([2]), np.array([3, 1])]
+    n = len(corpus.reports)
+    corpus.report_vectors = l2_normalize(np.random.default_rng(n).normal(size=(n, E)))
+    return corpus, list(range(positives)), list(range(positives, positives + negatives)) + [n - 1]
+
+
+def test_with_enough_reports_per_class_a_class_is_the_mean_of_the_reports_stating_it():
+    """A report joins the class of its sentence most relevant to the label; one without such a
+    sentence joins neither; every template gets the prototype."""
+    corpus, positive, negative = _reporting_corpus(grounding.MIN_REPORTS, grounding.MIN_REPORTS)
+    classes = np.stack([np.stack([NEG, NEG + 0.1 * POS]), np.stack([POS, POS])])  # [K=2, T=2, E]
+    grounded = corpus.ground(classes, np.stack([ABOUT, ABOUT]))
+    for k, members in enumerate([negative, positive]):
+        expected = l2_normalize(corpus.report_vectors[members].mean(axis=0))
+        for t in range(2):
+            np.testing.assert_allclose(grounded[k, t], expected, atol=1e-12)
+
+
+def test_with_too_few_reports_in_a_class_the_label_keeps_its_grounded_sentences():
+    corpus, _, _ = _reporting_corpus(grounding.MIN_REPORTS - 1, grounding.MIN_REPORTS + 5)
+    classes = np.stack([NEG[None], POS[None]])
+    grounded = corpus.ground(classes, np.stack([ABOUT, ABOUT]))
+    corpus.reports = []
+    np.testing.assert_allclose(grounded, corpus.ground(classes, np.stack([ABOUT, ABOUT])))
+    np.testing.assert_allclose(grounded[1, 0], (POS + corpus.vectors[0]) / 2)  # s3 is below KEEP
+
+
 def test_only_sentences_near_the_best_one_join_and_at_most_neighbours_of_them():
     relevance = np.array([0.95, 0.9, 0.8, 0.55, 0.4] + [0.94] * 20)
     on_side = np.array([True, True, True, True, True] + [True] * 20)
@@ -176,14 +212,34 @@ def test_the_corpus_is_read_as_the_model_reads_reports(tmp_path):
         )
         studies.append(study)
     write_dataset(tmp_path / "shards", studies)
-    counts, read, unreadable = report_sentences(
-        [tmp_path / "shards"], ["findings"], without_measurements=True
+    texts, unreadable = read_reports([tmp_path / "shards"], ["findings"])
+    assert (
+        unreadable == 0
+        and texts
+        == [
+            "No effusion. No nodule.",
+            "A 12 mm nodule in the right upper lobe. No effusion.",
+        ]
+        * 2
     )
-    assert (read, unreadable) == (4, 0)
-    assert counts == {"No effusion.": 4, "No nodule.": 2, "A nodule in the right upper lobe.": 2}
-    counts, read, _ = report_sentences([tmp_path / "shards"], [], without_measurements=False, max_studies=2)
-    assert read == 2  # every other study: s0 and s2, read whole
-    assert counts == {"FINDINGS:": 2, "No effusion.": 2, "No nodule.": 2, "IMPRESSION:": 2, "Normal.": 2}
+    sentences, reports = sentence_index(texts, without_measurements=True)
+    assert sentences == [
+        "No effusion.",
+        "No nodule.",
+        "A nodule in the right upper lobe.",
+    ]  # most frequent first
+    assert [list(r) for r in reports] == [[0, 1], [2, 0]] * 2
+    texts, _ = read_reports([tmp_path / "shards"], [], max_studies=2)
+    assert len(texts) == 2  # every other study: s0 and s2, read whole
+    assert sentence_index(texts, without_measurements=False)[0] == [
+        "FINDINGS:", "No effusion.", "No nodule.", "IMPRESSION:", "Normal."
+    ]  # fmt: skip
+    read = grounding.read_report_sentences([tmp_path / "shards"], ["findings"], True, prefix="CT: ")
+    assert read.sentences == sentences and [list(r) for r in read.reports] == [[0, 1], [2, 0]] * 2
+    assert read.texts[:2] == [
+        "CT: No effusion. No nodule.",
+        "CT: A 12 mm nodule in the right upper lobe. No effusion.",
+    ]
     dataset = ShardDataset(tmp_path / "shards")
     assert all(dataset.report(key) == dataset.open(key).report for key in dataset)
 
@@ -200,8 +256,5 @@ def test_a_damaged_report_is_left_out_and_counted(tmp_path):
     data = bytearray(shard.read_bytes())
     data[row["txt_offset"]] ^= 0xFF  # the stored sha256 no longer matches
     shard.write_bytes(bytes(data))
-    counts, read, unreadable = report_sentences(
-        [tmp_path / "shards"], ["findings"], without_measurements=False
-    )
-    assert (read, unreadable) == (2, 1)
-    assert counts == {"No effusion.": 2, "Study 0.": 1, "Study 2.": 1}
+    texts, unreadable = read_reports([tmp_path / "shards"], ["findings"])
+    assert unreadable == 1 and texts == ["No effusion. Study 0.", "No effusion. Study 2."]

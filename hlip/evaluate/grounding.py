@@ -20,6 +20,13 @@ each with the weight of one phrase, if their relevance is at least :data:`MIN_RE
 within :data:`KEEP` of the best one's (so a finding the reports never mention keeps its prompt
 alone). Labels without negative prompts are not grounded: with one class there is no side to
 choose. No label is read anywhere; the corpus is the reports' text only.
+
+The image tower was aligned with whole reports, not with single sentences, so the grounded
+classes then sort the training reports themselves: a report belongs to the class its sentence
+most relevant to the label lies closest to (text against text, which the trained tower does
+well), and each class embedding becomes the mean embedding of its reports, a *report
+prototype*, when every class of the label has at least :data:`MIN_REPORTS` of them. Otherwise
+the label keeps its grounded sentences (docs/evaluation.md, "Report prototypes").
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ stay within the share and keep their common sentences. Measured with
 ``bench/grounding_sweep.py`` (docs/evaluation.md, "Each report sentence grounds one label")."""
 MIN_RELEVANCE = 0.5
 """Cosine similarity (similarity model) below which a sentence is about something else."""
+MIN_REPORTS = 10
+"""Training reports each class of a label needs for report prototypes (fewer: a mean of a few
+reports carries their other findings too, and the label keeps its grounded sentences)."""
 MAX_STUDIES = 20_000
 """Reports read per corpus at most (spread evenly over the dataset's studies)."""
 MAX_SENTENCES = 20_000
@@ -62,13 +72,16 @@ Encoder = Callable[[Sequence[str]], np.ndarray]
 class Corpus:
     """Distinct training-report sentences, embedded by the trained model's text tower
     (``vectors``) and by the similarity model (``relevance``, with ``relate`` to embed prompts
-    the same way)."""
+    the same way); and the training reports, each as the indices of its sentences
+    (``reports``) and embedded whole by the text tower (``report_vectors``)."""
 
     sentences: list[str]
     vectors: np.ndarray
     relevance: np.ndarray
     relate: Encoder
     info: dict = field(default_factory=dict)
+    reports: list[np.ndarray] = field(default_factory=list)
+    report_vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     def ground(
         self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
@@ -79,7 +92,8 @@ class Corpus:
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
         ``required`` ``[S]`` (:meth:`required_relevance`): a sentence less relevant to these
-        prompts than that does not join."""
+        prompts than that does not join. With :meth:`prototypes` for every class, those
+        replace the grounded classes (the same for every template)."""
         if len(classes) < 2:
             return classes
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
@@ -93,7 +107,39 @@ class Corpus:
                     [np.vstack([l2_normalize(vector)[None], chosen]).mean(axis=0) for vector in per_template]
                 )
             )
-        return np.stack(grounded)
+        grounded = np.stack(grounded)
+        prototypes = self.prototypes(l2_normalize(grounded.mean(axis=1)), class_relevance, required)
+        return grounded if prototypes is None else np.repeat(prototypes[:, None], classes.shape[1], axis=1)
+
+    def prototypes(
+        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """``[K, E]``: per class, the mean text-tower embedding of the training reports that
+        belong to it, or None if a class has fewer than :data:`MIN_REPORTS`.
+
+        A report belongs to the class (of ``classes`` ``[K, E]``, the grounded ones) nearest to
+        its sentence most relevant to the label, among its sentences relevant enough
+        (:data:`MIN_RELEVANCE`) and about this label (``required``, as in :meth:`ground`);
+        a report with none belongs to no class."""
+        if not self.reports:
+            return None
+        relevance = self.about(class_relevance)
+        eligible = relevance >= MIN_RELEVANCE
+        if required is not None:
+            eligible &= relevance >= required - 1e-9
+        sentence = np.concatenate(self.reports)
+        owner = np.repeat(np.arange(len(self.reports)), [len(r) for r in self.reports])
+        score = np.where(eligible[sentence], relevance[sentence], -np.inf)
+        best = np.full(len(self.reports), -np.inf)
+        np.maximum.at(best, owner, score)
+        chosen = np.flatnonzero(np.isfinite(score) & (score == best[owner]))
+        members, first = np.unique(owner[chosen], return_index=True)  # one sentence per report
+        side = np.argmax(self.vectors[sentence[chosen[first]]] @ classes.T, axis=1)
+        if np.bincount(side, minlength=len(classes)).min() < MIN_REPORTS:
+            return None
+        return l2_normalize(
+            np.stack([self.report_vectors[members[side == k]].mean(axis=0) for k in range(len(classes))])
+        )
 
     def required_relevance(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
         """``[S]``: the relevance a sentence needs to ground one of ``labels`` in :meth:`ground`,
@@ -119,37 +165,43 @@ class Corpus:
         return candidates[np.argsort(-relevance[candidates], kind="stable")][:NEIGHBOURS]
 
 
-def report_sentences(
-    paths: Sequence[str | Path],
-    sections: Sequence[str],
-    without_measurements: bool,
-    max_studies: int = MAX_STUDIES,
-) -> tuple[Counter, int, int]:
-    """Sentence counts over (at most ``max_studies``) reports of the shard datasets ``paths``,
-    read as the model reads them: the training sections, without measurements if it drops
-    them. Returns the counts, the number of reports read and the number that could not be
-    (a damaged sample is left out, as training leaves it out, and counted)."""
-    from hlip.model.text import drop_measurements, split_sentences
+def read_reports(
+    paths: Sequence[str | Path], sections: Sequence[str], max_studies: int = MAX_STUDIES
+) -> tuple[list[str], int]:
+    """The training ``sections`` of (at most ``max_studies``, spread evenly) reports of the shard
+    datasets ``paths``, and the number that could not be read (a damaged sample is left out,
+    as training leaves it out, and counted). The reports alone are read, no arrays."""
     from hlip.shards.format import ShardFormatError
     from hlip.shards.reader import ShardDataset
     from hlip.train.data import select_sections
 
-    counts: Counter = Counter()
-    read = unreadable = 0
+    texts: list[str] = []
+    unreadable = 0
     per_dataset = max(1, max_studies // max(1, len(paths)))
     for path in paths:
         dataset = ShardDataset(path)
         keys = dataset.keys()
         for key in keys[:: max(1, -(-len(keys) // per_dataset))]:
             try:
-                text = select_sections(dataset.report(key), sections)
+                texts.append(select_sections(dataset.report(key), sections).strip())
             except ShardFormatError:
                 unreadable += 1
-                continue
-            text = drop_measurements(text) if without_measurements else text
-            counts.update(split_sentences(text))
-            read += 1
-    return counts, read, unreadable
+    return texts, unreadable
+
+
+def sentence_index(texts: Sequence[str], without_measurements: bool) -> tuple[list[str], list[np.ndarray]]:
+    """The distinct sentences of ``texts`` as the model reads them (without measurements if it
+    drops them), most frequent first and at most :data:`MAX_SENTENCES`, and per text the
+    indices of its sentences among them."""
+    from hlip.model.text import drop_measurements, split_sentences
+
+    split = [split_sentences(drop_measurements(t) if without_measurements else t) for t in texts]
+    counts = Counter(sentence for sentences in split for sentence in sentences)
+    kept = [sentence for sentence, _ in counts.most_common(MAX_SENTENCES)]
+    index = {sentence: i for i, sentence in enumerate(kept)}
+    return kept, [
+        np.array([index[s] for s in sentences if s in index], dtype=np.int64) for sentences in split
+    ]
 
 
 def similarity_encoder() -> Encoder:
@@ -174,39 +226,55 @@ def similarity_encoder() -> Encoder:
 
 @dataclass
 class ReportSentences:
-    """The distinct sentences of a set of training reports, embedded by the similarity model:
-    the part of a :class:`Corpus` that does not change as a model trains, read once and
-    embedded by each new state of the text tower with :meth:`corpus`."""
+    """The distinct sentences of a set of training reports, embedded by the similarity model,
+    and the reports as the model reads them: the part of a :class:`Corpus` that does not change
+    as a model trains, read once and embedded by each new state of the text tower with
+    :meth:`corpus`."""
 
     sentences: list[str]
     relevance: np.ndarray
     relate: Encoder
     info: dict
+    reports: list[np.ndarray] = field(default_factory=list)
+    """Per report, the indices of its sentences."""
+    texts: list[str] = field(default_factory=list)
+    """Per report, its text as evaluation embeds a study's report."""
 
     def corpus(self, encode: Encoder) -> Corpus:
-        """The corpus with the sentences embedded by ``encode`` (a model's text tower)."""
+        """The corpus with the sentences and reports embedded by ``encode`` (a model's text tower)."""
+        vectors = l2_normalize(encode(self.sentences))
+        report_vectors = l2_normalize(encode(self.texts)) if self.texts else np.zeros((0, vectors.shape[1]))
         return Corpus(
-            self.sentences, l2_normalize(encode(self.sentences)), self.relevance, self.relate, self.info
+            self.sentences, vectors, self.relevance, self.relate, self.info, self.reports, report_vectors
         )
 
 
 def read_report_sentences(
-    paths: Sequence[str | Path], sections: Sequence[str], without_measurements: bool
+    paths: Sequence[str | Path], sections: Sequence[str], without_measurements: bool, prefix: str = ""
 ) -> ReportSentences | None:
     """The report sentences of the shard datasets ``paths``, read with the model's report
-    ``sections`` and its reading of measurements; None if the reports hold no sentence."""
-    counts, read, unreadable = report_sentences(paths, sections, without_measurements)
-    sentences = [sentence for sentence, _ in counts.most_common(MAX_SENTENCES)]
+    ``sections``, its reading of measurements and its text ``prefix``; None if the reports hold
+    no sentence."""
+    texts, unreadable = read_reports(paths, sections)
+    sentences, reports = sentence_index(texts, without_measurements)
     if not sentences:
         return None
+    stated = [i for i, report in enumerate(reports) if len(report)]
     relate = similarity_encoder()
     info = {
         "data": [str(p) for p in paths],
-        "reports": read,
+        "reports": len(texts),
         "unreadable_reports": unreadable,
         "sentences": len(sentences),
     }
-    return ReportSentences(sentences, relate(sentences), relate, info)
+    return ReportSentences(
+        sentences,
+        relate(sentences),
+        relate,
+        info,
+        [reports[i] for i in stated],
+        [prefix + texts[i] for i in stated],
+    )
 
 
 def grounding_paths(ground: str, training_data: Sequence[str]) -> list[str] | None:
@@ -221,9 +289,13 @@ def grounding_paths(ground: str, training_data: Sequence[str]) -> list[str] | No
 
 def model_corpus(loaded, paths: Sequence[str | Path]) -> Corpus | None:
     """The grounding corpus of the reports in ``paths`` for a loaded model
-    (:class:`hlip.evaluate.embed.LoadedModel`), read with its report sections and its reading of
-    measurements and embedded by its text tower; None if the reports hold no sentence."""
+    (:class:`hlip.evaluate.embed.LoadedModel`), read with its report sections, its reading of
+    measurements and its text prefix, and embedded by its text tower; None if the reports hold
+    no sentence."""
     from hlip.evaluate.embed import text_encoder
 
-    sentences = read_report_sentences(paths, loaded.config.text_sections, loaded.tokenizer.drop_measurements)
+    config = loaded.config
+    sentences = read_report_sentences(
+        paths, config.text_sections, loaded.tokenizer.drop_measurements, config.text_prefix
+    )
     return sentences.corpus(text_encoder(loaded)) if sentences is not None else None

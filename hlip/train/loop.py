@@ -470,7 +470,9 @@ def eval_grounding(config: TrainConfig, tokenizer: Any, info: DistInfo):
     from hlip.evaluate.grounding import grounding_paths, read_report_sentences
 
     paths = grounding_paths(config.eval_ground, config.data)
-    return read_report_sentences(paths, config.text_sections, tokenizer.drop_measurements) if paths else None
+    if not paths:
+        return None
+    return read_report_sentences(paths, config.text_sections, tokenizer.drop_measurements, config.text_prefix)
 
 
 def evaluate(
