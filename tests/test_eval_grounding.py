@@ -151,12 +151,20 @@ def test_with_enough_reports_per_class_a_class_is_the_mean_of_the_reports_statin
         expected = l2_normalize(corpus.report_vectors[members].mean(axis=0))
         for t in range(2):
             np.testing.assert_allclose(grounded[k, t], expected, atol=1e-12)
+    assert corpus.describe(classes, np.stack([ABOUT, ABOUT])) == {
+        "classes": "report prototypes",
+        "reports": [len(negative), len(positive)],
+    }
 
 
 def test_with_too_few_reports_in_a_class_the_label_keeps_its_grounded_sentences():
     corpus, _, _ = _reporting_corpus(grounding.MIN_REPORTS - 1, grounding.MIN_REPORTS + 5)
     classes = np.stack([NEG[None], POS[None]])
     grounded = corpus.ground(classes, np.stack([ABOUT, ABOUT]))
+    assert corpus.describe(classes, np.stack([ABOUT, ABOUT])) == {
+        "classes": "sentences",
+        "reports": [grounding.MIN_REPORTS + 6, grounding.MIN_REPORTS - 1],
+    }
     corpus.reports = []
     np.testing.assert_allclose(grounded, corpus.ground(classes, np.stack([ABOUT, ABOUT])))
     np.testing.assert_allclose(grounded[1, 0], (POS + corpus.vectors[0]) / 2)  # s3 is below KEEP

@@ -104,8 +104,8 @@ def run(
     ground: str = typer.Option(
         "auto",
         "--ground",
-        help="Shards whose reports ground the zero-shot prompts in their own sentences (no labels "
-        "read); 'auto': the model's training shards when readable here; 'none': the prompts alone.",
+        help="Shards whose reports ground the zero-shot prompts in their own sentences and reports (no "
+        "labels read); 'auto': the model's training shards when readable here; 'none': the prompts alone.",
     ),
     tasks: str = typer.Option(
         "zeroshot,retrieval", "--tasks", help="Comma-separated: zeroshot,retrieval,probe."

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from hlip.evaluate.grounding import MIN_REPORTS
 from hlip.evaluate.zeroshot import ZeroShotResult
 
 PLOTS_DIR = "plots"
@@ -257,7 +258,9 @@ def _grounding_line(grounding: Any) -> str:
         f"Each prompt class also holds its nearest sentences among {grounding['sentences']} distinct "
         f"sentences of {grounding['reports']} training reports ({', '.join(grounding['data'])}"
         + (f"; {unreadable} damaged reports left out" if unreadable else "")
-        + "); no label of those studies is read."
+        + f"); a label whose every class sorts at least {MIN_REPORTS} of those reports to itself is "
+        + "scored against the mean of each class's reports (per label in metrics.json, `grounding`); "
+        + "no label of those studies is read."
     )
 
 

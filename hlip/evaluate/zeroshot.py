@@ -77,18 +77,31 @@ class SentenceBank:
         return self._vectors[sentence]
 
     def class_embeddings(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> np.ndarray:
-        """``[K, T, E]``: per class and template, the mean of the phrases' normalised embeddings
-        (and of the class's corpus sentences, when grounded)."""
-        classes = np.stack(
+        """``[K, T, E]``: per class and template, the mean of the phrases' normalised embeddings;
+        when grounded, the class as :meth:`hlip.evaluate.grounding.Corpus.ground` makes it."""
+        classes = self._prompt_classes(phrases, templates)
+        if self.corpus is None:
+            return classes
+        return self.corpus.ground(classes, self._relevance_of(phrases, templates), self._required)
+
+    def grounding(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> dict | None:
+        """How these classes are grounded (:meth:`hlip.evaluate.grounding.Corpus.describe`),
+        None without a corpus."""
+        if self.corpus is None:
+            return None
+        classes = self._prompt_classes(phrases, templates)
+        return self.corpus.describe(classes, self._relevance_of(phrases, templates), self._required)
+
+    def _prompt_classes(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> np.ndarray:
+        return np.stack(
             [
                 np.stack([np.mean([self[fill(t, p)] for p in class_phrases], axis=0) for t in templates])
                 for class_phrases in phrases
             ]
         )
-        if self.corpus is None:
-            return classes
-        sentences = [[fill(t, p) for t in templates for p in class_phrases] for class_phrases in phrases]
-        return self.corpus.ground(classes, self._class_relevance(sentences), self._required)
+
+    def _relevance_of(self, phrases: Sequence[Sequence[str]], templates: Sequence[str]) -> np.ndarray:
+        return self._class_relevance([[fill(t, p) for t in templates for p in group] for group in phrases])
 
     def _class_relevance(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
         """``[K, R]``: per class, its sentences' mean similarity-model embedding, unit length."""
@@ -175,7 +188,9 @@ def run_zeroshot(
     fixed ``threshold`` applies to the labels with negative prompts, if the file sets one.
     ``scores[name]`` is ``[N]`` for a binary label and ``[N, K]`` class probabilities for a
     multi-class task; ``targets`` holds the matching 0/1/NaN or class-index (-1 = none) arrays.
-    ``corpus`` grounds the prompts in training-report sentences (:mod:`hlip.evaluate.grounding`).
+    ``corpus`` grounds the prompts in the training reports (:mod:`hlip.evaluate.grounding`);
+    each grounded label's metrics then say how (``grounding``: report prototypes or sentences,
+    and the training reports sorted to each class).
     """
     image = l2_normalize(image_embeddings)
     bank = SentenceBank.for_prompts(encode, prompts, corpus)
@@ -198,6 +213,10 @@ def run_zeroshot(
         result.metrics["binary"][label.name] = metrics.binary_metrics(
             y, s, threshold=cuts[label.name], name=label.name, n_boot=n_boot, seed=seed
         )
+        if corpus is not None and label.has_negative:
+            result.metrics["binary"][label.name]["grounding"] = bank.grounding(
+                [label.negative, label.positive], label.templates
+            )
     if prompts.binary:
         result.metrics["macro"] = _macro(prompts, result, list(cuts.values()), n_boot=n_boot, seed=seed)
     for task in prompts.multiclass:
@@ -208,6 +227,10 @@ def run_zeroshot(
         result.metrics["multiclass"][task.name] = metrics.multiclass_metrics(
             y[y >= 0], p[y >= 0], list(task.classes), name=task.name, n_boot=n_boot, seed=seed
         )
+        if corpus is not None:
+            result.metrics["multiclass"][task.name]["grounding"] = bank.grounding(
+                task.phrases, task.templates
+            )
     return result
 
 
