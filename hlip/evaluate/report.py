@@ -258,8 +258,9 @@ def _grounding_line(grounding: Any) -> str:
         f"Each prompt class also holds its nearest sentences among {grounding['sentences']} distinct "
         f"sentences of {grounding['reports']} training reports ({', '.join(grounding['data'])}"
         + (f"; {unreadable} damaged reports left out" if unreadable else "")
-        + f"); a label whose every class sorts at least {MIN_REPORTS} of those reports to itself is "
-        + "scored against the mean of each class's reports (per label in metrics.json, `grounding`); "
+        + f"); where each class of a label has at least {MIN_REPORTS} of those reports sorted to it, "
+        + "the label is scored against the mean of each class's reports (per label in metrics.json, "
+        + "`grounding`); "
         + "no label of those studies is read."
     )
 
