@@ -87,26 +87,48 @@ class Corpus:
         self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
     ) -> np.ndarray:
         """``[K, T, E]`` class embeddings (per class and template, as
-        :meth:`hlip.evaluate.zeroshot.SentenceBank.class_embeddings` builds them), grounded:
-        the :meth:`prototypes` of the classes' :meth:`sentence_classes` (the same for every
-        template) when every class has enough reports, else those sentence classes.
+        :meth:`hlip.evaluate.zeroshot.SentenceBank.class_embeddings` builds them), grounded
+        (:meth:`grounded`)."""
+        return self.grounded(classes, class_relevance, required)[0]
+
+    def describe(
+        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
+    ) -> dict:
+        """How :meth:`ground` grounds these classes, for the metrics (:meth:`grounded`)."""
+        return self.grounded(classes, class_relevance, required)[1]
+
+    def grounded(
+        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict]:
+        """The grounded ``[K, T, E]`` classes and how they were grounded: per class the mean
+        text-tower embedding of the training reports :meth:`report_classes` sorts to it (a
+        report prototype, the same for every template) when every class has at least
+        :data:`MIN_REPORTS` of them, else the :meth:`sentence_classes`; with the reports sorted
+        to each class.
 
         ``class_relevance`` ``[K, R]``: each class's prompts embedded by :attr:`relate`.
         ``required`` ``[S]`` (:meth:`required_relevance`): a sentence less relevant to these
         prompts than that does not join and sorts no report."""
-        grounded = self.sentence_classes(classes, class_relevance, required)
         if len(classes) < 2:
-            return grounded
-        prototypes = self.prototypes(l2_normalize(grounded.mean(axis=1)), class_relevance, required)
-        return grounded if prototypes is None else np.repeat(prototypes[:, None], classes.shape[1], axis=1)
+            return classes, {"classes": "prompts", "reports": []}  # no side to choose
+        sentence_classes = self.sentence_classes(classes, class_relevance, required)
+        sorted_to = self.report_classes(
+            l2_normalize(sentence_classes.mean(axis=1)), class_relevance, required
+        )
+        counts = np.bincount(sorted_to[sorted_to >= 0], minlength=len(classes))
+        if counts.min() < MIN_REPORTS:
+            return sentence_classes, {"classes": "sentences", "reports": counts.tolist()}
+        prototypes = l2_normalize(
+            np.stack([self.report_vectors[sorted_to == k].mean(axis=0) for k in range(len(classes))])
+        )
+        prototypes = np.repeat(prototypes[:, None], classes.shape[1], axis=1)
+        return prototypes, {"classes": "report prototypes", "reports": counts.tolist()}
 
     def sentence_classes(
         self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
     ) -> np.ndarray:
-        """``[K, T, E]``: ``classes`` with each class's corpus sentences added, each weighing as
-        one unit-length phrase (a single class is returned as it is)."""
-        if len(classes) < 2:
-            return classes
+        """``[K, T, E]``: ``classes`` (two or more) with each class's corpus sentences added, each
+        weighing as one unit-length phrase."""
         side = np.argmax(self.vectors @ l2_normalize(classes.mean(axis=1)).T, axis=1)
         if required is not None:
             side[self.about(class_relevance) < required - 1e-9] = -1  # about another label
@@ -120,25 +142,12 @@ class Corpus:
             )
         return np.stack(grounded)
 
-    def prototypes(
-        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
-    ) -> np.ndarray | None:
-        """``[K, E]``: per class (of ``classes`` ``[K, E]``), the mean text-tower embedding of the
-        training reports :meth:`report_classes` sorts to it, or None if a class has fewer than
-        :data:`MIN_REPORTS`."""
-        sorted_to = self.report_classes(classes, class_relevance, required)
-        if np.bincount(sorted_to[sorted_to >= 0], minlength=len(classes)).min() < MIN_REPORTS:
-            return None
-        return l2_normalize(
-            np.stack([self.report_vectors[sorted_to == k].mean(axis=0) for k in range(len(classes))])
-        )
-
     def report_classes(
         self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
     ) -> np.ndarray:
         """``[N]``: per training report, the class (of ``classes`` ``[K, E]``, the grounded ones)
         nearest to its sentence most relevant to the label, among its sentences relevant enough
-        (:data:`MIN_RELEVANCE`) and about this label (``required``, as in :meth:`ground`); -1
+        (:data:`MIN_RELEVANCE`) and about this label (``required``, as in :meth:`grounded`); -1
         for a report with none."""
         sorted_to = np.full(len(self.reports), -1)
         if not self.reports:
@@ -156,17 +165,6 @@ class Corpus:
         members, first = np.unique(owner[chosen], return_index=True)  # one sentence per report
         sorted_to[members] = np.argmax(self.vectors[sentence[chosen[first]]] @ classes.T, axis=1)
         return sorted_to
-
-    def describe(
-        self, classes: np.ndarray, class_relevance: np.ndarray, required: np.ndarray | None = None
-    ) -> dict:
-        """How :meth:`ground` grounds these classes, for the metrics: the training reports it
-        sorts to each class and whether the classes are their prototypes."""
-        grounded = self.sentence_classes(classes, class_relevance, required)
-        sorted_to = self.report_classes(l2_normalize(grounded.mean(axis=1)), class_relevance, required)
-        counts = np.bincount(sorted_to[sorted_to >= 0], minlength=len(classes))
-        prototypes = len(classes) > 1 and counts.min() >= MIN_REPORTS
-        return {"classes": "report prototypes" if prototypes else "sentences", "reports": counts.tolist()}
 
     def required_relevance(self, labels: Sequence[np.ndarray]) -> np.ndarray | None:
         """``[S]``: the relevance a sentence needs to ground one of ``labels`` in :meth:`ground`,
